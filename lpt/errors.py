@@ -1,0 +1,67 @@
+"""Typed errors with machine-readable codes.
+
+A leaf module: it imports nothing from the project, so every layer (core, store, service,
+trainer) can raise and catch the same errors, and the service maps them to HTTP in one place.
+"""
+
+from __future__ import annotations
+
+
+class LptError(Exception):
+    """Base error. ``code`` is stable and machine-readable; ``field`` names the offending input part.
+
+    Args:
+        code: short snake_case identifier clients can branch on.
+        message: human-readable explanation.
+        field: the field, tensor or parameter that is wrong, when there is one.
+    """
+
+    code: str = "lpt_error"
+
+    def __init__(self, code: str | None = None, message: str = "", field: str | None = None):
+        self.code = code or type(self).code
+        self.message = message or self.code
+        self.field = field
+        super().__init__(f"{self.code}: {self.message}" + (f" (field: {field})" if field else ""))
+
+    def to_dict(self) -> dict[str, str]:
+        out = {"code": self.code, "message": self.message}
+        if self.field:
+            out["field"] = self.field
+        return out
+
+
+class PromptSetInvalid(LptError):
+    """The bytes are not a valid ``lpt-prompt-set/1`` file for this backbone."""
+
+    code = "invalid_prompt_set"
+
+
+class BackboneError(LptError):
+    """The backbone cannot be created or loaded, or is not a supported ViT."""
+
+    code = "backbone_error"
+
+
+class InvalidTaskId(LptError):
+    """A task id does not match ``^[a-z0-9][a-z0-9._-]{0,63}$``."""
+
+    code = "invalid_task_id"
+
+
+class NotFound(LptError):
+    """A task or version does not exist (or belongs to another tenant: the answer is the same)."""
+
+    code = "not_found"
+
+
+class TooLarge(LptError):
+    """A payload exceeds its configured size limit."""
+
+    code = "too_large"
+
+
+class StoreUnavailable(LptError):
+    """The prompt store cannot be reached (timeout, connection refused, paused)."""
+
+    code = "store_unavailable"

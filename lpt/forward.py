@@ -1,0 +1,268 @@
+"""The prompted-ViT forward of LPT, for one task or many tasks in one batch.
+
+The published inference runs two full passes: a query pass with the shared prompt only, then a final
+pass with shared + group prompts. Blocks ``0..S-1`` see the same input in both passes, so they run
+once here and their output feeds both the query half-pass and the final half-pass (exact, and a
+quarter less work). Rows whose prompt set has no pool (plain deep VPT) take the query output as their
+feature and skip the final half-pass.
+
+Mixed-task batches: every row carries a slot index into a ``PromptBank`` of stacked per-slot tensors
+(padded to the largest pool and class count in the bank, with counts that mask the padding), so rows
+from sets with different class counts, pool sizes and top-k share one forward. All sets in one bank
+share the prompt length L and ``share_blocks`` S (token counts must agree inside a block); callers
+with several geometries run one forward per geometry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from lpt.prompt_set import PromptSet
+
+
+@dataclass
+class PromptBank:
+    """Stacked prompt tensors for ``n`` slots; row ``b`` of a batch uses slot ``slots[b]``.
+
+    Shapes (``Pmax``/``Cmax``: the largest pool/class count in the bank; padding is masked):
+        shared: ``[n, depth, L, D]``
+        pool: ``[n, Pmax, depth - S, L, D]`` (``Pmax`` may be 0)
+        keys: ``[n, Pmax, D]``
+        head: ``[n, Cmax, D]`` (raw cosine-head weights)
+        pool_size, top_k, num_classes: ``[n]`` long; head_scale: ``[n]`` float
+    """
+
+    shared: torch.Tensor
+    pool: torch.Tensor
+    keys: torch.Tensor
+    head: torch.Tensor
+    pool_size: torch.Tensor
+    top_k: torch.Tensor
+    num_classes: torch.Tensor
+    head_scale: torch.Tensor
+    share_blocks: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.shared.shape[0]
+
+    @property
+    def geometry(self) -> tuple[int, int]:
+        """(prompt length L, share_blocks S): sets must agree on both to share a bank."""
+        return self.shared.shape[2], self.share_blocks
+
+    @classmethod
+    def from_tensors(
+        cls,
+        shared: torch.Tensor,
+        head: torch.Tensor,
+        share_blocks: int,
+        pool: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+        top_k: int = 1,
+        head_scale: float = 20.0,
+    ) -> PromptBank:
+        """A one-slot bank over live tensors (e.g. the trainer's parameters); autograd flows through."""
+        depth, length, dim = shared.shape
+        if pool is None:
+            pool = shared.new_zeros(0, depth - share_blocks, length, dim)
+            keys = shared.new_zeros(0, dim)
+        dev = shared.device
+        return cls(
+            shared=shared.unsqueeze(0),
+            pool=pool.unsqueeze(0),
+            keys=keys.unsqueeze(0),
+            head=head.unsqueeze(0),
+            pool_size=torch.tensor([pool.shape[0]], device=dev),
+            top_k=torch.tensor([top_k if pool.shape[0] else 0], device=dev),
+            num_classes=torch.tensor([head.shape[0]], device=dev),
+            head_scale=torch.tensor([float(head_scale)], device=dev),
+            share_blocks=share_blocks,
+        )
+
+    @classmethod
+    def stack(
+        cls, sets: Sequence[PromptSet], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> PromptBank:
+        """Stack prompt sets of one geometry into a bank, padding pools and heads with zeros."""
+        if not sets:
+            raise ValueError("cannot stack zero prompt sets")
+        geometries = {(ps.prompt_length, ps.share_blocks) for ps in sets}
+        if len(geometries) != 1:
+            raise ValueError(f"sets of different geometry (L, S) cannot share a bank: {sorted(geometries)}")
+        first = sets[0]
+        depth, length, dim = first.shared_prompt.shape
+        share = first.share_blocks
+        dtype = dtype or torch.float32
+        n, pmax, cmax = len(sets), max(ps.pool_size for ps in sets), max(ps.num_classes for ps in sets)
+        shared = torch.stack([ps.shared_prompt.to(device=device, dtype=dtype) for ps in sets])
+        pool = torch.zeros(n, pmax, depth - share, length, dim, device=device, dtype=dtype)
+        keys = torch.zeros(n, pmax, dim, device=device, dtype=dtype)
+        head = torch.zeros(n, cmax, dim, device=device, dtype=dtype)
+        for i, ps in enumerate(sets):
+            if ps.pool_size:
+                pool[i, : ps.pool_size] = ps.group_prompts.to(device=device, dtype=dtype)
+                keys[i, : ps.pool_size] = ps.group_keys.to(device=device, dtype=dtype)
+            head[i, : ps.num_classes] = ps.head_weight.to(device=device, dtype=dtype)
+        return cls(
+            shared=shared,
+            pool=pool,
+            keys=keys,
+            head=head,
+            pool_size=torch.tensor([ps.pool_size for ps in sets], device=device),
+            top_k=torch.tensor([ps.top_k if ps.pool_size else 0 for ps in sets], device=device),
+            num_classes=torch.tensor([ps.num_classes for ps in sets], device=device),
+            head_scale=torch.tensor([float(ps.head_scale) for ps in sets], device=device, dtype=torch.float32),
+            share_blocks=share,
+        )
+
+
+@dataclass
+class PromptedOutput:
+    """Result of a prompted forward.
+
+    Attributes:
+        logits: ``[B, Cmax]`` head_scale * cosine; classes past a row's class count are ``-inf``.
+        features: ``[B, D]`` final-norm class-token features fed to the head.
+        query: ``[B, D]`` the query-pass features (shared prompt only).
+        key_sim: ``[B]`` summed cosine similarity between the query and its selected keys (0 without a pool);
+            the trainer's ``sim`` term is its mean.
+        selected: ``[B, kmax]`` selected pool indices (-1 where unused).
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    query: torch.Tensor
+    key_sim: torch.Tensor
+    selected: torch.Tensor
+
+
+def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Patch embedding, class token and position embedding: timm's forward_features up to the blocks."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def prompted_block(block: torch.nn.Module, x: torch.Tensor, prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Run one block with prompt tokens appended after the sequence, then drop their outputs."""
+    n = x.shape[1]
+    tokens = torch.cat([x, *(p.to(x.dtype) for p in prompts)], dim=1)
+    return block(tokens)[:, :n]
+
+
+def pool_features(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Final norm then timm's own pooling (the class token for token-pooled ViTs)."""
+    return model.forward_head(model.norm(x), pre_logits=True)
+
+
+def _per_row(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    # A one-slot bank (single task, trainer) needs no gather: a broadcast view costs nothing.
+    if t.shape[0] == 1:
+        return t.expand(slots.shape[0], *t.shape[1:])
+    return t[slots]
+
+
+def select_group_prompts(
+    bank: PromptBank, slots: torch.Tensor, query: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Match queries to their set's keys; return (mean of top-k prompts, summed key sim, indices).
+
+    Args:
+        bank: prompt bank (every slot in ``slots`` has a pool).
+        slots: ``[R]`` slot per row.
+        query: ``[R, D]`` query features.
+
+    Returns:
+        group ``[R, depth - S, L, D]``, key_sim ``[R]``, selected ``[R, kmax]`` (-1 where unused).
+    """
+    keys = _per_row(bank.keys, slots)  # [R, Pmax, D]
+    sim = torch.einsum("rd,rpd->rp", F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1))
+    pmax = keys.shape[1]
+    valid = torch.arange(pmax, device=sim.device)[None, :] < bank.pool_size[slots][:, None]
+    sim = sim.masked_fill(~valid, float("-inf"))
+    k_row = bank.top_k[slots]
+    kmax = int(k_row.max())
+    top_sim, top_idx = sim.topk(kmax, dim=1)
+    used = torch.arange(kmax, device=sim.device)[None, :] < k_row[:, None]
+    weights = used.to(sim.dtype) / k_row[:, None].to(sim.dtype)
+    if bank.pool.shape[0] == 1:
+        chosen = bank.pool[0][top_idx]  # [R, kmax, depth-S, L, D]
+    else:
+        chosen = bank.pool[slots[:, None], top_idx]
+    group = torch.einsum("rk,rkdlc->rdlc", weights.to(chosen.dtype), chosen)
+    key_sim = torch.where(used, top_sim, torch.zeros_like(top_sim)).sum(dim=1)
+    return group, key_sim, torch.where(used, top_idx, torch.full_like(top_idx, -1))
+
+
+def cosine_logits(bank: PromptBank, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``head_scale * cos(feature, w_c)`` per row against its own set's head; padding classes -> -inf."""
+    f = F.normalize(features.float(), dim=-1)
+    w = F.normalize(bank.head.float(), dim=-1)  # [n, Cmax, D]
+    n, cmax, dim = w.shape
+    if n == 1:
+        cos = f @ w[0].t()
+    else:
+        # One matmul against every slot's head, then pick each row's own block: cheaper than a
+        # per-row [B, Cmax, D] gather of head weights.
+        cos = (f @ w.reshape(n * cmax, dim).t()).view(-1, n, cmax)
+        cos = cos[torch.arange(f.shape[0], device=f.device), slots]
+    logits = cos * bank.head_scale[slots][:, None]
+    valid = torch.arange(cmax, device=f.device)[None, :] < bank.num_classes[slots][:, None]
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def prompted_forward(
+    model: VisionTransformer, images: torch.Tensor, bank: PromptBank, slots: torch.Tensor | None = None
+) -> PromptedOutput:
+    """LPT inference (and training forward) for a batch whose rows may belong to different tasks.
+
+    Args:
+        model: frozen timm VisionTransformer.
+        images: ``[B, 3, H, W]`` preprocessed images.
+        bank: stacked prompt tensors of one geometry.
+        slots: ``[B]`` slot index per row; ``None`` means slot 0 for every row.
+    """
+    batch = images.shape[0]
+    if slots is None:
+        slots = torch.zeros(batch, dtype=torch.long, device=images.device)
+    share = bank.share_blocks
+    blocks = model.blocks
+
+    x = embed(model, images)
+    for i in range(share):
+        x = prompted_block(blocks[i], x, [_per_row(bank.shared[:, i], slots)])
+    prefix = x  # blocks 0..S-1 are identical in the query and final pass: computed once.
+
+    for i in range(share, len(blocks)):
+        x = prompted_block(blocks[i], x, [_per_row(bank.shared[:, i], slots)])
+    query = pool_features(model, x)
+
+    features = query
+    key_sim = query.new_zeros(batch, dtype=torch.float32)
+    kmax = int(bank.top_k[slots].max()) if batch else 0
+    selected = torch.full((batch, kmax), -1, dtype=torch.long, device=images.device)
+    has_pool = bank.pool_size[slots] > 0
+    if kmax > 0:
+        rows = has_pool.nonzero().squeeze(1) if not bool(has_pool.all()) else None
+        r_slots = slots if rows is None else slots[rows]
+        r_query = query if rows is None else query[rows]
+        group, r_sim, r_sel = select_group_prompts(bank, r_slots, r_query)
+        x = prefix if rows is None else prefix[rows]
+        for i in range(share, len(blocks)):
+            x = prompted_block(blocks[i], x, [_per_row(bank.shared[:, i], r_slots), group[:, i - share]])
+        r_features = pool_features(model, x)
+        if rows is None:
+            features, key_sim, selected = r_features, r_sim, r_sel
+        else:
+            features = query.index_copy(0, rows, r_features.to(query.dtype))
+            key_sim = key_sim.index_copy(0, rows, r_sim)
+            selected = selected.index_copy(0, rows, r_sel)
+    logits = cosine_logits(bank, slots, features)
+    return PromptedOutput(logits=logits, features=features, query=query, key_sim=key_sim, selected=selected)

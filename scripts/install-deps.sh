@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what the test suite needs on a fresh Debian machine: system binaries the tests start as real
+# processes (redis-server, nginx, prometheus/promtool) and the Python package with its dev extra.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if ((${#need[@]})); then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian starts packaged daemons on install; the tests start their own on free ports.
+  for svc in redis-server nginx prometheus; do $sudo_cmd service "$svc" stop >/dev/null 2>&1 || true; done
+fi
+
+PY=${PY:-python3}
+if ! $PY -c "import lpt, pytest, timm, fastapi, redis" >/dev/null 2>&1 || [ "${LPT_REINSTALL:-0}" = 1 ]; then
+  $PY -m pip install -q -e '.[dev]'
+fi
