@@ -1,0 +1,56 @@
+"""Request bodies, capped before they are read whole: raw bytes or multipart parts."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from lpt.errors import TooLarge
+from service.errors import BadRequest
+
+MAX_PARTS = 64
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as the declared or streamed size passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise BadRequest("bad_request", "Content-Length is not an integer", "content-length") from exc
+        if size > limit:
+            raise TooLarge("too_large", f"body of {size} bytes exceeds the limit of {limit}", "body")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge("too_large", f"body exceeds the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    # Starlette serves a cached body to request.form(); set it so multipart parsing reads these bytes.
+    request._body = body
+    return body
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def multipart_files(request: Request, name: str, limit: int) -> list[bytes]:
+    """The bytes of every file part called ``name``, in order (call after ``read_capped``)."""
+    try:
+        form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=limit)
+    except Exception as exc:  # MultiPartException / HTTPException(400) from Starlette's parser
+        raise BadRequest("bad_multipart", f"malformed multipart body: {getattr(exc, 'detail', exc)}", "body") from exc
+    try:
+        parts = []
+        for value in form.getlist(name):
+            if isinstance(value, str):
+                parts.append(value.encode())
+            else:
+                parts.append(await value.read())
+    finally:
+        await form.close()
+    if not parts:
+        raise BadRequest("bad_multipart", f"multipart body has no {name!r} part", name)
+    return parts

@@ -1,0 +1,348 @@
+"""HTTP endpoints. Typed errors are mapped to HTTP in one handler (``error_response``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Future
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from lpt.errors import InvalidTaskId, LptError, NotFound, PromptSetInvalid, StoreUnavailable, TooLarge
+from lpt.ids import check_task_id
+from lpt.prompt_set import FORMAT, load_and_validate
+from service.api import schemas
+from service.api.body import is_multipart, multipart_files, read_capped
+from service.batcher import WorkItem
+from service.errors import (
+    BadImage,
+    BadRequest,
+    BatchFailed,
+    DeadlineExceeded,
+    QueueFull,
+    ShuttingDown,
+    Unauthorized,
+)
+from service.images import check_content_type
+from service.prompt_cache import ResidentSet
+from service.state import ServiceState
+
+router = APIRouter()
+
+STATUS: dict[type[LptError], int] = {
+    Unauthorized: 401,
+    NotFound: 404,
+    InvalidTaskId: 422,
+    PromptSetInvalid: 422,
+    TooLarge: 413,
+    BadRequest: 400,
+    QueueFull: 429,
+    StoreUnavailable: 503,
+    ShuttingDown: 503,
+    DeadlineExceeded: 504,
+    BatchFailed: 500,
+}
+RETRY_AFTER = {429: "1", 503: "2"}
+ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+
+
+def error_response(exc: LptError) -> JSONResponse:
+    status = (
+        exc.status if isinstance(exc, BadImage) else next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
+    )
+    headers = {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else None
+    return JSONResponse({"error": exc.to_dict()}, status_code=status, headers=headers)
+
+
+def state_of(request: Request) -> ServiceState:
+    return request.app.state.lpt
+
+
+def tenant_of(request: Request) -> str:
+    return state_of(request).auth.tenant_for(request.headers.get("authorization"))
+
+
+def task_param(task: str = Query(..., description="task id, ^[a-z0-9][a-z0-9._-]{0,63}$")) -> str:
+    return check_task_id(task)
+
+
+def task_path(task: str) -> str:
+    return check_task_id(task)
+
+
+RAW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+# -- health ---------------------------------------------------------------------------------------
+@router.get("/healthz", response_model=schemas.Health, tags=["health"])
+async def healthz(request: Request) -> JSONResponse:
+    state = state_of(request)
+    age = time.monotonic() - state.worker.heartbeat
+    ok = state.worker.alive and age < max(5.0, 3 * state.config.request_timeout)
+    body = {"status": "ok" if ok else "stalled", "detail": {"worker_heartbeat_age_s": round(age, 3)}}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/readyz", response_model=schemas.Health, tags=["health"])
+async def readyz(request: Request) -> JSONResponse:
+    state = state_of(request)
+    store_ok = await run_in_threadpool(state.store_reachable)
+    ready = state.warmed_up and not state.draining and (store_ok or len(state.cache) > 0)
+    detail = {
+        "warmed_up": state.warmed_up,
+        "store": store_ok,
+        "resident_sets": len(state.cache),
+        "draining": state.draining,
+    }
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "detail": detail}, status_code=200 if ready else 503
+    )
+
+
+@router.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    state.refresh_gauges()
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/backbone", response_model=schemas.BackboneResponse, tags=["backbone"])
+async def backbone(request: Request) -> dict:
+    state = state_of(request)
+    limits = state.limits
+    return {
+        **state.backbone.info.to_dict(),
+        "prompt_set_format": FORMAT,
+        "limits": {
+            "max_prompt_bytes": state.config.max_prompt_bytes,
+            "max_classes": limits.max_classes,
+            "max_prompt_length": limits.max_prompt_length,
+            "max_pool_size": limits.max_pool_size,
+        },
+    }
+
+
+# -- prompt sets ----------------------------------------------------------------------------------
+@router.post(
+    "/v1/prompts",
+    status_code=201,
+    response_model=schemas.PromptSetUploaded,
+    responses=ERRORS,
+    openapi_extra=RAW_BODY,
+    tags=["prompts"],
+)
+async def upload_prompt_set(
+    request: Request, tenant: str = Depends(tenant_of), task: str = Depends(task_param)
+) -> dict:
+    state = state_of(request)
+    limit = state.config.max_prompt_bytes
+    body = await read_capped(request, limit + 64 * 1024)
+    data = (await multipart_files(request, "file", limit))[0] if is_multipart(request) else body
+    if len(data) > limit:
+        raise TooLarge("too_large", f"prompt set of {len(data)} bytes exceeds the limit of {limit}", "body")
+    ps = await run_in_threadpool(load_and_validate, data, state.backbone.info, state.limits)
+    meta = {"num_classes": str(ps.num_classes), "num_params": str(ps.num_params)}
+    stored = await run_in_threadpool(state.store_call, state.store.put, tenant, task, data, meta)
+    await run_in_threadpool(state.cache.install, stored, ps)
+    return {
+        "task": task,
+        "version": stored.version,
+        "sha256": stored.sha256,
+        "size": stored.size,
+        "created": stored.created,
+        "num_classes": ps.num_classes,
+        "num_params": ps.num_params,
+        "pool_size": ps.pool_size,
+        "prompt_length": ps.prompt_length,
+        "share_blocks": ps.share_blocks,
+        "top_k": ps.top_k,
+        "backbone_fingerprint": ps.backbone_fingerprint,
+    }
+
+
+@router.get("/v1/prompts", response_model=schemas.TaskList, responses=ERRORS, tags=["prompts"])
+async def list_prompt_sets(request: Request, tenant: str = Depends(tenant_of)) -> dict:
+    state = state_of(request)
+
+    def summaries() -> list[dict]:
+        out = []
+        for task in state.store_call(state.store.list_tasks, tenant):
+            try:
+                info = state.store_call(state.store.active_version, tenant, task)
+            except NotFound:  # deleted between list and read
+                continue
+            out.append(
+                {
+                    "task": task,
+                    "active_version": info.version,
+                    "num_classes": _int_or_none(info.meta.get("num_classes")),
+                }
+            )
+        return out
+
+    return {"tasks": await run_in_threadpool(summaries)}
+
+
+@router.get("/v1/prompts/{task}", response_model=schemas.TaskDetail, responses=ERRORS, tags=["prompts"])
+async def show_prompt_set(request: Request, tenant: str = Depends(tenant_of), task: str = Depends(task_path)) -> dict:
+    state = state_of(request)
+
+    def detail() -> dict:
+        active = state.store_call(state.store.active_version, tenant, task)
+        versions = state.store_call(state.store.list_versions, tenant, task)
+        return {
+            "task": task,
+            "active_version": active.version,
+            "versions": [
+                {
+                    "version": v.version,
+                    "sha256": v.sha256,
+                    "size": v.size,
+                    "created": v.created,
+                    "active": v.version == active.version,
+                    "num_classes": _int_or_none(v.meta.get("num_classes")),
+                    "num_params": _int_or_none(v.meta.get("num_params")),
+                }
+                for v in versions
+            ],
+        }
+
+    out = await run_in_threadpool(detail)
+    entry = await acquire(state, tenant, task, out["active_version"], time.monotonic() + state.config.request_timeout)
+    try:
+        out["class_names"] = list(entry.prompt_set.class_names)
+    finally:
+        state.cache.release(entry)
+    return out
+
+
+@router.post("/v1/prompts/{task}/activate", response_model=schemas.VersionInfo, responses=ERRORS, tags=["prompts"])
+async def activate_version(
+    request: Request, tenant: str = Depends(tenant_of), task: str = Depends(task_path), version: int = Query(..., ge=1)
+) -> dict:
+    state = state_of(request)
+    info = await run_in_threadpool(state.store_call, state.store.activate, tenant, task, version)
+    await run_in_threadpool(state.cache.activate, tenant, task, info.version)
+    return {
+        "version": info.version,
+        "sha256": info.sha256,
+        "size": info.size,
+        "created": info.created,
+        "active": True,
+        "num_classes": _int_or_none(info.meta.get("num_classes")),
+    }
+
+
+@router.delete("/v1/prompts/{task}", response_model=schemas.Deleted, responses=ERRORS, tags=["prompts"])
+async def delete_prompt_set(request: Request, tenant: str = Depends(tenant_of), task: str = Depends(task_path)) -> dict:
+    state = state_of(request)
+    await run_in_threadpool(state.store_call, state.store.delete, tenant, task)
+    state.cache.drop_task(tenant, task)
+    return {"task": task, "deleted": True}
+
+
+# -- classify -------------------------------------------------------------------------------------
+@router.post(
+    "/v1/classify",
+    response_model=schemas.ClassifyResponse | schemas.ClassifyBatchResponse,
+    responses={**ERRORS, 500: {"model": schemas.ErrorResponse}},
+    openapi_extra=RAW_BODY,
+    tags=["classify"],
+)
+async def classify(
+    request: Request,
+    tenant: str = Depends(tenant_of),
+    task: str = Depends(task_param),
+    top_k: int = Query(5, ge=1, le=100_000),
+    version: int | None = Query(None, ge=1),
+) -> dict:
+    state = state_of(request)
+    if state.draining:
+        raise ShuttingDown("shutting_down", "the service is shutting down")
+    deadline = time.monotonic() + state.config.request_timeout
+    multipart = is_multipart(request)
+    if not multipart:
+        check_content_type(request.headers.get("content-type"))
+    limit = state.config.max_image_bytes
+    body = await read_capped(request, limit * 8 + 64 * 1024 if multipart else limit)
+    blobs = await multipart_files(request, "image", limit) if multipart else [body]
+    entry = await acquire(state, tenant, task, version, deadline)
+    try:
+        images = await run_in_threadpool(lambda: [state.decoder(b) for b in blobs])
+        items = [WorkItem(tenant=tenant, image=img, payload=entry, deadline=deadline) for img in images]
+        state.cache.pin(entry, len(items))
+        for item in items:  # each row holds a pin until its future settles, whatever way it settles
+            item.future.add_done_callback(lambda _f: state.cache.release(entry))
+        try:
+            state.queue.put_many(items)
+        except LptError:
+            for item in items:
+                item.future.cancel()
+            raise
+    finally:
+        state.cache.release(entry)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(asyncio.wrap_future(i.future) for i in items)),
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
+    except TimeoutError as exc:
+        raise DeadlineExceeded("deadline_exceeded", "the request did not finish within its deadline") from exc
+    preds = [_predictions(r.probs, r.entry, top_k) for r in results]
+    if multipart:
+        return {"task": task, "version": entry.key[2], "results": [{"predictions": p} for p in preds]}
+    return {"task": task, "version": entry.key[2], "predictions": preds[0]}
+
+
+async def acquire(state: ServiceState, tenant: str, task: str, version: int | None, deadline: float) -> ResidentSet:
+    """A pinned resident prompt set, waiting (without blocking the loop) on a single-flight load."""
+    for _ in range(5):
+        found = state.cache.lookup(tenant, task, version)
+        if isinstance(found, ResidentSet):
+            return found
+        await _wait_load(found, deadline)
+    raise StoreUnavailable("store_unavailable", "prompt set kept being evicted while loading; cache too small")
+
+
+async def _wait_load(future: Future, deadline: float) -> None:
+    try:
+        await asyncio.wait_for(
+            asyncio.shield(asyncio.wrap_future(future)), timeout=max(0.0, deadline - time.monotonic())
+        )
+    except TimeoutError as exc:
+        raise DeadlineExceeded("deadline_exceeded", "loading the prompt set took longer than the deadline") from exc
+
+
+def _predictions(probs, entry: ResidentSet, top_k: int) -> list[dict]:
+    k = min(top_k, probs.shape[0])
+    scores, idx = probs.topk(k)
+    names = entry.prompt_set.class_names
+    return [
+        {"index": int(i), "label": names[int(i)], "score": float(s)}
+        for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
+    ]
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

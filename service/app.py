@@ -1,0 +1,174 @@
+"""``create_app(config)``: the lifespan wires backbone, store, cache, engine and batcher; routes only here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import lpt
+from lpt.backbone import Backbone, load_backbone
+from lpt.errors import LptError
+from lpt.forward import PromptBank, prompted_forward
+from lpt.init import init_prompt_set
+from lpt.prompt_set import ValidationLimits
+from prompts_store import open_store
+from prompts_store.base import PromptStore
+from service.api.routes import error_response, router
+from service.auth import Authenticator
+from service.batcher import FairQueue
+from service.demo import install_demo
+from service.engine import DTYPES, Engine, EngineWorker
+from service.images import ImageDecoder
+from service.metrics import ServiceMetrics
+from service.prompt_cache import PromptCache
+from service.settings import ServiceConfig
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {
+    "/v1/classify",
+    "/v1/prompts",
+    "/v1/prompts/{task}",
+    "/v1/prompts/{task}/activate",
+    "/v1/backbone",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+}
+
+
+def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptStore | None) -> ServiceState:
+    """Load what is missing (backbone, store) and wire the parts together."""
+    metrics = ServiceMetrics()
+    dtype = DTYPES[config.compute_dtype]
+    if backbone is None:
+        backbone = load_backbone(config.backbone, config.backbone_weights, config.img_size)
+    backbone.to(config.device)
+    if store is None:
+        store = open_store(config.store, max_bytes=config.max_prompt_bytes, timeout_s=config.store_timeout)
+    limits = ValidationLimits(max_classes=config.max_classes)
+    cache = PromptCache(store, backbone.info, config.device, dtype, config.cache_bytes, metrics, limits)
+    queue = FairQueue(config.queue_size)
+    engine = Engine(backbone, config.device, dtype)
+    worker = EngineWorker(engine, queue, metrics, config.max_batch_size, config.max_wait_ms / 1000.0)
+    metrics.backbone_info.labels(backbone.info.name, backbone.info.fingerprint[:16]).set(1)
+    return ServiceState(
+        config=config,
+        backbone=backbone,
+        store=store,
+        cache=cache,
+        engine=engine,
+        worker=worker,
+        queue=queue,
+        metrics=metrics,
+        auth=Authenticator(config.api_keys),
+        decoder=ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels),
+        limits=limits,
+    )
+
+
+def warm_up(state: ServiceState) -> None:
+    """One mixed two-task forward before /readyz says ready, so the first request pays no lazy init."""
+    info = state.backbone.info
+    sets = [
+        init_prompt_set(info, ["a", "b"], prompt_length=2, pool_size=p, share_blocks=info.depth // 2, seed=i)
+        for i, p in enumerate((2, 0))
+    ]
+    bank = PromptBank.stack(sets, device=state.engine.device, dtype=state.engine.dtype)
+    images = torch.zeros(2, *info.input_size, device=state.engine.device)
+    with torch.inference_mode(), state.engine._autocast():
+        prompted_forward(state.backbone.model, images, bank, torch.tensor([0, 1], device=state.engine.device))
+    state.warmed_up = True
+
+
+def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: PromptStore | None = None) -> FastAPI:
+    """The ASGI app. ``backbone`` and ``store`` may be passed in (tests share one); else built from config."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await run_in_threadpool(build_state, config, backbone, store)
+        app.state.lpt = state
+        if state.auth.single_tenant:
+            log.warning("no API keys configured: single-tenant mode, every caller is tenant 'default'")
+        state.worker.start()
+        await run_in_threadpool(warm_up, state)
+        if config.demo:
+            await run_in_threadpool(install_demo, state)
+        state.subscription = state.store.subscribe(state.cache.on_change, config.reconcile_s)
+        log.info(
+            "lpt-serve ready: backbone %s on %s (%s)", state.backbone.info.name, config.device, config.compute_dtype
+        )
+        try:
+            yield
+        finally:
+            state.draining = True
+            await run_in_threadpool(state.worker.stop, config.shutdown_timeout)
+            if state.subscription is not None:
+                state.subscription.close()
+            state.cache.close()
+            if store is None:
+                state.store.close()
+
+    app = FastAPI(
+        title="lpt-serve",
+        version=lpt.__version__,
+        lifespan=lifespan,
+        description="Multi-tenant Long-tailed Prompt Tuning inference on one frozen ViT.",
+    )
+    app.include_router(router)
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None and route.path in ENDPOINTS else "other"
+        state: ServiceState | None = getattr(request.app.state, "lpt", None)
+        if state is not None:
+            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            state.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+        response.headers["X-LPT-Replica"] = config.replica_id
+        return response
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LptError)
+    async def lpt_error(_request: Request, exc: LptError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        body = {
+            "code": "invalid_request",
+            "message": f"{where}: {first.get('msg', 'invalid request')}",
+            "field": str(first.get("loc", ["", ""])[-1]),
+        }
+        return JSONResponse({"error": body}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": {"code": code, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error: %s", type(exc).__name__)
+        return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)

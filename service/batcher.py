@@ -1,0 +1,145 @@
+"""Dynamic batching over per-tenant queues: plain code over a queue, unit-testable without a server.
+
+``FairQueue`` bounds the total number of waiting images and hands them out round-robin across
+tenants, so one tenant flooding the service delays only itself. ``collect_batch`` closes a batch at
+``max_size`` images or ``max_wait_s`` after its first image, whichever comes first. Items whose
+deadline has passed are failed on the spot (504) instead of wasting a forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+
+
+@dataclass
+class WorkItem:
+    """One image waiting for a forward pass.
+
+    Attributes:
+        tenant: fairness key.
+        image: preprocessed ``[3, H, W]`` tensor.
+        payload: what the engine needs for this row (the pinned prompt-set entry).
+        deadline: ``time.monotonic()`` after which the caller has given up.
+        future: resolved by the engine with the row's result, or failed with an error.
+        enqueued: when it entered the queue.
+    """
+
+    tenant: str
+    image: Any
+    payload: Any
+    deadline: float
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class FairQueue:
+    """Bounded per-tenant FIFO queues with round-robin hand-out. Thread-safe.
+
+    Args:
+        capacity: most items waiting in total; ``put`` beyond it raises QueueFull.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._queues: OrderedDict[str, deque[WorkItem]] = OrderedDict()
+        self._size = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, item: WorkItem) -> None:
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("shutting_down", "the service is shutting down")
+            if self._size >= self.capacity:
+                raise QueueFull("queue_full", f"{self._size} images are waiting; retry shortly")
+            self._queues.setdefault(item.tenant, deque()).append(item)
+            self._size += 1
+            self._cond.notify()
+
+    def put_many(self, items: list[WorkItem]) -> None:
+        """All or nothing: a multi-image request is never half-queued."""
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("shutting_down", "the service is shutting down")
+            if self._size + len(items) > self.capacity:
+                raise QueueFull("queue_full", f"{self._size} images are waiting; retry shortly")
+            for item in items:
+                self._queues.setdefault(item.tenant, deque()).append(item)
+            self._size += len(items)
+            self._cond.notify()
+
+    def take(self, max_items: int) -> list[WorkItem]:
+        """Up to ``max_items`` without waiting, one per tenant in turn."""
+        out: list[WorkItem] = []
+        with self._cond:
+            while self._queues and len(out) < max_items:
+                tenant, queue = next(iter(self._queues.items()))
+                out.append(queue.popleft())
+                self._size -= 1
+                del self._queues[tenant]
+                if queue:  # back of the line: the next tenant goes first next time
+                    self._queues[tenant] = queue
+        return out
+
+    def wait(self, timeout: float) -> bool:
+        """Block until an item is waiting (True) or ``timeout`` passes (False)."""
+        with self._cond:
+            if self._size:
+                return True
+            self._cond.wait(timeout)
+            return self._size > 0
+
+    def close(self) -> None:
+        """Refuse new items; waiting ones stay to be drained."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def fail_all(self, error: Exception) -> int:
+        """Fail every waiting item (used when the worker cannot continue); returns how many."""
+        items = self.take(self._size or 1)
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
+        return len(items)
+
+
+def collect_batch(
+    queue: FairQueue,
+    max_size: int,
+    max_wait_s: float,
+    poll_s: float = 0.25,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[WorkItem]:
+    """Wait up to ``poll_s`` for a first item, then fill the batch until ``max_size`` or ``max_wait_s``.
+
+    Returns an empty list when nothing arrived within ``poll_s`` (the caller's loop uses that tick
+    to check for shutdown and to prove it is alive).
+    """
+    if not queue.wait(poll_s):
+        return []
+    batch: list[WorkItem] = []
+    close_at = clock() + max_wait_s
+    while True:
+        for item in queue.take(max_size - len(batch)):
+            if clock() > item.deadline:
+                item.future.set_exception(DeadlineExceeded("deadline_exceeded", "request timed out in the queue"))
+            else:
+                batch.append(item)
+        remaining = close_at - clock()
+        if len(batch) >= max_size or remaining <= 0:
+            return batch
+        queue.wait(remaining)
+        if not len(queue) and clock() >= close_at:
+            return batch

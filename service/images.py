@@ -1,0 +1,117 @@
+"""Untrusted bytes -> checked, decoded, preprocessed image tensor. Runs in a worker thread.
+
+Checks happen in order of cost: size, format signature (Pillow restricted to an allow-list), declared
+dimensions from the header (before any pixel is decoded: image bombs stop here), then decode and the
+backbone's own timm eval transform.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import BadImage
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+ALLOWED_CONTENT_TYPES = {
+    "image/jpeg",
+    "image/jpg",
+    "image/png",
+    "image/webp",
+    "image/bmp",
+    "image/gif",
+    "image/x-ms-bmp",
+    "application/octet-stream",
+}
+MAX_ASPECT = 32
+_ZIP_MARKERS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Accept raw image types, octet-stream, or none; anything else is a client mistake (415)."""
+    if not content_type:
+        return
+    base = content_type.split(";")[0].strip().lower()
+    if base not in ALLOWED_CONTENT_TYPES:
+        raise BadImage("unsupported_media_type", f"Content-Type {base!r} is not an accepted image type", 415)
+
+
+class ImageDecoder:
+    """Decode and preprocess one image.
+
+    Args:
+        transform: the backbone's eval transform (PIL RGB -> normalised ``[3, H, W]`` tensor).
+        max_bytes: largest accepted encoded image.
+        max_pixels: largest accepted width * height, checked from the header before decoding.
+    """
+
+    def __init__(self, transform: Any, max_bytes: int, max_pixels: int):
+        self.transform = transform
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        # Pillow's own bomb guard as a second line: past this it raises instead of warning.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.transform(self.decode(data))
+
+    def decode(self, data: bytes) -> Image.Image:
+        if not data:
+            raise BadImage("empty_image", "the request body is empty", 400)
+        if len(data) > self.max_bytes:
+            raise BadImage("image_too_large", f"image is {len(data)} bytes, limit {self.max_bytes}", 413)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+                self._check_header(image, data)
+                image.seek(0)  # animated GIF/WebP: the first frame
+                image.load()
+        except BadImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImage("image_too_large", f"image exceeds {self.max_pixels} pixels", 413) from exc
+        except UnidentifiedImageError as exc:
+            raise BadImage(
+                "unsupported_image", f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})", 415
+            ) from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+            raise BadImage("corrupt_image", f"cannot decode image: {exc}", 400) from exc
+        return to_rgb(image)
+
+    def _check_header(self, image: Image.Image, data: bytes) -> None:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise BadImage("bad_image_dimensions", f"image is {width}x{height}", 422)
+        if width * height > self.max_pixels:
+            raise BadImage("image_too_large", f"image is {width}x{height}, limit {self.max_pixels} pixels", 413)
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            # A 100000x1 image is small in pixels but the resize to the model's input would not be.
+            raise BadImage("bad_image_dimensions", f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT}:1", 422)
+        if image.format == "JPEG" and _has_trailing_archive(data):
+            raise BadImage("polyglot_image", "the JPEG carries an archive after its end marker", 422)
+
+
+def _has_trailing_archive(data: bytes) -> bool:
+    end = data.rfind(b"\xff\xd9")
+    tail = data[end + 2 :] if end >= 0 else b""
+    return any(marker in tail for marker in _ZIP_MARKERS)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any accepted mode (CMYK, LA, P, RGBA, 16-bit, 1-bit) -> 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        peak = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / (65535.0 if peak > 255 else max(peak, 1.0) if image.mode == "F" else 255.0)
+        image = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
