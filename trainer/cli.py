@@ -1,0 +1,254 @@
+"""``lpt-train``: train an LPT prompt set on a long-tailed image set and write (and optionally push) it.
+
+Run under ``torchrun --nproc_per_node N -m trainer.cli ...`` for data-parallel training (NCCL on CUDA,
+gloo on CPU). Every flag may also come from ``--config FILE`` (JSON or YAML, same keys with dashes or
+underscores); flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lpt.backbone import load_backbone
+from lpt.errors import LptError
+from lpt.prompt_set import encode, sha256, validate
+from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
+from trainer.evaluate import plot_report, summary
+from trainer.loop import DistContext, TrainConfig, Trainer
+
+log = logging.getLogger("lpt-train")
+REQUIRED = ("train", "val", "backbone", "backbone_weights", "out", "report")
+PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="lpt-train",
+        description="Train an LPT prompt set (phase 1: shared prompt; phase 2: group prompt pool) on a frozen ViT.",
+    )
+    io = p.add_argument_group("data and output")
+    io.add_argument("--config", help="JSON or YAML file with any of these options (flags override it)")
+    io.add_argument(
+        "--train", help="training data: folder, list file, archive.zip/inner/folder, CIFAR root, synthetic:C:N:IR"
+    )
+    io.add_argument("--val", help="evaluation data (same forms as --train)")
+    io.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="how to read --train/--val")
+    io.add_argument("--data-root", help="image root for list files (default: the list file's folder)")
+    io.add_argument("--val-data-root", help="image root for the --val list file (default: --data-root)")
+    io.add_argument("--cifar-lt", type=int, choices=(10, 100), help="--train/--val are torchvision CIFAR-10/100 roots")
+    io.add_argument("--imbalance-ratio", type=float, help="cut a long-tailed subset from --train (CIFAR-LT: 100)")
+    io.add_argument("--max-per-class", type=int, help="n_max of the long-tailed cut (default: smallest class size)")
+    io.add_argument("--val-max-per-class", type=int, help="evaluate on at most this many images per class")
+    io.add_argument("--out", help="output prompt set (.safetensors, lpt-prompt-set/1)")
+    io.add_argument("--report", help="output evaluation report (.json)")
+    io.add_argument("--plot", help="output PNG: training curves and per-class accuracy vs training count")
+    io.add_argument("--checkpoint", help="checkpoint file (default: OUT with suffix .ckpt.safetensors)")
+    io.add_argument("--resume", nargs="?", const="auto", help="resume from the checkpoint (or this file) if present")
+
+    model = p.add_argument_group("backbone and prompts")
+    model.add_argument("--backbone", help=f"timm ViT name (paper: {PAPER_BACKBONE})")
+    model.add_argument("--backbone-weights", help="hub | PATH | random:SEED")
+    model.add_argument("--img-size", type=int, help="build the backbone for this input size")
+    model.add_argument("--prompt-length", type=int, default=d.prompt_length, help="L, prompt tokens per block")
+    model.add_argument("--pool-size", type=int, default=d.pool_size, help="P, group prompts (0: deep VPT only)")
+    model.add_argument("--top-k", type=int, default=d.top_k, help="group prompts averaged per image")
+    model.add_argument("--share-blocks", type=int, default=d.share_blocks, help="S, blocks with the shared prompt only")
+    model.add_argument("--head-scale", type=float, default=d.head_scale, help="s of the cosine head")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs1", type=int, default=d.epochs1, help="phase-1 epochs")
+    opt.add_argument("--epochs2", type=int, default=d.epochs2, help="phase-2 epochs")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="B, global batch (each step draws 2 x B)")
+    opt.add_argument("--lr", type=float, help="base learning rate (default 0.02 * B / 256)")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--momentum", type=float, default=d.momentum)
+    opt.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    opt.add_argument("--min-crop-scale", type=float, default=d.min_crop_scale, help="RandomResizedCrop lower bound")
+    opt.add_argument("--steps-per-epoch", type=int, help="default ceil(train images / B)")
+    opt.add_argument("--seed", type=int, default=d.seed)
+
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    run.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process")
+    run.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    run.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    run.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
+
+    push = p.add_argument_group("upload")
+    push.add_argument("--push", metavar="URL", help="upload the prompt set to a running lpt-serve")
+    push.add_argument("--task", help="task id for --push")
+    push.add_argument("--api-key", help="API key for --push (default: $LPT_API_KEY)")
+    return p
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config; keys may use dashes or underscores."""
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise SystemExit(f"lpt-train: {path} must hold a mapping of option -> value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        values = load_config_file(first.config)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown keys in {first.config}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if getattr(args, k) in (None, "")]
+    if missing:
+        parser.error(f"required (as flags or in --config): {', '.join(missing)}")
+    if args.push and not args.task:
+        parser.error("--push needs --task")
+    return args
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs1=args.epochs1,
+        epochs2=args.epochs2,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        prompt_length=args.prompt_length,
+        pool_size=args.pool_size,
+        top_k=args.top_k,
+        share_blocks=args.share_blocks,
+        head_scale=args.head_scale,
+        min_crop_scale=args.min_crop_scale,
+        steps_per_epoch=args.steps_per_epoch,
+        seed=args.seed,
+        workers=args.workers,
+        amp=not args.no_amp,
+        eval_batch_size=args.eval_batch_size,
+        progress=not args.no_progress,
+    )
+
+
+def setup_distributed(device_arg: str | None) -> DistContext:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg.startswith("cuda") if device_arg else torch.cuda.is_available()
+    if world <= 1:
+        return DistContext(device=torch.device(device_arg or ("cuda" if want_cuda else "cpu")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if want_cuda else "gloo")
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+
+def load_data(args: argparse.Namespace, img_size: int):
+    train = load_dataset(args.train, "train", args.data_format, args.data_root, args.cifar_lt, img_size)
+    val = load_dataset(args.val, "val", args.data_format, args.val_data_root or args.data_root, args.cifar_lt, img_size)
+    ratio = args.imbalance_ratio or (100.0 if args.cifar_lt else None)
+    if ratio:
+        train = long_tailed_subset(train, ratio, args.max_per_class)
+    elif args.max_per_class:
+        train = per_class_subset(train, args.max_per_class)
+    if args.val_max_per_class:
+        val = per_class_subset(val, args.val_max_per_class)
+    return train, val.with_classes(train.class_names)
+
+
+def metadata(args: argparse.Namespace, cfg: TrainConfig, report: dict[str, Any]) -> dict[str, str]:
+    """The prompt set's extra metadata: the evaluation and how it was trained."""
+    evaluation = {**summary(report), "phase1": summary(report["phase1"]), "val_images": report["val"]["images"]}
+    trained = {
+        "train_images": report["train"]["images"],
+        "class_counts": report["train"]["class_counts"],
+        "config": cfg.resume_key(),
+        "img_size": args.img_size,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    return {"evaluation": json.dumps(evaluation), "training": json.dumps(trained)}
+
+
+def push(url: str, task: str, api_key: str | None, data: bytes) -> dict[str, Any]:
+    from lpt.client import LptClient  # imported late: only --push needs the HTTP client
+
+    return LptClient(url, api_key=api_key).push_prompt_set(task, data)
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = setup_distributed(args.device)
+    try:
+        backbone = load_backbone(args.backbone, args.backbone_weights, args.img_size)
+        train, val = load_data(args, backbone.info.input_size[-1])
+        cfg = train_config(args)
+        checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt.safetensors"))
+        if args.resume not in (None, "auto"):
+            checkpoint = args.resume
+        log.info("training on %d images in %d classes, evaluating on %d", len(train), len(train.class_names), len(val))
+        trainer = Trainer(backbone, train, val, cfg, ctx, checkpoint=checkpoint, log=log.info)
+        result = trainer.fit(resume=args.resume is not None, stop_after_epochs=args.stop_after_epochs)
+        if not result.finished:
+            log.info("stopped early; resume with --resume (checkpoint %s)", checkpoint)
+            return 0
+        if ctx.is_main:
+            write_outputs(args, cfg, backbone.info, result)
+        return 0
+    finally:
+        if ctx.world > 1:
+            dist.destroy_process_group()
+
+
+def write_outputs(args: argparse.Namespace, cfg: TrainConfig, info, result) -> None:
+    ps = result.prompt_set
+    ps.extra = metadata(args, cfg, result.report)
+    validate(ps, info)  # never write a file the service would reject
+    data = encode(ps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    report = {**result.report, "backbone": info.to_dict(), "prompt_set": {"path": str(out), "sha256": sha256(data)}}
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(report, indent=1))
+    log.info("wrote %s (%d bytes, %d params) and %s", out, len(data), ps.num_params, args.report)
+    if args.plot:
+        log.info("wrote %s", plot_report(report, args.plot))
+    if args.push:
+        answer = push(args.push, args.task, args.api_key or os.environ.get("LPT_API_KEY"), data)
+        log.info("pushed to %s task %s: %s", args.push, args.task, answer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except (LptError, DataError, ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

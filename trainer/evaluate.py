@@ -1,0 +1,200 @@
+"""Evaluation: overall / many / medium / few top-1, per-class accuracy, a JSON-ready report and a PNG.
+
+Groups follow the training count of each class (method note): many > 100, medium 20-100, few < 20.
+A group's accuracy is the mean of its classes' accuracies (the usual ``shot_acc`` of long-tailed
+papers; equal to the pooled top-1 on a balanced test set); ``overall`` is the top-1 over all images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from lpt.forward import PromptBank, prompted_forward
+
+MANY, FEW = 100, 20
+GROUPS = ("many", "medium", "few")
+
+
+def group_of(train_count: int) -> str:
+    """``many`` (> 100 training images), ``medium`` (20-100) or ``few`` (< 20)."""
+    if train_count > MANY:
+        return "many"
+    if train_count < FEW:
+        return "few"
+    return "medium"
+
+
+@dataclass
+class EvalCounts:
+    """Per-class correct / total counts, plus per-image predictions when gathered on one process."""
+
+    correct: torch.Tensor
+    total: torch.Tensor
+    predictions: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+
+    @property
+    def overall(self) -> float:
+        return 100.0 * float(self.correct.sum()) / max(1, int(self.total.sum()))
+
+
+def accuracy_report(counts: EvalCounts, train_counts: Sequence[int], class_names: Sequence[str]) -> dict[str, Any]:
+    """Overall, many/medium/few (percent, ``None`` for an empty group) and per-class rows.
+
+    Args:
+        counts: evaluation counts.
+        train_counts: training images per class.
+        class_names: index -> name.
+    """
+    per_class = []
+    by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
+    for c, name in enumerate(class_names):
+        total = int(counts.total[c])
+        acc = 100.0 * float(counts.correct[c]) / total if total else None
+        group = group_of(int(train_counts[c]))
+        if acc is not None:
+            by_group[group].append(acc)
+        per_class.append(
+            {"class": name, "train_count": int(train_counts[c]), "test_count": total, "accuracy": acc, "group": group}
+        )
+    report: dict[str, Any] = {"overall": counts.overall}
+    for group in GROUPS:
+        accs = by_group[group]
+        report[group] = sum(accs) / len(accs) if accs else None
+    report["per_class"] = per_class
+    return report
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The four headline numbers of a report."""
+    return {k: report[k] for k in ("overall", *GROUPS)}
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU runs stay in float32 and deterministic)."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    num_classes: int,
+    device: torch.device,
+    batch_size: int = 128,
+    workers: int = 0,
+    amp: bool = False,
+    progress: bool = False,
+) -> EvalCounts:
+    """Top-1 counts of ``predict`` (images -> logits) over ``dataset``, split across data-parallel ranks.
+
+    Args:
+        predict: maps a preprocessed image batch to ``[B, C]`` logits.
+        dataset: yields (tensor, target) with the eval transform applied.
+        num_classes: C.
+        device: where the batches go.
+        batch_size: images per forward.
+        workers: DataLoader workers.
+        amp: bf16 autocast on CUDA.
+        progress: show a tqdm bar.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _is_distributed() else (0, 1)
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    predictions: list[int] = []
+    targets: list[int] = []
+    for images, target in _bar(loader, progress, "eval"):
+        with autocast(device, amp):
+            logits = predict(images.to(device, non_blocking=True))
+        pred = logits.float().argmax(dim=1).cpu()
+        total += torch.bincount(target, minlength=num_classes)
+        correct += torch.bincount(target[pred == target], minlength=num_classes)
+        predictions.extend(pred.tolist())
+        targets.extend(target.tolist())
+    if world > 1:
+        stacked = torch.stack([correct, total])
+        dist.all_reduce(stacked)
+        correct, total = stacked[0], stacked[1]
+        predictions, targets = [], []  # per-image order is only meaningful on one process
+    return EvalCounts(correct=correct, total=total, predictions=predictions, targets=targets)
+
+
+def prompt_predictor(model: torch.nn.Module, bank: PromptBank) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images -> logits through the served forward."""
+    return lambda images: prompted_forward(model, images, bank).logits
+
+
+def _bar(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """PNG with the training curves (loss and lr per epoch, both phases) and per-class accuracy vs training count.
+
+    Args:
+        report: the trainer's report (``history`` and ``per_class`` are read).
+        path: output PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_cls) = plt.subplots(1, 2, figsize=(12, 4.5))
+    history = report.get("history", [])
+    x = [h["global_epoch"] for h in history]
+    ax_loss.plot(x, [h["loss"] for h in history], marker="o", label="train loss")
+    ax_loss.set_xlabel("epoch (phase 1 then phase 2)")
+    ax_loss.set_ylabel("loss")
+    ax_acc = ax_loss.twinx()
+    ax_acc.plot(x, [h["train_acc"] for h in history], color="tab:green", marker=".", label="train batch top-1 (%)")
+    ax_acc.set_ylabel("train batch top-1 (%)")
+    boundary = [h["global_epoch"] for h in history if h["phase"] == 1]
+    if boundary and len(boundary) < len(history):
+        ax_loss.axvline(max(boundary) + 0.5, color="grey", linestyle="--", linewidth=1)
+    ax_loss.set_title("training curves")
+    lines = ax_loss.get_legend_handles_labels()[0] + ax_acc.get_legend_handles_labels()[0]
+    ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+
+    rows = [r for r in report["per_class"] if r["accuracy"] is not None]
+    colours = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    for group, colour in colours.items():
+        pts = [r for r in rows if r["group"] == group]
+        if not pts:
+            continue
+        ax_cls.scatter([r["train_count"] for r in pts], [r["accuracy"] for r in pts], c=colour, label=group, s=18)
+    phase1 = {r["class"]: r["accuracy"] for r in report.get("phase1", {}).get("per_class", [])}
+    if phase1:
+        pts = [(r["train_count"], phase1[r["class"]]) for r in rows if phase1.get(r["class"]) is not None]
+        ax_cls.scatter(*zip(*pts, strict=True), facecolors="none", edgecolors="grey", s=18, label="phase 1")
+    ax_cls.set_xscale("log")
+    ax_cls.set_xlabel("training images of the class (log scale)")
+    ax_cls.set_ylabel("test top-1 (%)")
+    ax_cls.set_title(f"per-class accuracy (overall {report['overall']:.1f}%)")
+    ax_cls.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,554 @@
+"""The LPT training loop: phase 1 (shared prompt + head) then phase 2 (group prompts + keys + head).
+
+Both phases train through ``lpt.forward.prompted_forward``, the forward the service runs, over a
+one-slot ``PromptBank`` built from live parameters: what is trained is exactly what is served.
+
+Every step draws a class-balanced and an instance-balanced batch (dual sampling) and runs them as one
+forward (rows are independent, so this is exact and halves the number of passes). Step loss at epoch
+``e`` of ``E`` (0-based ``e``):
+
+    L = AGCL_cb(x_cb) - 0.5 * sim(x_cb) + max(0, 0.5 * (E - e) / E) * (AGCL_ib(x_ib) - 0.5 * sim(x_ib))
+
+where ``sim`` exists in phase 2 only (phase 1 has no keys). Only prompt tensors train; the backbone
+is frozen and never handed to the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lpt.backbone import Backbone
+from lpt.forward import PromptBank, prompted_forward
+from lpt.init import init_prompt_set
+from lpt.prompt_set import PromptSet
+from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trainer.data import ImageDataset, train_transform
+from trainer.evaluate import accuracy_report, autocast, evaluate, prompt_predictor, summary
+from trainer.losses import AGCL, CB_GAMMAS, IB_GAMMAS
+from trainer.samplers import ClassBalancedBatchSampler, InstanceBalancedBatchSampler, stream_seed
+
+PHASE_PARAMS = {1: ("shared_prompt", "head_weight"), 2: ("group_prompts", "group_keys", "head_weight")}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters (defaults: the method note's ViT-B/16 settings).
+
+    Args:
+        epochs1: phase-1 epochs.
+        epochs2: phase-2 epochs (0, or pool_size 0, gives a plain deep-VPT prompt set).
+        batch_size: B, images per batch summed over data-parallel processes (each step draws two).
+        lr: base learning rate; ``None`` gives ``0.02 * B / 256``.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        warmup_epochs: linear warm-up from ``warmup_lr``, then cosine to 0, per phase.
+        warmup_lr: first learning rate of the warm-up.
+        prompt_length: L.
+        pool_size: P.
+        top_k: k.
+        share_blocks: S.
+        head_scale: s.
+        images_per_class: images per sampled class in class-balanced batches.
+        ib_weight: instance-balanced loss weight at epoch 0 (decays linearly to 0).
+        sim_weight: weight of the key-similarity term.
+        margin: A-GCL target margin.
+        noise_mul: A-GCL cloud multiplier.
+        label_smoothing: A-GCL label smoothing.
+        min_crop_scale: RandomResizedCrop's lower area bound.
+        steps_per_epoch: ``None`` gives ``ceil(len(train) / batch_size)``.
+        seed: seeds the init, the samplers, the augmentation and the A-GCL noise.
+        workers: DataLoader workers per process.
+        amp: bf16 autocast on CUDA.
+        eval_batch_size: images per evaluation forward.
+        progress: tqdm bars (rank 0).
+    """
+
+    epochs1: int = 40
+    epochs2: int = 40
+    batch_size: int = 256
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    prompt_length: int = 10
+    pool_size: int = 20
+    top_k: int = 2
+    share_blocks: int = 6
+    head_scale: float = 20.0
+    images_per_class: int = 4
+    ib_weight: float = 0.5
+    sim_weight: float = 0.5
+    margin: float = 0.1
+    noise_mul: float = 0.5
+    label_smoothing: float = 0.1
+    min_crop_scale: float = 0.08
+    steps_per_epoch: int | None = None
+    seed: int = 0
+    workers: int = 0
+    amp: bool = True
+    eval_batch_size: int = 128
+    progress: bool = True
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.02 * self.batch_size / 256
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings a checkpoint must agree on to be resumed (not workers, progress, eval batch)."""
+        out = asdict(self)
+        for key in ("workers", "progress", "eval_batch_size"):
+            out.pop(key)
+        out["lr"] = self.base_lr
+        return out
+
+
+@dataclass
+class DistContext:
+    """This process's place in a data-parallel run (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+@dataclass
+class TrainResult:
+    """What a (possibly interrupted) run produced.
+
+    Attributes:
+        finished: False when ``stop_after_epochs`` cut the run short (the checkpoint holds the state).
+        prompt_set: the final prompt set (phase 2, or phase 1 without a pool).
+        phase1_prompt_set: the phase-1 (deep VPT) prompt set.
+        report: overall/many/medium/few, ``phase1``, ``per_class``, ``history``.
+        predictions: final top-1 class per validation image, in dataset order (single-process runs only).
+    """
+
+    finished: bool
+    prompt_set: PromptSet | None = None
+    phase1_prompt_set: PromptSet | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    predictions: list[int] = field(default_factory=list)
+
+
+def ib_weight_at(epoch: int, epochs: int, start: float = 0.5) -> float:
+    """Instance-balanced loss weight ``max(0, start * (E - e) / E)`` at 0-based epoch ``e`` of ``E``."""
+    return max(0.0, start * (epochs - epoch) / epochs) if epochs > 0 else 0.0
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float) -> float:
+    """Linear warm-up from ``warmup_lr`` over ``warmup_steps``, then cosine from ``base_lr`` to 0.
+
+    Args:
+        step: 0-based step within the phase.
+        total_steps: steps in the phase.
+        warmup_steps: steps of warm-up (one epoch by default).
+        base_lr: peak learning rate.
+        warmup_lr: first learning rate.
+    """
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+class PromptModule(nn.Module):
+    """The phase's trainable prompt tensors as parameters, with the frozen rest alongside.
+
+    The backbone is held outside the module's registry on purpose: DDP then only sees (and syncs) prompt
+    parameters, and ``parameters()`` can never hand a backbone weight to the optimiser.
+
+    Args:
+        backbone: the frozen ViT.
+        tensors: all prompt tensors by name (``shared_prompt``, ``head_weight``, ``group_prompts``, ``group_keys``).
+        trainable: names that get gradients in this phase.
+        share_blocks: S.
+        top_k: k.
+        head_scale: s.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        trainable: tuple[str, ...],
+        share_blocks: int,
+        top_k: int,
+        head_scale: float,
+    ):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)
+        self.prompts = nn.ParameterDict({k: nn.Parameter(tensors[k].detach().clone()) for k in trainable})
+        self.frozen = {k: v.detach() for k, v in tensors.items() if k not in trainable}
+        self.share_blocks, self.top_k, self.head_scale = share_blocks, top_k, head_scale
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        return self.prompts[name] if name in self.prompts else self.frozen.get(name)
+
+    def bank(self, with_pool: bool) -> PromptBank:
+        return PromptBank.from_tensors(
+            self.tensor("shared_prompt"),
+            self.tensor("head_weight"),
+            self.share_blocks,
+            pool=self.tensor("group_prompts") if with_pool else None,
+            keys=self.tensor("group_keys") if with_pool else None,
+            top_k=self.top_k,
+            head_scale=self.head_scale,
+        )
+
+    def forward(self, images: torch.Tensor, with_pool: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        out = prompted_forward(self.backbone, images, self.bank(with_pool))
+        return out.logits, out.key_sim
+
+    def all_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: v.detach() for k, v in self.frozen.items()}
+        out.update({k: v.detach() for k, v in self.prompts.items()})
+        return out
+
+
+class Trainer:
+    """Runs both phases, evaluates, checkpoints, and builds the prompt sets.
+
+    Args:
+        backbone: frozen backbone (moved to ``ctx.device``).
+        train_set: long-tailed training data (its transform is replaced by the train augmentation).
+        val_set: evaluation data with the training set's class indices (its transform: the backbone's eval one).
+        config: hyper-parameters.
+        ctx: data-parallel context.
+        checkpoint: where to save after every epoch (rank 0); ``None`` saves nothing.
+        log: receives one line per epoch and phase (rank 0).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        train_set: ImageDataset,
+        val_set: ImageDataset,
+        config: TrainConfig,
+        ctx: DistContext | None = None,
+        checkpoint: str | Path | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.backbone = backbone
+        self.cfg = config
+        self.ctx = ctx or DistContext()
+        self.checkpoint_path = Path(checkpoint) if checkpoint else None
+        self.log = log if self.ctx.is_main else (lambda _msg: None)
+        self.train_set = train_set
+        self.train_set.transform = train_transform(backbone.info.data_config, config.min_crop_scale)
+        self.val_set = val_set
+        self.val_set.transform = backbone.eval_transform
+        self.class_names = list(train_set.class_names)
+        self.class_counts = train_set.class_counts()
+        if min(self.class_counts) < 1:
+            empty = [n for n, c in zip(self.class_names, self.class_counts, strict=True) if c < 1]
+            raise ValueError(f"classes without training images: {empty[:5]}")
+        self.template = init_prompt_set(
+            backbone.info,
+            self.class_names,
+            prompt_length=config.prompt_length,
+            pool_size=config.pool_size,
+            share_blocks=config.share_blocks,
+            top_k=config.top_k,
+            head_scale=config.head_scale,
+            seed=config.seed,
+        )
+        self.per_rank_batch = max(1, config.batch_size // self.ctx.world)
+        self.steps = config.steps_per_epoch or max(1, math.ceil(len(train_set) / config.batch_size))
+        loss_args = dict(
+            class_counts=tuple(self.class_counts),
+            scale=config.head_scale,
+            margin=config.margin,
+            noise_mul=config.noise_mul,
+            eps=config.label_smoothing,
+        )
+        self.loss_cb = AGCL(gamma_pos=CB_GAMMAS[0], gamma_neg=CB_GAMMAS[1], **loss_args)
+        self.loss_ib = AGCL(gamma_pos=IB_GAMMAS[0], gamma_neg=IB_GAMMAS[1], **loss_args)
+
+    # ----------------------------------------------------------------------------------------- state
+    @property
+    def has_pool(self) -> bool:
+        return self.template.pool_size > 0 and self.cfg.epochs2 > 0
+
+    def _fresh_checkpoint(self) -> Checkpoint:
+        t = self.template
+        params = {"shared_prompt": t.shared_prompt, "head_weight": t.head_weight}
+        if t.pool_size:
+            params.update(group_prompts=t.group_prompts, group_keys=t.group_keys)
+        return Checkpoint(params=params, state={"history": [], "phase1": None})
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.resume_key(),
+            "class_names": self.class_names,
+            "class_counts": self.class_counts,
+            "backbone_fingerprint": self.backbone.info.fingerprint,
+            "world_size": self.ctx.world,
+        }
+
+    def _load_or_init(self, resume: bool) -> Checkpoint:
+        path = self.checkpoint_path
+        if not (resume and path and path.exists()):
+            return self._fresh_checkpoint()
+        ckpt = load_checkpoint(path)
+        saved, now = ckpt.state.get("settings"), self._settings()
+        if saved != now:
+            diff = sorted(k for k in now if saved is None or saved.get(k) != now[k])
+            raise ValueError(f"checkpoint {path} was written for other settings ({', '.join(diff)}); not resuming")
+        self.log(f"resuming from {path}: phase {ckpt.phase}, {ckpt.epoch} epoch(s) done")
+        return ckpt
+
+    def _save(self, ckpt: Checkpoint) -> None:
+        if self.checkpoint_path and self.ctx.is_main:
+            ckpt.state["settings"] = self._settings()
+            save_checkpoint(self.checkpoint_path, ckpt)
+        self.ctx.barrier()
+
+    # ------------------------------------------------------------------------------------------- run
+    def fit(self, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
+        """Train both phases (from the checkpoint when ``resume``) and evaluate.
+
+        Args:
+            resume: continue from ``checkpoint`` if it exists.
+            stop_after_epochs: stop (checkpointed, ``finished=False``) after this many epochs in this call.
+        """
+        ckpt = self._load_or_init(resume)
+        self.backbone.model.to(self.ctx.device)
+        budget = [stop_after_epochs if stop_after_epochs is not None else math.inf]
+        if ckpt.phase == 1:
+            if not self._run_phase(ckpt, 1, self.cfg.epochs1, budget):
+                return TrainResult(finished=False)
+            phase1 = self._evaluate(ckpt.params, with_pool=False, what="phase 1")
+            phase1.pop("predictions")
+            ckpt.state["phase1"] = phase1
+            ckpt.phase, ckpt.epoch, ckpt.momentum = (2 if self.has_pool else 3), 0, {}
+            self._save(ckpt)
+        if ckpt.phase == 2:
+            if not self._run_phase(ckpt, 2, self.cfg.epochs2, budget):
+                return TrainResult(finished=False)
+            ckpt.phase, ckpt.epoch, ckpt.momentum = 3, 0, {}
+            self._save(ckpt)
+        final = self._evaluate(ckpt.params, with_pool=self.has_pool, what="final")
+        predictions = final.pop("predictions")
+        report = {
+            **summary(final),
+            "phase1": ckpt.state["phase1"],
+            "per_class": final["per_class"],
+            "history": ckpt.state["history"],
+            "train": {"images": len(self.train_set), "class_counts": self.class_counts},
+            "val": {"images": len(self.val_set)},
+        }
+        return TrainResult(
+            finished=True,
+            prompt_set=self.prompt_set(ckpt.params, with_pool=self.has_pool),
+            phase1_prompt_set=self.prompt_set(ckpt.params, with_pool=False),
+            report=report,
+            predictions=predictions,
+        )
+
+    def prompt_set(self, params: dict[str, torch.Tensor], with_pool: bool) -> PromptSet:
+        """A servable prompt set from the parameters (pool dropped for the phase-1 / deep-VPT set)."""
+        t = self.template
+        return PromptSet(
+            shared_prompt=params["shared_prompt"].detach().cpu().float().contiguous(),
+            head_weight=params["head_weight"].detach().cpu().float().contiguous(),
+            class_names=self.class_names,
+            backbone=self.backbone.info.name,
+            backbone_fingerprint=self.backbone.info.fingerprint,
+            share_blocks=t.share_blocks,
+            top_k=t.top_k if with_pool else 1,
+            head_scale=t.head_scale,
+            group_prompts=params["group_prompts"].detach().cpu().float().contiguous() if with_pool else None,
+            group_keys=params["group_keys"].detach().cpu().float().contiguous() if with_pool else None,
+        )
+
+    def _evaluate(self, params: dict[str, torch.Tensor], with_pool: bool, what: str) -> dict[str, Any]:
+        ps = self.prompt_set(params, with_pool)
+        bank = PromptBank.stack([ps], device=self.ctx.device)
+        counts = evaluate(
+            prompt_predictor(self.backbone.model, bank),
+            self.val_set,
+            len(self.class_names),
+            self.ctx.device,
+            batch_size=self.cfg.eval_batch_size,
+            workers=self.cfg.workers,
+            amp=self.cfg.amp,
+            progress=self.cfg.progress and self.ctx.is_main,
+        )
+        report = accuracy_report(counts, self.class_counts, self.class_names)
+        report["predictions"] = counts.predictions
+        groups = " ".join(f"{g} {report[g]:.2f}" for g in ("many", "medium", "few") if report[g] is not None)
+        self.log(f"[{what}] top-1 {report['overall']:.2f}% ({groups})")
+        return report
+
+    # ----------------------------------------------------------------------------------------- phases
+    def _run_phase(self, ckpt: Checkpoint, phase: int, epochs: int, budget: list[float]) -> bool:
+        """Train ``phase`` from ``ckpt.epoch`` to ``epochs``; False when the epoch budget ran out first."""
+        trainable = PHASE_PARAMS[phase]
+        device = self.ctx.device
+        module = PromptModule(
+            self.backbone.model,
+            {k: v.to(device) for k, v in ckpt.params.items()},
+            trainable,
+            self.template.share_blocks,
+            self.template.top_k,
+            self.template.head_scale,
+        )
+        cfg = self.cfg
+        optimizer = torch.optim.SGD(
+            module.prompts.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        for name, buf in ckpt.momentum.items():
+            optimizer.state[module.prompts[name]]["momentum_buffer"] = buf.to(device)
+        runner: nn.Module = module
+        if self.ctx.world > 1:
+            runner = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        while ckpt.epoch < epochs:
+            if budget[0] <= 0:
+                return False
+            stats = self._run_epoch(runner, module, optimizer, phase, ckpt.epoch, epochs)
+            ckpt.epoch += 1
+            ckpt.params = {k: v.to("cpu") for k, v in module.all_tensors().items()}
+            ckpt.momentum = {
+                name: optimizer.state[p]["momentum_buffer"].detach().to("cpu")
+                for name, p in module.prompts.items()
+                if "momentum_buffer" in optimizer.state[p]
+            }
+            ckpt.state["history"].append(stats)
+            self._save(ckpt)
+            budget[0] -= 1
+        return True
+
+    def _loaders(self, phase: int, epoch: int) -> tuple[DataLoader, DataLoader]:
+        targets, rank, seed = self.train_set.targets, self.ctx.rank, self.cfg.seed
+        cb = ClassBalancedBatchSampler(
+            targets, self.per_rank_batch, self.steps, seed, rank, per_class=self.cfg.images_per_class
+        )
+        ib = InstanceBalancedBatchSampler(targets, self.per_rank_batch, self.steps, seed, rank)
+        loaders = []
+        for stream, sampler in enumerate((cb, ib)):
+            sampler.set_epoch(phase, epoch)
+            gen = torch.Generator().manual_seed(stream_seed(seed, phase, epoch, rank, 10 + stream))
+            loaders.append(
+                DataLoader(
+                    self.train_set,
+                    batch_sampler=sampler,
+                    num_workers=self.cfg.workers,
+                    generator=gen,
+                    pin_memory=self.ctx.device.type == "cuda",
+                )
+            )
+        return loaders[0], loaders[1]
+
+    def _run_epoch(
+        self,
+        runner: nn.Module,
+        module: PromptModule,
+        optimizer: torch.optim.Optimizer,
+        phase: int,
+        epoch: int,
+        epochs: int,
+    ) -> dict[str, Any]:
+        cfg, device, rank = self.cfg, self.ctx.device, self.ctx.rank
+        # Augmentation (workers=0) and A-GCL noise are seeded per (phase, epoch, rank): a run resumed at an
+        # epoch boundary replays exactly what the uninterrupted run would have done.
+        torch.manual_seed(stream_seed(cfg.seed, phase, epoch, rank, 20))
+        noise_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, phase, epoch, rank, 30))
+        cb_loader, ib_loader = self._loaders(phase, epoch)
+        w_ib = ib_weight_at(epoch, epochs, cfg.ib_weight)
+        with_pool = phase == 2
+        warmup = cfg.warmup_epochs * self.steps
+        total_loss = torch.zeros((), dtype=torch.float64)
+        correct = seen = 0
+        start = time.perf_counter()
+        steps = zip(cb_loader, ib_loader, strict=True)
+        bar = self._bar(steps, f"phase {phase} epoch {epoch + 1}/{epochs}")
+        lr = cfg.warmup_lr
+        for step, ((x_cb, y_cb), (x_ib, y_ib)) in enumerate(bar):
+            lr = lr_at(epoch * self.steps + step, epochs * self.steps, warmup, cfg.base_lr, cfg.warmup_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = torch.cat([x_cb, x_ib]).to(device, non_blocking=True)
+            labels = torch.cat([y_cb, y_ib]).to(device)
+            with autocast(device, cfg.amp):
+                logits, key_sim = runner(images, with_pool)
+            loss = self._step_loss(logits.float(), key_sim.float(), labels, len(y_cb), w_ib, noise_gen, with_pool)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at phase {phase} epoch {epoch + 1} step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach().double().cpu()
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            seen += len(labels)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+        stats = self._epoch_stats(total_loss, correct, seen)
+        row = {
+            "phase": phase,
+            "epoch": epoch + 1,
+            "loss": stats[0],
+            "train_acc": stats[1],
+            "lr": lr,
+            "ib_weight": w_ib,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        row["global_epoch"] = epoch + 1 + (cfg.epochs1 if phase == 2 else 0)
+        self.log(
+            f"phase {phase} epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} batch top-1 {row['train_acc']:.1f}% "
+            f"lr {lr:.2e} ib-weight {w_ib:.3f} ({row['seconds']:.1f}s)"
+        )
+        return row
+
+    def _step_loss(
+        self,
+        logits: torch.Tensor,
+        key_sim: torch.Tensor,
+        labels: torch.Tensor,
+        n_cb: int,
+        w_ib: float,
+        noise_gen: torch.Generator,
+        with_pool: bool,
+    ) -> torch.Tensor:
+        """``AGCL_cb - sim_w * sim_cb + w_ib * (AGCL_ib - sim_w * sim_ib)`` over the two halves of the batch."""
+        cosine = logits / self.template.head_scale  # A-GCL works on the cosine logits in [-1, 1]
+        loss_cb = self.loss_cb(cosine[:n_cb], labels[:n_cb], generator=noise_gen)
+        loss_ib = self.loss_ib(cosine[n_cb:], labels[n_cb:], generator=noise_gen)
+        if with_pool:
+            loss_cb = loss_cb - self.cfg.sim_weight * key_sim[:n_cb].mean()
+            loss_ib = loss_ib - self.cfg.sim_weight * key_sim[n_cb:].mean()
+        return loss_cb + w_ib * loss_ib
+
+    def _epoch_stats(self, total_loss: torch.Tensor, correct: int, seen: int) -> tuple[float, float]:
+        packed = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
+        if self.ctx.world > 1:
+            dist.all_reduce(packed)
+            packed[0] /= self.ctx.world
+        return float(packed[0]) / self.steps, 100.0 * float(packed[1]) / max(1.0, float(packed[2]))
+
+    def _bar(self, iterable, desc: str):
+        if not (self.cfg.progress and self.ctx.is_main):
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=self.steps, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,119 @@
+"""Batch samplers for LPT's dual sampling, deterministic for a seed and split across data-parallel ranks.
+
+Each sampler yields ``steps`` lists of dataset indices per epoch, so the class-balanced and the
+instance-balanced stream can be zipped step by step. Every (seed, epoch, rank) gets its own stream:
+ranks draw different images, and a run resumed at an epoch boundary draws exactly what the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def stream_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed mixing the run seed with (phase, epoch, rank, stream id, ...)."""
+    value = seed & 0x7FFFFFFFFFFFFFFF
+    for part in parts:
+        # splitmix64-style mixing, so neighbouring epochs or ranks do not get correlated streams.
+        value = (value * 0x9E3779B97F4A7C15 + part + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+class _EpochSampler:
+    def __init__(self, targets: Sequence[int], batch_size: int, steps: int, seed: int, rank: int, stream: int):
+        if batch_size < 1 or steps < 1:
+            raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
+        self.targets = [int(t) for t in targets]
+        self.batch_size = batch_size
+        self.steps = steps
+        self.seed = seed
+        self.rank = rank
+        self.stream = stream
+        self.phase = 0
+        self.epoch = 0
+
+    def set_epoch(self, phase: int, epoch: int) -> None:
+        """Select the stream of (phase, epoch); call before iterating."""
+        self.phase, self.epoch = phase, epoch
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(stream_seed(self.seed, self.phase, self.epoch, self.rank, self.stream))
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class ClassBalancedBatchSampler(_EpochSampler):
+    """Sample a class uniformly, then ``per_class`` images of it; repeat until the batch is full.
+
+    Images of a class are drawn without replacement while the class has enough of them, with
+    replacement for classes smaller than ``per_class``.
+
+    Args:
+        targets: class index per dataset item.
+        batch_size: images per batch on this rank.
+        steps: batches per epoch.
+        seed: run seed.
+        rank: data-parallel rank (its stream differs from the other ranks').
+        per_class: images per sampled class (4 in the method note).
+    """
+
+    def __init__(
+        self, targets: Sequence[int], batch_size: int, steps: int, seed: int = 0, rank: int = 0, per_class: int = 4
+    ):
+        super().__init__(targets, batch_size, steps, seed, rank, stream=1)
+        self.per_class = per_class
+        by_class: dict[int, list[int]] = defaultdict(list)
+        for index, target in enumerate(self.targets):
+            by_class[target].append(index)
+        self.classes = sorted(by_class)
+        self.by_class = [torch.tensor(by_class[c]) for c in self.classes]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = self._generator()
+        groups = -(-self.batch_size // self.per_class)
+        for _ in range(self.steps):
+            batch: list[int] = []
+            for c in torch.randint(len(self.classes), (groups,), generator=gen).tolist():
+                members = self.by_class[c]
+                if len(members) >= self.per_class:
+                    pick = torch.randperm(len(members), generator=gen)[: self.per_class]
+                else:
+                    pick = torch.randint(len(members), (self.per_class,), generator=gen)
+                batch.extend(members[pick].tolist())
+            yield batch[: self.batch_size]
+
+
+class InstanceBalancedBatchSampler(_EpochSampler):
+    """Uniform over images: a fresh permutation of the dataset, cycled until ``steps`` batches are drawn.
+
+    Args:
+        targets: class index per dataset item (only its length is used).
+        batch_size: images per batch on this rank.
+        steps: batches per epoch.
+        seed: run seed.
+        rank: data-parallel rank.
+    """
+
+    def __init__(self, targets: Sequence[int], batch_size: int, steps: int, seed: int = 0, rank: int = 0):
+        super().__init__(targets, batch_size, steps, seed, rank, stream=2)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = self._generator()
+        n = len(self.targets)
+        order = torch.randperm(n, generator=gen)
+        pos = 0
+        for _ in range(self.steps):
+            batch: list[int] = []
+            while len(batch) < self.batch_size:
+                if pos == n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                take = min(self.batch_size - len(batch), n - pos)
+                batch.extend(order[pos : pos + take].tolist())
+                pos += take
+            yield batch
