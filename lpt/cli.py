@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_backbone
     )
     for ep in entry_points(group="lpt.commands"):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # a broken plug-in must not take the client commands down with it
+            print(f"warning: lpt sub-command {ep.name!r} unavailable: {exc}", file=sys.stderr)
     return parser
 
 
