@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from lpt.errors import NotFound, StoreUnavailable, TooLarge
+from lpt.errors import LptError, NotFound, StoreUnavailable, TooLarge
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -25,7 +25,9 @@ __all__ = [
     "StoredBlob",
     "StoredVersion",
     "Subscription",
+    "SupportsRestore",
     "TooLarge",
+    "VersionConflict",
 ]
 
 
@@ -117,3 +119,25 @@ class PromptStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class VersionConflict(LptError):
+    """A restored version number already exists with different bytes (import into a non-empty store)."""
+
+    code = "version_conflict"
+
+
+@runtime_checkable
+class SupportsRestore(Protocol):
+    """Backup import (``lpt store import``): recreate versions with their original numbers and times.
+
+    Not part of ``PromptStore`` because the service never needs it; both bundled backends implement it.
+    """
+
+    def restore_version(
+        self, tenant: str, task: str, version: int, data: bytes, created: float, meta: dict[str, str] | None = None
+    ) -> StoredVersion:
+        """Write version ``version`` of a task unless it exists with the same sha256 (then return it); raise
+        VersionConflict if it exists with other bytes. Later ``put``s number after the highest restored
+        version. A task created by a restore is active at that version until ``activate`` says otherwise."""
+        ...

@@ -1,0 +1,210 @@
+"""Pieces both backends share: argument checks, metadata encoding, snapshot diffs, the watcher thread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from lpt.errors import InvalidTaskId, StoreUnavailable, TooLarge
+from lpt.ids import check_task_id, check_tenant_id
+from prompts_store.base import ChangeEvent, StoredVersion
+
+log = logging.getLogger("prompts_store")
+
+# Metadata is for small facts (num_classes, backbone fingerprint); a cap keeps it from becoming a side channel
+# for large payloads that bypass the size limit.
+MAX_META_ITEMS = 64
+MAX_META_BYTES = 16 * 1024
+
+Snapshot = dict[tuple[str, str], int]
+
+
+def check_ids(tenant: str, task: str) -> None:
+    """Validate both ids before either touches a key or a query."""
+    check_tenant_id(tenant)
+    check_task_id(task)
+
+
+def check_version(version: object) -> int:
+    """Versions are positive ints; bools are rejected although they are ints."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidTaskId("invalid_version", f"version must be a positive integer, got {version!r}", "version")
+    return version
+
+
+def check_put(data: bytes, meta: dict[str, str] | None, max_bytes: int) -> dict[str, str]:
+    """Size and metadata checks that must pass before anything is written.
+
+    Args:
+        data: the prompt-set bytes.
+        meta: caller metadata (string keys and values).
+        max_bytes: the store's size limit.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise TooLarge("too_large", f"prompt set is {len(data)} bytes; the limit is {max_bytes}", "data")
+    meta = dict(meta or {})
+    if len(meta) > MAX_META_ITEMS or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TooLarge("invalid_meta", f"meta must be at most {MAX_META_ITEMS} str -> str items", "meta")
+    if len(json.dumps(meta)) > MAX_META_BYTES:
+        raise TooLarge("too_large", f"meta exceeds {MAX_META_BYTES} bytes", "meta")
+    return meta
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_info(sha256: str, size: int, created: float, meta: dict[str, str]) -> str:
+    """The JSON stored per version (Redis hash field; the SQLite backend uses columns instead)."""
+    return json.dumps({"sha256": sha256, "size": size, "created": created, "meta": meta}, sort_keys=True)
+
+
+def decode_info(tenant: str, task: str, version: int, raw: str | bytes) -> StoredVersion:
+    d = json.loads(raw)
+    return StoredVersion(tenant, task, version, d["sha256"], int(d["size"]), float(d["created"]), dict(d["meta"]))
+
+
+def verify_blob(info: StoredVersion, data: bytes) -> None:
+    """Refuse to hand out bytes whose checksum does not match: a torn or corrupted blob must never load."""
+    if len(data) != info.size or sha256_hex(data) != info.sha256:
+        raise StoreUnavailable(
+            "store_corrupt", f"blob of {info.tenant}/{info.task} v{info.version} fails its sha256 check", "data"
+        )
+
+
+def diff_snapshots(old: Snapshot, new: Snapshot) -> list[ChangeEvent]:
+    """Events that turn ``old`` into ``new``: changed or added tasks, then deleted ones (active None)."""
+    events = [ChangeEvent(t, k, v) for (t, k), v in sorted(new.items()) if old.get((t, k)) != v]
+    events += [ChangeEvent(t, k, None) for (t, k) in sorted(old) if (t, k) not in new]
+    return events
+
+
+class Watcher:
+    """A daemon thread that turns backend changes into ``ChangeEvent`` callbacks.
+
+    Subclasses implement ``_wait(timeout)`` (block up to ``timeout`` for push messages or a cheap change
+    hint, returning events it already knows about plus whether a snapshot diff is due) and ``_snapshot()``.
+    This class owns the loop: baseline, periodic reconciliation, deduplication against the last known
+    state, error logging with backoff, and prompt shutdown on ``close()``. The thread never dies on a backend
+    or callback error, so a replica keeps receiving changes after Redis or the disk comes back.
+
+    Events are level-triggered ("task X is now at version N"), may repeat, and a pushed message can be
+    briefly older than a reconciled snapshot; the last event delivered for a task is always its current state.
+    Callbacks run on this thread and should be quick (hand work to a queue).
+
+    Args:
+        callback: called with each ``ChangeEvent``.
+        reconcile_s: how often a full snapshot diff runs even without push messages.
+        name: thread name, for logs and debugging.
+    """
+
+    max_backoff_s = 1.0
+
+    def __init__(self, callback: Callable[[ChangeEvent], None], reconcile_s: float, name: str):
+        if reconcile_s <= 0:
+            raise ValueError("reconcile_s must be > 0")
+        self._callback = callback
+        self._reconcile_s = reconcile_s
+        self._stop = threading.Event()
+        self._known: Snapshot | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self, baseline: Snapshot | None) -> None:
+        """Start the thread. ``baseline`` is the state the caller already knows (None: unknown, so the first
+        successful snapshot is delivered in full)."""
+        self._known = baseline
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait for it (bounded: the backend calls it makes are themselves time-limited)."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- to implement -------------------------------------------------------------------------------
+    def _wait(self, timeout: float) -> tuple[list[ChangeEvent], bool]:
+        """Block up to ``timeout`` s; return (pushed events, whether a snapshot diff should run now)."""
+        raise NotImplementedError
+
+    def _snapshot(self) -> Snapshot:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Drop connections after an error (the next ``_wait`` reconnects) and when the thread ends."""
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def _emit(self, events: list[ChangeEvent]) -> None:
+        for ev in events:
+            if self._stop.is_set():
+                return
+            try:
+                self._callback(ev)
+            except Exception:
+                # A buggy callback must not stop notifications for every other task.
+                log.exception("prompt store change callback failed for %s/%s", ev.tenant, ev.task)
+
+    def _reconcile(self) -> None:
+        snap = self._snapshot()
+        old = self._known if self._known is not None else {}
+        self._known = snap
+        self._emit(diff_snapshots(old, snap))
+
+    def _apply_pushed(self, events: list[ChangeEvent]) -> None:
+        fresh = []
+        for ev in events:
+            key = (ev.tenant, ev.task)
+            if self._known is not None:
+                if self._known.get(key) == ev.active:
+                    continue  # already delivered (e.g. by a reconcile that ran first)
+                if ev.active is None:
+                    self._known.pop(key, None)
+                else:
+                    self._known[key] = ev.active
+            fresh.append(ev)
+        self._emit(fresh)
+
+    def _run(self) -> None:
+        next_reconcile = 0.0 if self._known is None else time.monotonic() + self._reconcile_s
+        backoff = 0.05
+        failing_since: float | None = None
+        try:
+            self._loop(next_reconcile, backoff, failing_since)
+        finally:
+            self._reset()
+
+    def _loop(self, next_reconcile: float, backoff: float, failing_since: float | None) -> None:
+        while not self._stop.is_set():
+            try:
+                timeout = max(0.0, min(0.25, next_reconcile - time.monotonic()))
+                pushed, due = self._wait(timeout)
+                if self._stop.is_set():
+                    break
+                self._apply_pushed(pushed)
+                if due or time.monotonic() >= next_reconcile:
+                    self._reconcile()
+                    next_reconcile = time.monotonic() + self._reconcile_s
+                if failing_since is not None:
+                    log.warning("prompt store watcher recovered after %.1f s", time.monotonic() - failing_since)
+                    failing_since = None
+                backoff = 0.05
+            except Exception as e:  # the watcher must outlive any backend failure
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("prompt store watcher error (will retry): %s", e)
+                else:
+                    log.debug("prompt store watcher still failing: %s", e)
+                self._reset()
+                # Reconcile first thing after recovery: pushed messages sent while we were away are lost.
+                next_reconcile = 0.0
+                self._stop.wait(backoff)
+                backoff = min(self.max_backoff_s, backoff * 2)

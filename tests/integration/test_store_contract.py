@@ -1,0 +1,535 @@
+"""One contract for every prompt store backend: embedded SQLite and a real redis-server (never a mock).
+
+Redis-only parts (faults of the server process, pub/sub reconnect, URL auth) are marked in their names.
+Blobs are random bytes: the store does not validate the format, the service does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lpt.errors import InvalidTaskId, NotFound, StoreUnavailable, TooLarge
+from prompts_store import ChangeEvent, PromptStore, open_store
+from prompts_store.redis_store import RedisPromptStore
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 0.25  # the Redis socket/connect timeout under test; StoreUnavailable must come within it
+SLACK_S = 0.35  # scheduling noise on a busy 2-core CI machine
+
+
+@dataclass
+class Backend:
+    name: str
+    spec: str
+    server: RedisServer | None = None
+
+    def open(self, max_bytes: int = 1 << 20) -> PromptStore:
+        return open_store(self.spec, max_bytes=max_bytes, timeout_s=TIMEOUT_S)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "redis":
+        srv: RedisServer = request.getfixturevalue("redis_server")
+        return Backend("redis", srv.url, srv)
+    return Backend("sqlite", str(tmp_path / "store"))
+
+
+@pytest.fixture
+def stores(backend) -> Iterator[Callable[..., PromptStore]]:
+    """Opens store objects (each its own client, like separate replicas) and closes them after the test."""
+    opened: list[PromptStore] = []
+
+    def make(**kw) -> PromptStore:
+        s = backend.open(**kw)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(stores) -> PromptStore:
+    return stores()
+
+
+def blob(n: int = 256) -> bytes:
+    return os.urandom(n)
+
+
+class Events:
+    """Collects change events from a subscription callback and waits for a given one."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, ChangeEvent]] = []
+        self._cv = threading.Condition()
+
+    def __call__(self, ev: ChangeEvent) -> None:
+        with self._cv:
+            self.items.append((time.monotonic(), ev))
+            self._cv.notify_all()
+
+    def wait_for(self, want: ChangeEvent, timeout: float) -> float:
+        """Seconds (monotonic clock) at which ``want`` arrived; fails after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for t, ev in self.items:
+                    if ev == want:
+                        return t
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{want} not delivered within {timeout}s; got {[e for _, e in self.items]}")
+                self._cv.wait(left)
+
+
+# -- basic contract ----------------------------------------------------------------------------------
+
+
+def test_put_get_list_versions_rollback_delete(store):
+    a, b = blob(), blob()
+    v1 = store.put("acme", "birds", a, {"num_classes": "10"})
+    assert (v1.tenant, v1.task, v1.version, v1.size) == ("acme", "birds", 1, len(a))
+    assert v1.sha256 == hashlib.sha256(a).hexdigest() and v1.meta == {"num_classes": "10"}
+    assert abs(v1.created - time.time()) < 60
+    v2 = store.put("acme", "birds", b)
+    assert v2.version == 2 and v2.meta == {}
+    got = store.get("acme", "birds")
+    assert got.data == b and got.info == v2 and store.active_version("acme", "birds") == v2
+    assert store.get("acme", "birds", 1).data == a and store.get("acme", "birds", 1).info == v1
+    assert store.list_versions("acme", "birds") == [v1, v2]
+    assert store.list_tasks("acme") == ["birds"] and store.list_tenants() == ["acme"]
+    assert store.snapshot() == {("acme", "birds"): 2}
+
+    assert store.activate("acme", "birds", 1) == v1  # rollback
+    assert store.get("acme", "birds").data == a and store.snapshot() == {("acme", "birds"): 1}
+    assert store.put("acme", "birds", b).version == 3  # equal to a non-active version: a new version
+    with pytest.raises(NotFound):
+        store.activate("acme", "birds", 9)
+    with pytest.raises(NotFound):
+        store.get("acme", "birds", 9)
+
+    store.put("acme", "cars", blob())
+    store.delete("acme", "birds")
+    assert store.list_tasks("acme") == ["cars"] and store.snapshot() == {("acme", "cars"): 1}
+    for call in (
+        lambda: store.get("acme", "birds"),
+        lambda: store.get("acme", "birds", 1),
+        lambda: store.active_version("acme", "birds"),
+        lambda: store.list_versions("acme", "birds"),
+        lambda: store.delete("acme", "birds"),
+    ):
+        with pytest.raises(NotFound):
+            call()
+    # Numbers are never reused, so a replica that missed the delete still sees a change on reconcile.
+    assert store.put("acme", "birds", a).version == 4
+    store.delete("acme", "birds")
+    store.delete("acme", "cars")
+    assert store.list_tenants() == [] and store.snapshot() == {}
+
+
+def test_reupload_equal_to_active_is_idempotent(store):
+    a = blob()
+    v1 = store.put("acme", "birds", a, {"k": "1"})
+    assert store.put("acme", "birds", a, {"k": "other"}) == v1
+    assert store.put("acme", "birds", bytearray(a)) == v1
+    assert [v.version for v in store.list_versions("acme", "birds")] == [1]
+
+
+def test_concurrent_puts_are_never_lost_or_torn(stores):
+    writer_store, reader_store = stores(), stores()
+    payloads = [blob(random.randint(500, 4000)) for _ in range(45)]
+    payloads += payloads[:5]  # identical bytes racing: new versions or idempotent hits, never anything else
+    start = threading.Barrier(len(payloads))
+    done = threading.Event()
+    seen: list[tuple[int, str]] = []
+    problems: list[str] = []
+
+    def put(data: bytes):
+        start.wait()
+        return writer_store.put("acme", "hot", data), data
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                got = reader_store.get("acme", "hot")
+                old = reader_store.get("acme", "hot", random.randint(1, got.info.version))
+            except NotFound:
+                continue  # before the first put commits
+            for g in (got, old):
+                if hashlib.sha256(g.data).hexdigest() != g.info.sha256 or len(g.data) != g.info.size:
+                    problems.append(f"torn read of v{g.info.version}")
+                seen.append((g.info.version, g.info.sha256))
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for r in readers:
+        r.start()
+    try:
+        with ThreadPoolExecutor(len(payloads)) as pool:
+            results = list(pool.map(put, payloads))
+    finally:
+        done.set()
+        for r in readers:
+            r.join()
+
+    assert not problems
+    versions = {v.version: v for v in reader_store.list_versions("acme", "hot")}
+    for info, data in results:
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert versions[info.version].sha256 == info.sha256  # acknowledged, present, same bytes
+        assert reader_store.get("acme", "hot", info.version).data == data
+    assert sorted(versions) == list(range(1, len(versions) + 1))  # no holes, no torn or phantom versions
+    assert len({i.version for i, _ in results}) == len(versions) >= 45
+    assert all(versions[v].sha256 == sha for v, sha in seen)
+    assert seen, "readers never observed a version"
+
+
+def test_tenants_are_isolated(store):
+    store.put("acme", "birds", blob())
+    theirs = blob()
+    store.put("globex", "birds", theirs)
+    store.put("globex", "cars", blob())
+    assert store.list_tasks("acme") == ["birds"] and store.list_tasks("initech") == []
+    assert store.get("globex", "birds").data == theirs
+    store.delete("acme", "birds")
+    assert store.get("globex", "birds").data == theirs
+    assert store.list_tasks("globex") == ["birds", "cars"] and store.list_tenants() == ["globex"]
+    with pytest.raises(NotFound):
+        store.get("acme", "cars")  # exists for another tenant: same answer as missing
+
+
+BAD_IDS = ["", "Birds", "../etc", "a/b", "a:b", "a b", "-lead", ".hidden", "x" * 65, "caf\u00e9", "a\nb", "*"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_invalid_ids_are_rejected_before_any_write(store, bad):
+    store.put("acme", "ok", blob())
+    calls = [
+        lambda: store.put("acme", bad, blob()),
+        lambda: store.put(bad, "ok", blob()),
+        lambda: store.get("acme", bad),
+        lambda: store.get(bad, "ok"),
+        lambda: store.active_version("acme", bad),
+        lambda: store.list_versions("acme", bad),
+        lambda: store.list_tasks(bad),
+        lambda: store.activate("acme", bad, 1),
+        lambda: store.delete(bad, "ok"),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidTaskId):
+            call()
+    for version in (0, -1, True):
+        with pytest.raises(InvalidTaskId):
+            store.get("acme", "ok", version)
+    assert store.snapshot() == {("acme", "ok"): 1} and store.list_tenants() == ["acme"]
+
+
+def test_size_limit_is_checked_before_anything_is_written(backend, stores):
+    small = stores(max_bytes=1000)
+    assert small.put("acme", "a", blob(1000)).version == 1  # the limit itself is allowed
+    with pytest.raises(TooLarge):
+        small.put("acme", "a", blob(1001))
+    with pytest.raises(TooLarge):
+        small.put("acme", "fresh", blob(5000))
+    with pytest.raises(TooLarge):
+        small.put("acme", "a", blob(10), {"k": "v" * 20_000})
+    assert small.snapshot() == {("acme", "a"): 1} and small.list_tasks("acme") == ["a"]
+    if backend.server is not None:
+        with backend.server.client() as c:  # not even a blob was uploaded
+            assert len(c.keys("lpt:blob:*")) == 1
+
+
+# -- notifications -----------------------------------------------------------------------------------
+
+
+def test_second_client_is_notified_within_1s(stores):
+    writer, watcher = stores(), stores()
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=30)  # only push (Redis) or polling (SQLite) can be this fast
+    try:
+        for change, want in [
+            (lambda: writer.put("acme", "birds", blob()), ChangeEvent("acme", "birds", 1)),
+            (lambda: writer.put("acme", "birds", blob()), ChangeEvent("acme", "birds", 2)),
+            (lambda: writer.activate("acme", "birds", 1), ChangeEvent("acme", "birds", 1)),
+            (lambda: writer.delete("acme", "birds"), ChangeEvent("acme", "birds", None)),
+        ]:
+            events.items.clear()
+            change()
+            t0 = time.monotonic()
+            assert events.wait_for(want, 1.0) - t0 < 1.0
+    finally:
+        sub.close()
+
+
+_SUBSCRIBER = """
+import json, sys
+from prompts_store import open_store
+store = open_store(sys.argv[1], timeout_s=0.25)
+sub = store.subscribe(lambda e: print(json.dumps([e.tenant, e.task, e.active]), flush=True), reconcile_s=30)
+print("ready", flush=True)
+sys.stdin.read()
+sub.close()
+"""
+
+
+def test_second_process_is_notified_within_1s(backend, store):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SUBSCRIBER, backend.spec],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for n in (1, 2):
+            store.put("acme", "birds", blob())
+            t0 = time.monotonic()
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            assert ready, "no notification in the other process within 1 s"
+            assert json.loads(proc.stdout.readline()) == ["acme", "birds", n]
+            assert time.monotonic() - t0 < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _silent_activate(backend: Backend, store: PromptStore, tenant: str, task: str, version: int) -> None:
+    """Change the active version without any notification: what a replica sees when it missed the message."""
+    if isinstance(store, RedisPromptStore):
+        with backend.server.client() as c, c.pipeline(transaction=True) as p:  # type: ignore[union-attr]
+            p.hset(store._task_key(tenant, task), "active", version)
+            p.hset("lpt:active", f"{tenant}/{task}", version)
+            p.execute()
+    else:
+        with sqlite3.connect(Path(backend.spec) / "prompts.sqlite") as c:
+            c.execute("UPDATE tasks SET active = ? WHERE tenant = ? AND task = ?", (version, tenant, task))
+
+
+def test_missed_notification_is_recovered_by_reconciliation(backend, stores):
+    writer, watcher = stores(), stores()
+    writer.put("acme", "birds", blob())
+    writer.put("acme", "birds", blob())
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=0.5)
+    try:
+        _silent_activate(backend, writer, "acme", "birds", 1)
+        t0 = time.monotonic()
+        assert events.wait_for(ChangeEvent("acme", "birds", 1), 2.0) - t0 < 1.5
+    finally:
+        sub.close()
+
+
+def test_redis_pubsub_connection_dropped_then_changes_recovered(redis_server):
+    writer, watcher = (open_store(redis_server.url, timeout_s=TIMEOUT_S) for _ in range(2))
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=30)
+    try:
+        time.sleep(0.2)
+        with redis_server.client() as c:
+            c.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        writer.put("acme", "birds", blob())  # published while the watcher had no subscription
+        events.wait_for(ChangeEvent("acme", "birds", 1), 2.5)
+    finally:
+        sub.close()
+        writer.close()
+        watcher.close()
+
+
+def test_subscription_survives_a_failing_callback_and_closes_promptly(stores):
+    writer, watcher = stores(), stores()
+    events = Events()
+    calls = []
+
+    def callback(ev: ChangeEvent) -> None:
+        calls.append(ev)
+        if len(calls) == 1:
+            raise RuntimeError("bug in the service's callback")
+        events(ev)
+
+    sub = watcher.subscribe(callback, reconcile_s=0.3)
+    writer.put("acme", "a", blob())
+    time.sleep(0.5)
+    writer.put("acme", "b", blob())
+    events.wait_for(ChangeEvent("acme", "b", 1), 2.0)
+    t0 = time.monotonic()
+    sub.close()
+    assert time.monotonic() - t0 < 1.0 and not sub.alive
+
+
+# -- durability and faults ---------------------------------------------------------------------------
+
+
+def test_redis_kill_9_loses_no_acknowledged_version(redis_server):
+    srv, store = redis_server, open_store(redis_server.url, timeout_s=TIMEOUT_S)
+    acked: list[tuple[str, int, str]] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            task = f"t{i % 4}"
+            try:
+                v = store.put("acme", task, blob(random.randint(100, 3000)))
+            except StoreUnavailable:
+                continue
+            acked.append((task, v.version, v.sha256))
+            i += 1
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.3)
+    srv.kill()  # mid-stream: some put was surely in flight
+    time.sleep(0.1)
+    stop.set()
+    writer.join()
+    assert len(acked) > 10
+    srv.restart()
+    for task, version, sha in acked:
+        got = store.get("acme", task, version)  # the store object reconnects by itself
+        assert got.info.sha256 == sha == hashlib.sha256(got.data).hexdigest()
+    assert store.put("acme", "t0", blob()).version > max(v for t, v, _ in acked if t == "t0")
+    store.close()
+
+
+_WRITER = """
+import os, sys
+from prompts_store import open_store
+store = open_store(sys.argv[1])
+while True:
+    v = store.put("acme", "birds", os.urandom(1000))
+    print(v.version, v.sha256, flush=True)
+"""
+
+
+def test_sqlite_writer_kill_9_loses_no_acknowledged_version(tmp_path):
+    spec = str(tmp_path / "store")
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, spec], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    acked = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        acked.append(line.split())
+        if len(acked) == 20:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    store = open_store(spec)
+    versions = {v.version: v.sha256 for v in store.list_versions("acme", "birds")}
+    for version, sha in acked:
+        assert versions[int(version)] == sha
+        assert store.get("acme", "birds", int(version)).info.sha256 == sha
+    store.close()
+
+
+FAULTS = {
+    "stopped": (lambda s: s.stop(), lambda s: s.restart()),
+    "killed": (lambda s: s.kill(), lambda s: s.restart()),
+    "sigstop": (lambda s: s.pause(), lambda s: s.resume()),
+    # Long enough for the checks below (7 calls x TIMEOUT_S); Redis < 7.2 holds UNPAUSE until it expires.
+    "client_pause": (lambda s: s.client_pause(2500), lambda s: s.client_unpause()),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_redis_unavailable_is_raised_within_the_timeout(redis_server, fault):
+    writer = open_store(redis_server.url, timeout_s=TIMEOUT_S)
+    watcher = open_store(redis_server.url, timeout_s=TIMEOUT_S)
+    writer.put("acme", "birds", blob())
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=0.5)
+    try:
+        inject, undo = FAULTS[fault]
+        inject(redis_server)
+        for name, call in [
+            ("put", lambda: writer.put("acme", "birds", blob())),
+            ("get", lambda: writer.get("acme", "birds")),
+            ("active_version", lambda: writer.active_version("acme", "birds")),
+            ("list_tasks", lambda: writer.list_tasks("acme")),
+            ("activate", lambda: writer.activate("acme", "birds", 1)),
+            ("snapshot", writer.snapshot),
+            ("ping", writer.ping),
+        ]:
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable) as err:
+                call()
+            elapsed = time.monotonic() - t0
+            assert err.value.code == "store_unavailable"
+            assert elapsed < TIMEOUT_S + SLACK_S, f"{name} took {elapsed:.2f}s under {fault}"
+        undo(redis_server)
+        # Recovers without reopening; the watcher thread survived and delivers the next change.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                v = writer.put("acme", "birds", blob())
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        events.wait_for(ChangeEvent("acme", "birds", v.version), 3.0)
+        assert sub.alive
+    finally:
+        sub.close()
+        writer.close()
+        watcher.close()
+
+
+def test_redis_client_pause_write_fails_writes_fast_and_keeps_reads(redis_server):
+    store = open_store(redis_server.url, timeout_s=TIMEOUT_S)
+    a = blob()
+    store.put("acme", "birds", a)
+    redis_server.client_pause(10_000, "WRITE")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.put("acme", "birds", blob())
+        assert time.monotonic() - t0 < TIMEOUT_S + SLACK_S
+        assert store.get("acme", "birds").data == a  # cached-path reads still work
+    finally:
+        redis_server.client_unpause()
+        store.close()
+
+
+def test_redis_url_with_password_acl_user_and_db(tmp_path):
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed")
+    with RedisServer(data_dir=tmp_path / "r", password="s3cret") as srv:
+        with srv.client() as c:
+            c.execute_command("ACL", "SETUSER", "lpt", "on", ">pw2", "~lpt:*", "&lpt:*", "+@all", "-@dangerous")
+            c.execute_command("ACL", "SETUSER", "lpt", "+ping", "+client|setname")
+        base = f"127.0.0.1:{srv.port}"
+        by_password = open_store(f"redis://:s3cret@{base}/3", timeout_s=TIMEOUT_S)
+        by_user = open_store(f"redis://lpt:pw2@{base}/3", timeout_s=TIMEOUT_S)
+        other_db = open_store(f"redis://:s3cret@{base}/4", timeout_s=TIMEOUT_S)
+        try:
+            v = by_password.put("acme", "birds", blob())
+            assert by_user.get("acme", "birds").info == v
+            assert other_db.list_tenants() == []
+            assert "s3cret" not in repr(by_password) and "s3cret" not in by_password.url
+            for url in (f"redis://:wrong@{base}/3", f"redis://{base}/3"):
+                bad = open_store(url, timeout_s=TIMEOUT_S)
+                with pytest.raises(StoreUnavailable) as err:
+                    bad.ping()
+                assert "wrong" not in str(err.value)
+                bad.close()
+        finally:
+            for s in (by_password, by_user, other_db):
+                s.close()
