@@ -28,7 +28,8 @@ class WorkItem:
         image: preprocessed ``[3, H, W]`` tensor.
         payload: what the engine needs for this row (the pinned prompt-set entry).
         deadline: ``time.monotonic()`` after which the caller has given up.
-        future: resolved by the engine with the row's result, or failed with an error.
+        future: resolved by the engine with the row's result, or failed with an error; the caller may cancel
+            it while it waits in the queue (it is then dropped), not once a batch has taken it.
         enqueued: when it entered the queue.
     """
 
@@ -133,6 +134,9 @@ def collect_batch(
     close_at = clock() + max_wait_s
     while True:
         for item in queue.take(max_size - len(batch)):
+            # RUNNING from here on: a caller that gives up can no longer cancel it, and the engine settles it once.
+            if not item.future.set_running_or_notify_cancel():
+                continue  # cancelled while waiting (its caller gave up): settling it would raise
             if clock() > item.deadline:
                 item.future.set_exception(DeadlineExceeded("deadline_exceeded", "request timed out in the queue"))
             else:
