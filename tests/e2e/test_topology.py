@@ -1,0 +1,324 @@
+"""The compose `scale` topology from real processes, without Docker: redis-server (password, AOF), two
+lpt-serve replicas configured by the same LPT_* environment compose gives them, nginx running the same
+routing template, and Prometheus running the same scrape config (targets rewritten to local ports).
+
+Uploads go through one replica; classify goes through nginx; each task must always reach the same replica
+(seen in each replica's own lpt_requests_total and its X-LPT-Replica header); Prometheus must scrape both.
+Loopback only; every process is started here and stopped at the end, every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.deploy import configs as cfg
+from tests.redis_server import RedisServer, free_port
+
+pytestmark = [pytest.mark.topology, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(420)]
+
+BACKBONE = ("test_vit", "random:0", 32)
+TENANT, SECRET = "acme", "acme-topology-secret-0123"
+REDIS_PASSWORD = "topology0123456789abcdef"
+NUM_TASKS = 24  # enough that both replicas get tasks whatever ports the hash ring sees (miss chance < 1e-4)
+CLASSIFY_REPEATS = 3
+START_TIMEOUT = 150.0
+SCRAPE_TIMEOUT = 60.0
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> Proc:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self, grace: float = 25.0) -> None:
+        if not self.alive:
+            return
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float, procs: list[Proc], interval: float = 0.2) -> None:
+    """Poll ``check`` until it is true; fail with the logs of ``procs`` on timeout or if one of them died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive:
+                pytest.fail(f"{p.name} exited (code {p.popen.returncode}) while waiting for {what}:\n{p.tail()}")
+        with contextlib.suppress(httpx.HTTPError, OSError):
+            if check():
+                return
+        time.sleep(interval)
+    logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
+
+
+def status_is(url: str, code: int = 200) -> Callable[[], bool]:
+    return lambda: httpx.get(url, timeout=2.0).status_code == code
+
+
+@dataclass
+class Topology:
+    replicas: dict[str, str]  # compose service name -> 127.0.0.1:PORT
+    replica_ids: dict[str, str]  # compose service name -> LPT_REPLICA_ID
+    proxy: str
+    prometheus: str
+    procs: list[Proc]
+
+
+def _replica_env(name: str, port: int, store: str, data_dir: Path) -> dict[str, str]:
+    """The environment compose gives replica ``name``, with what differs on this machine replaced: loopback,
+    the local Redis, a small seeded backbone on CPU, a data dir per replica."""
+    env = cfg.env_dict(cfg.compose({**cfg.REQUIRED_ENV, "LPT_API_KEYS": f"{TENANT}:{SECRET}"})["services"][name])
+    model, weights, img_size = BACKBONE
+    env.update(
+        LPT_HOST="127.0.0.1",
+        LPT_PORT=str(port),
+        LPT_STORE=store,
+        LPT_BACKBONE=model,
+        LPT_BACKBONE_WEIGHTS=weights,
+        LPT_IMG_SIZE=str(img_size),
+        LPT_DEVICE="cpu",
+        LPT_DATA_DIR=str(data_dir),
+        LPT_CACHE_BYTES=str(64 * 1024**2),
+        HF_HUB_OFFLINE="1",
+    )
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("LPT_")}
+    return {**keep, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _serve_command() -> list[str]:
+    exe = shutil.which("lpt-serve")
+    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory) -> Iterator[Topology]:
+    redis_bin = cfg.require_binary("redis-server")
+    nginx_bin = cfg.require_binary("nginx")
+    prometheus_bin = cfg.require_binary("prometheus")
+    root = tmp_path_factory.mktemp("topology")
+    procs: list[Proc] = []
+    redis = RedisServer(data_dir=root / "redis", password=REDIS_PASSWORD, binary=redis_bin)
+    try:
+        redis.start()
+        doc = cfg.compose()
+        names = cfg.lpt_replicas(doc)
+        assert names == ["service", "service-2"], names
+        replicas = {n: f"127.0.0.1:{free_port()}" for n in names}
+        ids = {}
+        for n in names:
+            env = _replica_env(n, int(replicas[n].rsplit(":", 1)[1]), redis.url, root / n)
+            ids[n] = env["LPT_REPLICA_ID"]
+            procs.append(Proc(n, _serve_command(), root / f"{n}.log", env).start())
+
+        proxy = f"127.0.0.1:{free_port()}"
+        nginx_dir = root / "nginx"
+        nginx_dir.mkdir()
+        snippet = nginx_dir / "lpt.conf"
+        snippet.write_text(cfg.render_nginx(proxy, replicas, doc))
+        main_conf = nginx_dir / "nginx.conf"
+        main_conf.write_text(cfg.nginx_main_conf(nginx_dir, snippet))
+
+        prometheus = f"127.0.0.1:{free_port()}"
+        prom_conf = root / "prometheus.yml"
+        prom_conf.write_text(yaml.safe_dump(cfg.local_prometheus_config(replicas, scrape_interval="1s")))
+
+        for n in names:
+            wait_until(f"{n} /readyz", status_is(f"http://{replicas[n]}/readyz"), START_TIMEOUT, procs)
+        procs.append(Proc("nginx", [nginx_bin, "-p", str(nginx_dir), "-c", str(main_conf)], root / "nginx.out").start())
+        prom_args = [
+            prometheus_bin,
+            f"--config.file={prom_conf}",
+            f"--storage.tsdb.path={root / 'tsdb'}",
+            f"--web.listen-address={prometheus}",
+            "--storage.tsdb.retention.time=1h",
+            "--log.level=warn",
+        ]
+        procs.append(Proc("prometheus", prom_args, root / "prometheus.log").start())
+        wait_until("nginx", status_is(f"http://{proxy}/healthz"), 30, procs)
+        wait_until("prometheus /-/ready", status_is(f"http://{prometheus}/-/ready"), 60, procs)
+        yield Topology(replicas, ids, proxy, prometheus, procs)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        redis.cleanup()
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+def _prompt_sets(n: int) -> dict[str, bytes]:
+    from lpt.backbone import load_backbone
+    from lpt.init import init_prompt_set
+    from lpt.prompt_set import encode
+
+    model, weights, img_size = BACKBONE
+    info = load_backbone(model, weights, img_size=img_size).info
+    classes = [f"class-{i}" for i in range(5)]
+    return {
+        f"task-{i:02d}": encode(init_prompt_set(info, classes, prompt_length=2, pool_size=4, seed=i)) for i in range(n)
+    }
+
+
+def _image() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _classify_count(replica: str) -> float:
+    """This replica's lpt_requests_total for successful classifies, read from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://{replica}/metrics", timeout=5.0).text
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if (
+                s.name == "lpt_requests_total"
+                and s.labels.get("status") == "200"
+                and "classify" in s.labels["endpoint"]
+            ):
+                total += s.value
+    return total
+
+
+def _prometheus_query(base: str, query: str) -> list[dict]:
+    response = httpx.get(f"http://{base}/api/v1/query", params={"query": query}, timeout=5.0)
+    response.raise_for_status()
+    body = response.json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+# -- the test ----------------------------------------------------------------------------------------
+
+
+def test_topology_routes_each_task_to_one_replica_and_prometheus_scrapes_both(topology: Topology):
+    t = topology
+    first = t.replicas["service"]
+    proxy = f"http://{t.proxy}"
+
+    # The image's health check script passes against a live replica.
+    env = {**os.environ, "LPT_PORT": first.rsplit(":", 1)[1]}
+    assert subprocess.run([sys.executable, str(cfg.HEALTHCHECK)], env=env, timeout=30).returncode == 0
+
+    # The proxy forwards non-classify routes to any replica; /metrics stays internal.
+    backbone = httpx.get(f"{proxy}/v1/backbone", headers=AUTH, timeout=10.0)
+    assert backbone.status_code == 200, backbone.text
+    assert httpx.get(f"{proxy}/metrics", timeout=10.0).status_code == 404
+
+    # Upload every task through one replica (not the proxy).
+    sets = _prompt_sets(NUM_TASKS + 1)
+    via_proxy, via_proxy_data = sets.popitem()
+    with httpx.Client(timeout=30.0, headers=AUTH) as client:
+        for task, data in sets.items():
+            r = client.post(
+                f"http://{first}/v1/prompts",
+                params={"task": task},
+                content=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            assert r.status_code == 201, r.text
+            assert r.json()["version"] >= 1
+
+        # Classify every task through nginx; the replica that answers is the same every time.
+        image = _image()
+        owner: dict[str, str] = {}
+        for task in sets:
+            before = {n: _classify_count(a) for n, a in t.replicas.items()}
+            seen_headers = set()
+            for _ in range(CLASSIFY_REPEATS):
+                r = client.post(f"{proxy}/v1/classify", params={"task": task, "top_k": 3}, content=image)
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["task"] == task and len(body["predictions"]) == 3
+                scores = [p["score"] for p in body["predictions"]]
+                assert scores == sorted(scores, reverse=True)
+                if "x-lpt-replica" in r.headers:
+                    seen_headers.add(r.headers["x-lpt-replica"])
+            after = {n: _classify_count(a) for n, a in t.replicas.items()}
+            delta = {n: after[n] - before[n] for n in t.replicas}
+            served = [n for n, d in delta.items() if d > 0]
+            assert len(served) == 1 and delta[served[0]] == CLASSIFY_REPEATS, f"{task} spread over replicas: {delta}"
+            owner[task] = served[0]
+            if seen_headers:
+                assert seen_headers == {t.replica_ids[served[0]]}, (task, seen_headers, served)
+
+        # Later, the same tasks still land on the same replicas.
+        for task in list(sets)[:8]:
+            before = _classify_count(t.replicas[owner[task]])
+            r = client.post(f"{proxy}/v1/classify", params={"task": task}, content=image)
+            assert r.status_code == 200, r.text
+            assert _classify_count(t.replicas[owner[task]]) == before + 1, task
+
+        # Both replicas own tasks: the replica that got no upload served from the shared store.
+        assert set(owner.values()) == set(t.replicas), f"all tasks hashed to one replica: {owner}"
+
+        # Uploads may go through the proxy to any replica; the task is then classifiable through it.
+        r = client.post(f"{proxy}/v1/prompts", params={"task": via_proxy}, content=via_proxy_data)
+        assert r.status_code == 201, r.text
+        r = client.post(f"{proxy}/v1/classify", params={"task": via_proxy}, content=image)
+        assert r.status_code == 200, r.text
+
+    # Prometheus, with the compose scrape config, scrapes lpt_requests_total from both replicas.
+    expected = set(t.replicas)
+    found: dict[str, float] = {}
+
+    def scraped_both() -> bool:
+        query = 'sum by (replica) (lpt_requests_total{job="lpt-serve", endpoint="/v1/classify", status="200"})'
+        found.clear()
+        found.update(
+            {r["metric"].get("replica", ""): float(r["value"][1]) for r in _prometheus_query(t.prometheus, query)}
+        )
+        classified = {n: sum(1 for o in owner.values() if o == n) * CLASSIFY_REPEATS for n in expected}
+        return set(found) == expected and all(found[n] >= classified[n] for n in expected)
+
+    wait_until(f"Prometheus to scrape {sorted(expected)}", scraped_both, SCRAPE_TIMEOUT, t.procs, interval=0.5)
+    up = _prometheus_query(t.prometheus, 'up{job="lpt-serve"}')
+    assert {r["metric"]["replica"]: r["value"][1] for r in up} == dict.fromkeys(expected, "1")
