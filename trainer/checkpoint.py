@@ -62,7 +62,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta = fh.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not an {FORMAT} file (format={meta.get('format')!r})")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        # clone: the tensors own their memory once the file is closed
+        tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     state = json.loads(meta["state"])
     params = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("param/")}
     momentum = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("momentum/")}

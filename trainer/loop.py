@@ -15,9 +15,10 @@ is frozen and never handed to the optimiser.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,27 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup
         return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels while training on CPU, restoring the caller's setting afterwards.
+
+    Phase 2's backward through the top-k gather of group prompts accumulates with several threads in
+    an order that varies between runs; the deterministic kernel makes a seed reproduce bit for bit.
+    """
+    if not enabled:
+        yield
+        return
+    before, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 class PromptModule(nn.Module):
@@ -330,6 +352,10 @@ class Trainer:
             resume: continue from ``checkpoint`` if it exists.
             stop_after_epochs: stop (checkpointed, ``finished=False``) after this many epochs in this call.
         """
+        with deterministic(self.ctx.device.type == "cpu"):
+            return self._fit(resume, stop_after_epochs)
+
+    def _fit(self, resume: bool, stop_after_epochs: int | None) -> TrainResult:
         ckpt = self._load_or_init(resume)
         self.backbone.model.to(self.ctx.device)
         budget = [stop_after_epochs if stop_after_epochs is not None else math.inf]
