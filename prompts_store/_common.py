@@ -49,8 +49,10 @@ def check_put(data: bytes, meta: dict[str, str] | None, max_bytes: int) -> dict[
     if len(data) > max_bytes:
         raise TooLarge("too_large", f"prompt set is {len(data)} bytes; the limit is {max_bytes}", "data")
     meta = dict(meta or {})
-    if len(meta) > MAX_META_ITEMS or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise TooLarge("invalid_meta", f"meta must be at most {MAX_META_ITEMS} str -> str items", "meta")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TypeError("meta must map str to str")  # a caller bug, not a client error
+    if len(meta) > MAX_META_ITEMS:
+        raise TooLarge("too_large", f"meta has more than {MAX_META_ITEMS} items", "meta")
     if len(json.dumps(meta)) > MAX_META_BYTES:
         raise TooLarge("too_large", f"meta exceeds {MAX_META_BYTES} bytes", "meta")
     return meta

@@ -8,12 +8,14 @@ Keys (``p`` is the prefix, ``lpt:`` by default; ids never contain ``:`` or ``/``
     {p}blob:{tenant}:{task}:{sha256} STRING the bytes (content-addressed inside the task)
     {p}blobs:{tenant}:{task}         SET    sha256 of every blob key above, so delete finds them all
     {p}seq:{tenant}:{task}           STRING last version number issued; kept on delete so numbers never repeat
+    {p}upload:{tenant}:{task}:{sha256}:{uuid}  STRING a blob being uploaded (expires after an hour)
     {p}active                        HASH   "{tenant}/{task}" -> N for every task: snapshot() is one HGETALL
     channel {p}changes               JSON {tenant, task, active} published inside the same MULTI as the write
 
 A version becomes visible only through the MULTI that writes its ``v:N`` field and the active pointers, so
 readers never see a partial version. The blob is written before that MULTI (so contention retries do not
-resend megabytes); a blob without a version is harmless and is removed with its task.
+resend megabytes), in 1 MiB chunks to an expiring ``{p}upload:...`` key that is then renamed; a blob without a
+version is harmless and is removed with its task.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from urllib.parse import urlsplit, urlunsplit
@@ -47,6 +50,9 @@ from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, Store
 
 # Optimistic transactions retry on conflict; this bounds a put under pathological contention.
 _MAX_ATTEMPTS = 500
+# Blob upload chunk: small enough to cross a slow link within one socket timeout.
+_CHUNK = 1 << 20
+_UPLOAD_TTL_S = 3600
 
 
 def redact_url(url: str) -> str:
@@ -139,11 +145,29 @@ class RedisPromptStore:
 
     # -- writes -------------------------------------------------------------------------------------
     def _upload_blob(self, tenant: str, task: str, sha: str, data: bytes) -> None:
-        """Write the blob and register it for deletion in one MULTI, outside any version transaction."""
-        with self._r.pipeline(transaction=True) as p:
-            p.sadd(self._blobs_key(tenant, task), sha)
-            p.set(self._blob_key(tenant, task, sha), data)
-            p.execute()
+        """Write the blob under a temporary key in chunks, then move it in place and register it in one MULTI.
+
+        Chunks because the socket timeout bounds each ``sendall`` as a whole: 64 MiB in one command would need
+        more than a short timeout on a real network. The temporary key expires, so an upload cut off by a crash
+        cleans itself up; nothing references a blob until the version transaction commits.
+        """
+        tmp = f"{self.prefix}upload:{tenant}:{task}:{sha}:{uuid.uuid4().hex}"
+        view = memoryview(data)
+        try:
+            for off in range(0, max(len(data), 1), _CHUNK):
+                with self._r.pipeline(transaction=False) as p:
+                    p.append(tmp, view[off : off + _CHUNK])
+                    p.expire(tmp, _UPLOAD_TTL_S)
+                    p.execute()
+            with self._r.pipeline(transaction=True) as p:
+                p.sadd(self._blobs_key(tenant, task), sha)
+                p.rename(tmp, self._blob_key(tenant, task, sha))
+                p.persist(self._blob_key(tenant, task, sha))
+                p.execute()
+        except redis.RedisError:
+            with suppress(redis.RedisError):
+                self._r.delete(tmp)
+            raise
 
     def put(self, tenant: str, task: str, data: bytes, meta: dict[str, str] | None = None) -> StoredVersion:
         """Store ``data`` as a new version and activate it; bytes equal to the active version return it.

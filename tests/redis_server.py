@@ -50,6 +50,9 @@ class RedisServer:
             acknowledged write lost on kill -9" deterministic.
         extra_args: more ``--name value`` arguments for redis-server.
         binary: the redis-server executable.
+        tls_cert: PEM certificate (also used as the CA) to serve TLS only on ``port``; ``url`` is then
+            ``rediss://...?ssl_ca_certs=...``.
+        tls_key: PEM private key for ``tls_cert``.
     """
 
     def __init__(
@@ -60,6 +63,8 @@ class RedisServer:
         appendfsync: str = "always",
         extra_args: tuple[str, ...] = (),
         binary: str = "redis-server",
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ):
         self._own_dir = data_dir is None
         self.dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="lpt-redis-"))
@@ -70,8 +75,11 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.extra_args = tuple(extra_args)
         self.binary = binary
+        self.tls_cert = Path(tls_cert) if tls_cert else None
+        self.tls_key = Path(tls_key) if tls_key else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self._pause_until = 0.0
 
     @staticmethod
     def available(binary: str = "redis-server") -> bool:
@@ -81,6 +89,8 @@ class RedisServer:
     def url(self) -> str:
         """``redis://[:password@]127.0.0.1:PORT/0``."""
         auth = f":{self.password}@" if self.password else ""
+        if self.tls_cert:
+            return f"rediss://{auth}{self.host}:{self.port}/0?ssl_ca_certs={self.tls_cert}"
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
@@ -103,6 +113,8 @@ class RedisServer:
             password=self.password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            ssl=self.tls_cert is not None,
+            ssl_ca_certs=str(self.tls_cert) if self.tls_cert else None,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -124,9 +136,26 @@ class RedisServer:
         return self
 
     def _spawn(self, timeout: float) -> None:
+        if self.tls_cert:
+            listen = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(self.tls_cert),
+                "--tls-key-file",
+                str(self.tls_key),
+                "--tls-ca-cert-file",
+                str(self.tls_cert),
+                "--tls-auth-clients",
+                "no",
+            ]
+        else:
+            listen = ["--port", str(self.port)]
         args = [
             self.binary,
-            "--port", str(self.port),
+            *listen,
             "--bind", self.host,
             "--protected-mode", "yes",
             "--dir", str(self.dir),
@@ -224,7 +253,7 @@ class RedisServer:
 
     def client_unpause(self) -> None:
         """``CLIENT UNPAUSE``; returns once the server answers (at the latest when the pause expires)."""
-        left = max(0.0, getattr(self, "_pause_until", 0.0) - time.monotonic())
+        left = max(0.0, self._pause_until - time.monotonic())
         with self.client(timeout=left + 5.0) as c:
             c.execute_command("CLIENT", "UNPAUSE")
         self._pause_until = 0.0

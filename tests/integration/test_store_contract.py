@@ -11,6 +11,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -153,6 +154,17 @@ def test_reupload_equal_to_active_is_idempotent(store):
     assert store.put("acme", "birds", a, {"k": "other"}) == v1
     assert store.put("acme", "birds", bytearray(a)) == v1
     assert [v.version for v in store.list_versions("acme", "birds")] == [1]
+
+
+def test_large_and_empty_blobs_round_trip(backend, stores):
+    store = stores(max_bytes=4 << 20)
+    big = blob((3 << 20) + 17)  # several Redis upload chunks
+    assert store.put("acme", "big", big).size == len(big)
+    assert store.get("acme", "big").data == big
+    assert store.put("acme", "empty", b"").size == 0 and store.get("acme", "empty").data == b""
+    if backend.server is not None:
+        with backend.server.client() as c:
+            assert c.keys("lpt:upload:*") == []  # temporary upload keys were renamed into place
 
 
 def test_concurrent_puts_are_never_lost_or_torn(stores):
@@ -533,3 +545,24 @@ def test_redis_url_with_password_acl_user_and_db(tmp_path):
         finally:
             for s in (by_password, by_user, other_db):
                 s.close()
+
+
+def test_redis_over_tls(tmp_path):
+    if not RedisServer.available() or shutil.which("openssl") is None:
+        pytest.skip("needs redis-server (with TLS) and the openssl CLI")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with RedisServer(data_dir=tmp_path / "r", password="pw", tls_cert=cert, tls_key=key) as srv:
+        assert srv.url.startswith("rediss://")
+        store = open_store(srv.url, timeout_s=1.0)
+        data = blob()
+        assert store.put("acme", "birds", data).version == 1 and store.get("acme", "birds").data == data
+        store.close()
+        plain = open_store(srv.url.replace("rediss://", "redis://").split("?")[0], timeout_s=TIMEOUT_S)
+        with pytest.raises(StoreUnavailable):  # a plain-text client cannot talk to a TLS port
+            plain.ping()
+        plain.close()
