@@ -9,6 +9,9 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# docker-compose 1.29 validates docker-compose.yml and ships the compose-spec schema (no Docker engine needed).
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if ((${#need[@]})); then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
