@@ -23,6 +23,6 @@ if ((${#need[@]})); then
 fi
 
 PY=${PY:-python3}
-if ! $PY -c "import lpt, pytest, timm, fastapi, redis" >/dev/null 2>&1 || [ "${LPT_REINSTALL:-0}" = 1 ]; then
-  $PY -m pip install -q -e '.[dev]'
-fi
+# Always run: with everything present it only checks (seconds), and it picks up new dependencies.
+$PY -m pip install -q -e '.[dev]'
+
