@@ -1,0 +1,241 @@
+"""A real ``lpt-serve`` process on a free port, driven over TCP by httpx, the ``lpt`` CLI and ``LptClient``:
+readiness, the demo task, push/tasks/show/classify/rollback/delete, graceful SIGTERM under traffic, and the
+refusal to listen beyond loopback without API keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lpt.backbone import load_backbone
+from lpt.client import ApiError, LptClient
+from lpt.init import init_prompt_set
+from lpt.prompt_set import encode
+from tests.redis_server import free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+START_TIMEOUT_S = 120.0  # importing torch and timm on a busy 2-core machine
+SHUTDOWN_TIMEOUT_S = 10.0
+DEMO_CLASSES = {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+
+
+def _command(name: str, module: str) -> list[str]:
+    """The installed console script, or the module when the package is not installed."""
+    exe = shutil.which(name)
+    return [exe] if exe else [sys.executable, "-m", module]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LPT_")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    data_dir: Path
+    log: Path
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+def start_server(tmp: Path, *extra: str) -> Server:
+    port = free_port()
+    log = tmp / "lpt-serve.log"
+    args = [
+        *_command("lpt-serve", "service.cli"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backbone", "test_vit", "--backbone-weights", "random:0", "--img-size", "32",
+        "--data-dir", str(tmp), "--demo", "--device", "cpu",
+        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--log-level", "info",
+        *extra,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env())
+    server = Server(proc, f"http://127.0.0.1:{port}", tmp, log)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"lpt-serve exited with {proc.returncode} before ready:\n{server.log_tail()}")
+            try:
+                if http.get(f"{server.url}/readyz").status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    stop_server(server)
+    raise AssertionError(f"lpt-serve not ready within {START_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    # A batch window long enough that requests are still in flight when SIGTERM arrives (the last test).
+    srv = start_server(tmp_path_factory.mktemp("serve"), "--max-wait-ms", "400", "--max-batch-size", "64")
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory) -> list[Path]:
+    """Two versions of a 3-class set for the server's backbone (test_vit, random:0, 32 px)."""
+    info = load_backbone("test_vit", "random:0", img_size=32).info
+    out = tmp_path_factory.mktemp("sets")
+    paths = []
+    for seed in (1, 2):
+        ps = init_prompt_set(info, ["cat", "dog", "fox"], prompt_length=2, pool_size=2, share_blocks=3, seed=seed)
+        path = out / f"v{seed}.safetensors"
+        path.write_bytes(encode(ps))
+        paths.append(path)
+    return paths
+
+
+def lpt(server: Server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*_command("lpt", "lpt.cli"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(LPT_URL=server.url),
+    )
+
+
+def test_ready_and_demo_task_classifies(server):
+    with httpx.Client(base_url=server.url, timeout=30.0) as http:
+        assert http.get("/healthz").json()["status"] == "ok"
+        demo = (server.data_dir / "demo.jpg").read_bytes()
+        r = http.post("/v1/classify", params={"task": "demo"}, content=demo, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["task"] == "demo" and body["version"] == 1 and len(body["predictions"]) == 5
+        assert {p["label"] for p in body["predictions"]} <= DEMO_CLASSES
+        assert r.headers["X-LPT-Replica"] == server.url.removeprefix("http://")
+        assert http.get("/openapi.json").status_code == 200
+        assert "lpt_requests_total" in http.get("/metrics").text
+        assert http.get("/v1/backbone").json()["name"] == "test_vit"
+
+
+def test_cli_push_tasks_show_classify_rollback(server, prompt_files):
+    v1, v2 = prompt_files
+    r = lpt(server, "push", str(v1), "--task", "pets")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["version"] == 1
+    r = lpt(server, "push", str(v2), "--task", "pets")
+    assert r.returncode == 0 and json.loads(r.stdout)["version"] == 2, r.stderr
+
+    r = lpt(server, "tasks")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "pets\tv2\t3 classes" in lines and any(line.startswith("demo\tv1\t") for line in lines)
+
+    r = lpt(server, "show", "pets")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["active_version"] == 2 and shown["class_names"] == ["cat", "dog", "fox"]
+
+    img = server.data_dir / "demo.jpg"
+    r = lpt(server, "classify", str(img), str(img), "--task", "pets", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert len(rows) == 2 and all(row.startswith(f"{img}\tv2\t") for row in rows), rows
+
+    r = lpt(server, "rollback", "pets", "--version", "1")
+    assert r.returncode == 0 and json.loads(r.stdout)["version"] == 1, r.stderr
+    r = lpt(server, "classify", str(img), "--task", "pets")
+    assert r.returncode == 0 and r.stdout.startswith(f"{img}\tv1\t"), r.stdout + r.stderr
+
+    r = lpt(server, "classify", str(img), "--task", "no-such-task")
+    assert r.returncode == 1 and "404" in r.stderr and "not_found" in r.stderr
+
+
+def test_python_client(server, prompt_files):
+    img = (server.data_dir / "demo.jpg").read_bytes()
+    with LptClient(server.url, timeout=30.0) as client:
+        assert client.backbone()["depth"] == 6
+        pushed = client.push_prompt_set("client-task", prompt_files[0].read_bytes())
+        assert pushed["version"] == 1 and pushed["num_classes"] == 3
+        results = client.classify("client-task", [img, img, img], top_k=3)
+        assert len(results) == 3 and all(r["version"] == 1 and len(r["predictions"]) == 3 for r in results)
+        assert results[0]["predictions"] == results[1]["predictions"]
+        assert "client-task" in {t["task"] for t in client.tasks()}
+        assert client.delete("client-task") == {"task": "client-task", "deleted": True}
+        with pytest.raises(ApiError) as err:
+            client.show("client-task")
+        assert err.value.status == 404 and err.value.code == "not_found"
+
+
+def test_sigterm_during_traffic_finishes_in_flight_requests_and_exits(server):
+    """Last in this module: it stops the shared server."""
+    img = (server.data_dir / "demo.jpg").read_bytes()
+    with httpx.Client(base_url=server.url, timeout=5.0) as http:
+        hits0 = _metric(http, "lpt_prompt_cache_hits_total")
+
+    def one(_: int) -> tuple[int, float]:
+        with httpx.Client(base_url=server.url, timeout=30.0) as http:
+            r = http.post("/v1/classify", params={"task": "demo"}, content=img)
+            return r.status_code, time.monotonic()
+
+    n = 8
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        # Every request has reached the handler (each took a cache hit) and waits in the 400 ms batch window.
+        with httpx.Client(base_url=server.url, timeout=5.0) as http:
+            deadline = time.monotonic() + 30
+            while _metric(http, "lpt_prompt_cache_hits_total") < hits0 + n:
+                assert time.monotonic() < deadline, "requests never reached the server"
+                time.sleep(0.01)
+        sent_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        results = [f.result(timeout=60) for f in futures]
+    try:
+        server.proc.wait(SHUTDOWN_TIMEOUT_S + 5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"lpt-serve did not exit within its grace period:\n{server.log_tail()}")
+    exited_at = time.monotonic()
+    assert [status for status, _ in results] == [200] * n, server.log_tail()
+    assert any(done > sent_at for _, done in results), "no request was still in flight at SIGTERM"
+    # uvicorn re-raises the captured SIGTERM once shutdown is complete: "terminated by SIGTERM" is a clean exit.
+    assert server.proc.returncode in (0, -signal.SIGTERM), server.log_tail()
+    assert "Application shutdown complete" in server.log.read_text()
+    assert exited_at - sent_at < SHUTDOWN_TIMEOUT_S + 5
+    with pytest.raises(httpx.TransportError), httpx.Client(timeout=2.0) as http:
+        http.get(f"{server.url}/healthz")
+
+
+def _metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_non_loopback_without_keys_refuses_to_start(tmp_path):
+    args = [*_command("lpt-serve", "service.cli"), "--host", "0.0.0.0", "--port", str(free_port())]
+    args += ["--data-dir", str(tmp_path), "--backbone", "test_vit", "--backbone-weights", "random:0"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60, env=_env())
+    assert r.returncode != 0
+    assert "refusing to listen on 0.0.0.0 without API keys" in r.stderr, r.stderr
+    assert not (tmp_path / "store").exists()  # it stopped before opening anything

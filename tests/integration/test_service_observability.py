@@ -1,0 +1,126 @@
+"""/healthz, /readyz, /metrics (every contract metric name, no per-task label), /v1/backbone, and the OpenAPI
+schema served without the internet."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from service.app import ENDPOINTS
+from tests.integration.service_helpers import (
+    GatedInfer,
+    classify,
+    image_bytes,
+    make_config,
+    metrics,
+    serve,
+    set_bytes,
+    state_of,
+    upload,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+
+# Issue 4, "Metrics (names are a contract for dashboards)"; counters carry the exposition's ``_total``.
+CONTRACT_METRICS = [
+    "lpt_requests_total",
+    "lpt_request_duration_seconds",
+    "lpt_queue_wait_seconds",
+    "lpt_batch_size",
+    "lpt_batch_tasks",
+    "lpt_inference_duration_seconds",
+    "lpt_queue_depth",
+    "lpt_prompt_cache_hits_total",
+    "lpt_prompt_cache_misses_total",
+    "lpt_prompt_cache_evictions_total",
+    "lpt_prompt_cache_resident_sets",
+    "lpt_prompt_cache_bytes",
+    "lpt_prompt_load_duration_seconds",
+    "lpt_store_errors_total",
+    "lpt_device_memory_bytes",
+]
+
+
+async def test_health_readiness_and_every_contract_metric(backbone, tmp_path):
+    _, data = set_bytes(backbone.info, seed=1)
+    async with serve(make_config(tmp_path), backbone) as (_app, c):
+        r = await c.get("/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        r = await c.get("/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+        assert r.json()["detail"]["warmed_up"] is True and r.json()["detail"]["store"] is True
+
+        assert (await upload(c, "t", data)).status_code == 201
+        assert (await classify(c, "t", image_bytes(seed=1))).status_code == 200
+        assert (await classify(c, "nope", image_bytes(seed=1))).status_code == 404
+
+        r = await c.get("/metrics")
+        assert r.headers["content-type"].startswith("text/plain")
+        m = await metrics(c)
+        names = {key.split("{")[0] for key in m}
+        for name in CONTRACT_METRICS:
+            present = name in names or f"{name}_count" in names  # histograms expose _count/_sum/_bucket
+            assert present, f"metric {name} missing from /metrics"
+        assert m['lpt_requests_total{endpoint="/v1/classify",status="200"}'] == 1
+        assert m['lpt_requests_total{endpoint="/v1/classify",status="404"}'] == 1
+        assert m['lpt_requests_total{endpoint="/v1/prompts",status="201"}'] == 1
+        assert m['lpt_request_duration_seconds_count{endpoint="/v1/classify"}'] == 2
+        assert m["lpt_queue_wait_seconds_count"] == 1 and m["lpt_inference_duration_seconds_count"] == 1
+        assert m["lpt_prompt_cache_resident_sets"] == 1 and m["lpt_prompt_cache_bytes"] > 0
+        # No per-task labels anywhere (tasks are unbounded): only fixed label names.
+        labels = {part.split("=")[0] for key in m if "{" in key for part in key[key.index("{") + 1 : -1].split(",")}
+        assert labels <= {"endpoint", "status", "le", "name", "fingerprint", "tenant"}, labels
+        assert not any('"t"' in key or '"nope"' in key for key in m)
+
+        r = await c.get("/v1/backbone")
+        assert r.status_code == 200
+        info = r.json()
+        assert info["name"] == "test_vit" and info["fingerprint"] == backbone.info.fingerprint
+        assert info["depth"] == 6 and info["embed_dim"] == 64 and info["input_size"] == [3, 32, 32]
+        assert len(info["mean"]) == len(info["std"]) == 3
+
+        r = await c.get("/no/such/route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_healthz_reports_a_stalled_worker(backbone, tmp_path):
+    config = make_config(tmp_path, request_timeout=0.5, max_batch_size=1)
+    _, data = set_bytes(backbone.info, seed=1)
+    async with serve(config, backbone) as (app, c):
+        assert (await upload(c, "t", data)).status_code == 201
+        gate = GatedInfer(state_of(app), wait_s=20.0)
+        try:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(classify, c, "t", image_bytes(seed=1))
+                    await wait_until(gate.entered.is_set, 10, "the worker to block")
+                    # The heartbeat stops while the forward hangs; /healthz turns 503 once it is older than 5 s.
+                    worker = state_of(app).worker
+                    await wait_until(lambda: time.monotonic() - worker.heartbeat > 5.2, 10, "a 5 s old heartbeat")
+                    r = await c.get("/healthz")
+                    assert r.status_code == 503 and r.json()["status"] == "stalled", r.text
+                    gate.release.set()
+        finally:
+            gate.release.set()
+        await wait_until(lambda: time.monotonic() - worker.heartbeat < 1.0, 10, "the worker to beat again")
+        assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_openapi_schema_is_served_offline(backbone, tmp_path):
+    async with serve(make_config(tmp_path), backbone) as (_app, c):
+        r = await c.get("/openapi.json")
+        assert r.status_code == 200
+        schema = r.json()
+        assert schema["openapi"].startswith("3.")
+        paths = set(schema["paths"])
+        assert paths >= ENDPOINTS, ENDPOINTS - paths
+        assert {"post"} <= set(schema["paths"]["/v1/classify"]) and {"post"} <= set(schema["paths"]["/v1/prompts"])
+        body = schema["paths"]["/v1/prompts"]["post"]["requestBody"]["content"]
+        assert "application/octet-stream" in body and "multipart/form-data" in body
+        # /docs answers from the app itself, but its HTML loads Swagger UI's JS/CSS from a CDN (FastAPI's default):
+        # offline, the schema above works and the interactive page does not render.
+        r = await c.get("/docs")
+        assert r.status_code == 200 and "/openapi.json" in r.text
