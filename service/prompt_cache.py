@@ -11,6 +11,7 @@ loader pool outside the lock. Concurrent lookups of the same cold key share one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from service.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str, int]
+SWAP_RETRY_MAX_S = 5.0  # longest wait between retries of a failed hot swap
 
 
 @dataclass(eq=False)
@@ -114,6 +116,7 @@ class PromptCache:
         self._wanted: dict[tuple[str, str], int | None] = {}
         self._inflight: dict[tuple[str, str, int | None], Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="lpt-load")
+        self._closed = False
 
     # -- lookups ---------------------------------------------------------------------------------
     def lookup(self, tenant: str, task: str, version: int | None = None) -> ResidentSet | Future:
@@ -247,7 +250,8 @@ class PromptCache:
         """Store notification: load the new active version, then swap atomically; drop deleted tasks.
 
         Only tasks this replica has served are followed (the others load on first use). A failed load
-        leaves the old version serving; reconciliation will deliver the change again.
+        leaves the old version serving and is retried with backoff while that version is still wanted (the
+        store's watcher delivers each change once, so nothing else would bring it in).
         """
         tk = (event.tenant, event.task)
         with self._lock:
@@ -268,18 +272,42 @@ class PromptCache:
             self._wanted[(tenant, task)] = version
         self._swap(tenant, task, version)
 
-    def _swap(self, tenant: str, task: str, version: int) -> None:
+    def _swap(self, tenant: str, task: str, version: int, attempt: int = 0) -> None:
         try:
             with self._lock:
                 resident = (tenant, task, version) in self._entries
             if not resident:
                 self._load(tenant, task, version)
         except Exception as exc:
-            log.warning("hot swap of %s/%s to v%d failed, old version keeps serving: %s", tenant, task, version, exc)
+            if attempt == 0:
+                log.warning(
+                    "hot swap of %s/%s to v%d failed, old version keeps serving (will retry): %s",
+                    tenant, task, version, exc,
+                )  # fmt: skip
+            self._retry_swap(tenant, task, version, attempt + 1)
             return
         with self._lock:
             if self._wanted.get((tenant, task)) == version:
                 self._active[(tenant, task)] = version
+
+    def _still_wanted(self, tenant: str, task: str, version: int) -> bool:
+        with self._lock:
+            return not self._closed and self._wanted.get((tenant, task)) == version
+
+    def _retry_swap(self, tenant: str, task: str, version: int, attempt: int) -> None:
+        """Try a failed swap again after a backoff (0.2 s doubling to 5 s) unless superseded or closed."""
+        if not self._still_wanted(tenant, task, version):
+            return
+        timer = threading.Timer(
+            min(SWAP_RETRY_MAX_S, 0.1 * 2**attempt), self._resubmit_swap, (tenant, task, version, attempt)
+        )
+        timer.daemon = True
+        timer.start()
+
+    def _resubmit_swap(self, tenant: str, task: str, version: int, attempt: int) -> None:
+        if self._still_wanted(tenant, task, version):
+            with contextlib.suppress(RuntimeError):  # the pool shut down meanwhile
+                self._pool.submit(self._swap, tenant, task, version, attempt)
 
     # -- introspection ---------------------------------------------------------------------------
     def active_version(self, tenant: str, task: str) -> int | None:
@@ -294,4 +322,6 @@ class PromptCache:
         return len(self._entries)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
