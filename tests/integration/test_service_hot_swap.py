@@ -125,3 +125,34 @@ async def test_a_change_made_through_one_replica_is_served_by_another_within_a_s
         r = await classify(b, "fresh", IMG)
         assert r.status_code == 200 and r.json()["version"] == 1
         assert [t["task"] for t in (await b.get("/v1/prompts")).json()["tasks"]] == ["fresh"]
+
+
+@pytest.mark.redis
+async def test_a_failed_hot_swap_keeps_the_old_version_serving_and_is_retried(backbone, tmp_path, redis_server):
+    """Replica B gets the change notification but cannot read the new blob (its Redis user loses GET: a real
+    server-side failure, not a mock): B keeps answering with v1, and serves v2 once reads work again."""
+    info = backbone.info
+    v1, d1 = set_bytes(info, classes=4, pool=2, seed=81)
+    v2, d2 = set_bytes(info, classes=5, pool=3, seed=82)
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "replica-b", "on", ">replica-b-secret", "~*", "&*", "+@all")
+    url_b = f"redis://replica-b:replica-b-secret@127.0.0.1:{redis_server.port}/0"
+    config_a = make_config(tmp_path / "a", store=redis_server.url, replica_id="a")
+    config_b = make_config(tmp_path / "b", store=url_b, replica_id="b", reconcile_s=0.5)
+    async with serve(config_a, backbone) as (_app_a, a), serve(config_b, backbone) as (_app_b, b):
+        assert (await upload(a, "flaky", d1)).status_code == 201
+        assert (await classify(b, "flaky", IMG)).json()["version"] == 1
+
+        admin.execute_command("ACL", "SETUSER", "replica-b", "-get")
+        assert (await upload(a, "flaky", d2)).json()["version"] == 2
+        started = time.monotonic()
+        while time.monotonic() - started < 1.5:  # the notification arrives and B's load of v2 fails meanwhile
+            r = await classify(b, "flaky", IMG)
+            assert r.status_code == 200 and r.json()["version"] == 1, r.text
+            assert_matches(r.json()["predictions"], reference_probs(backbone, v1, IMG))
+            await anyio.sleep(0.05)
+
+        admin.execute_command("ACL", "SETUSER", "replica-b", "+get")
+        await _serves_version(b, "flaky", 2, 10.0)
+        assert_matches((await classify(b, "flaky", IMG)).json()["predictions"], reference_probs(backbone, v2, IMG))
+    admin.close()
