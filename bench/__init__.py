@@ -1,0 +1,17 @@
+"""Benchmarks for lpt-serve, run as ``python -m bench <command> [options]``.
+
+Each command is a module exposing ``main(argv: list[str] | None) -> int`` that owns its own argument
+parser. To add a benchmark, write the module and add one line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+# command name -> (module path, one-line description). Modules are imported only when their command runs,
+# so one benchmark's heavy or optional dependencies never slow down or break another.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "engine": ("bench.engine", "prompted forward throughput on one device: plain vs two-pass vs ours"),
+    "http": ("bench.http_e2e", "end to end over HTTP: lpt-serve subprocess, closed-loop sweep, vs the engine"),
+    "loading": ("bench.loading", "prompt-set cache-miss loads (Redis, embedded) and upload-to-first-served"),
+    "memory": ("bench.memory", "device bytes per resident prompt set; how many fit in a budget"),
+    "scaling": ("bench.scaling", "engine throughput vs distinct tasks per batch and registered tasks"),
+}

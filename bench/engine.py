@@ -1,0 +1,478 @@
+"""Engine benchmark: throughput of the prompted forward against what a user would otherwise run.
+
+Variants, all on the same images, the same backbone and the same device, in one process:
+
+- ``plain``: timm's own forward of the backbone (``forward_features`` + pooling), no prompts: the one-pass limit;
+- ``two_pass``: the published LPT inference (query pass + full final pass), one task per batch
+  (``tests.reference_lpt.two_pass_batched``);
+- ``ours_single``: ``lpt.forward.prompted_forward``, one task per batch;
+- ``ours_mixed``: ``prompted_forward`` on batches whose rows come from up to ``--tasks-per-batch`` distinct
+  tasks drawn from ``--tasks`` registered ones; the bank is stacked from the batch's sets on every call,
+  as the service does, and that time counts;
+- ``per_task``: the same mixed batches, but every task's rows run as their own forward (what a
+  model-multiplexing server does).
+
+Before anything is timed, every batch size is checked: the mixed-task rows must equal each task run
+alone, and ours must equal the published two-pass algorithm; the run fails loudly otherwise. Variants
+are timed round-robin inside each repeat (rotating the start), and ratios are medians of per-repeat
+ratios, so slow phases of a shared, noisy machine hit all variants alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from lpt.backbone import Backbone, load_backbone
+from lpt.forward import PromptBank, prompted_forward
+from lpt.init import init_prompt_set
+from lpt.prompt_set import PromptSet
+from tests.reference_lpt import two_pass_batched
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED_WEIGHTS = SHARED_DATA / "deit_tiny_patch16_224.in1k.safetensors"
+TARGETS = {"ours_vs_two_pass": 1.25, "ours_vs_plain": 0.55, "mixed_vs_single": 0.95}
+
+
+class CheckFailed(AssertionError):
+    """The benchmark's variants disagree: the numbers would measure a wrong computation."""
+
+
+@dataclass
+class EngineConfig:
+    """What to run. Defaults are the issue's CPU setting (DeiT-Tiny, 224 px, float32)."""
+
+    backbone: str = "deit_tiny_patch16_224"
+    weights: str | None = None  # None: the shared DeiT-Tiny file when present, else random:0
+    img_size: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    repeats: int = 15
+    warmup: int = 1
+    tasks: int = 1000
+    tasks_per_batch: int = 64
+    threads: int | None = None
+    seed: int = 0
+    prompt_length: int = 10
+    pool_size: int = 20
+    share_blocks: int = 6
+    top_k: int = 2
+    atol: float | None = None  # None: 1e-4 for float32 logits (scale 20), looser under autocast
+
+
+@dataclass
+class MixedDraw:
+    """One mixed-task batch: which registered tasks it holds and which of them each row belongs to.
+
+    Attributes:
+        task_ids: distinct registry indices, in bank slot order.
+        slots: ``[B]`` bank slot per row.
+    """
+
+    task_ids: list[int]
+    slots: torch.Tensor
+
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(registry index, row indices) for every task in the batch."""
+        return [(tid, (self.slots == s).nonzero().squeeze(1)) for s, tid in enumerate(self.task_ids)]
+
+
+def default_weights(backbone: str) -> str:
+    """The shared real DeiT-Tiny file for DeiT-Tiny when it is present; seeded random weights otherwise."""
+    if backbone.split(".")[0] == "deit_tiny_patch16_224" and SHARED_WEIGHTS.is_file():
+        return str(SHARED_WEIGHTS.resolve())
+    return "random:0"
+
+
+def make_registry(backbone: Backbone, cfg: EngineConfig) -> tuple[PromptSet, list[PromptSet]]:
+    """The single-task set and ``cfg.tasks`` registered sets of one geometry with varied C, P and top-k.
+
+    Every registered set has a pool, so a mixed batch does the same work per row as a single-task one and
+    the comparison measures the cost of mixing, not a cheaper workload.
+
+    Args:
+        backbone: the loaded backbone (the sets match its depth, width and fingerprint).
+        cfg: prompt length, pool size, share blocks, top-k and the number of tasks.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def make(i: int, classes: int, pool: int, top_k: int) -> PromptSet:
+        names = [f"t{i}-c{c}" for c in range(classes)]
+        return init_prompt_set(
+            backbone.info, names, cfg.prompt_length, pool, cfg.share_blocks, top_k, 20.0, seed=cfg.seed * 100_003 + i
+        )
+
+    single = make(0, 100, cfg.pool_size, cfg.top_k)
+    registry = []
+    for i in range(cfg.tasks):
+        classes = int(torch.randint(2, 101, (1,), generator=gen))
+        pool = int(torch.randint(max(1, cfg.pool_size // 2), cfg.pool_size + 1, (1,), generator=gen))
+        top_k = int(torch.randint(1, min(cfg.top_k, pool) + 1, (1,), generator=gen))
+        registry.append(make(i + 1, classes, pool, top_k))
+    return single, registry
+
+
+def draw_mixed(batch: int, n_tasks: int, per_batch: int, gen: torch.Generator) -> MixedDraw:
+    """Draw ``min(per_batch, batch, n_tasks)`` distinct tasks and give every one at least one row.
+
+    Args:
+        batch: rows in the batch.
+        n_tasks: registered tasks to draw from.
+        per_batch: distinct tasks wanted per batch.
+        gen: random generator (seeded by the caller, so runs are reproducible).
+    """
+    k = min(per_batch, batch, n_tasks)
+    task_ids = torch.randperm(n_tasks, generator=gen)[:k].tolist()
+    slots = (torch.arange(batch) % k)[torch.randperm(batch, generator=gen)]
+    return MixedDraw(task_ids=task_ids, slots=slots)
+
+
+def _to_device(ps: PromptSet, device: torch.device) -> PromptSet:
+    # Resident sets live on the device (the service's slot table); the bank is stacked there per batch.
+    if device.type == "cpu":
+        return ps
+    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(ps).items()}
+    return PromptSet(**moved)
+
+
+def build_variants(
+    model: torch.nn.Module, images: torch.Tensor, single: PromptSet, registry: Sequence[PromptSet]
+) -> dict[str, Callable[[MixedDraw], Any]]:
+    """One callable per variant; each takes the repeat's mixed draw (ignored by the one-task variants).
+
+    Args:
+        model: the frozen backbone, on the benchmark device.
+        images: ``[B, 3, H, W]`` input batch.
+        single: the set used by the one-task variants.
+        registry: the registered sets the mixed variants draw from.
+    """
+    device = images.device
+
+    def plain(_: MixedDraw) -> torch.Tensor:
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+
+    def two_pass(_: MixedDraw) -> torch.Tensor:
+        return two_pass_batched(model, images, single)
+
+    def ours_single(_: MixedDraw) -> torch.Tensor:
+        return prompted_forward(model, images, PromptBank.stack([single], device=device)).logits
+
+    def ours_mixed(draw: MixedDraw) -> torch.Tensor:
+        bank = PromptBank.stack([registry[t] for t in draw.task_ids], device=device)
+        return prompted_forward(model, images, bank, draw.slots.to(device)).logits
+
+    def per_task(draw: MixedDraw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for tid, rows in draw.groups():
+            bank = PromptBank.stack([registry[tid]], device=device)
+            out.append((rows, prompted_forward(model, images[rows.to(device)], bank).logits))
+        return out
+
+    return {
+        "plain": plain,
+        "two_pass": two_pass,
+        "ours_single": ours_single,
+        "ours_mixed": ours_mixed,
+        "per_task": per_task,
+    }
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def check_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    single: PromptSet,
+    registry: Sequence[PromptSet],
+    draw: MixedDraw,
+    atol: float,
+    autocast: Callable[[], Any],
+) -> dict[str, float]:
+    """Fail loudly unless the variants compute the same logits; return the largest differences seen.
+
+    Checks: ours single-task == published two-pass; every mixed-task row == its task run alone (the
+    per-task variant), padding classes -inf; every task run alone == the two-pass algorithm on its rows.
+
+    Raises:
+        CheckFailed: naming the variant, the task and the difference.
+    """
+    fns = build_variants(model, images, single, registry)
+    with torch.inference_mode(), autocast():
+        ours = fns["ours_single"](draw)
+        ref = two_pass_batched(model, images, single)
+        mixed = fns["ours_mixed"](draw)
+        grouped = fns["per_task"](draw)
+        ref_tasks = [
+            two_pass_batched(model, images[rows.to(images.device)], registry[tid]) for tid, rows in draw.groups()
+        ]
+    diffs = {"ours_vs_two_pass": _max_diff(ours, ref), "mixed_vs_alone": 0.0, "alone_vs_two_pass": 0.0}
+    if not diffs["ours_vs_two_pass"] <= atol:
+        raise CheckFailed(
+            f"ours_single vs two-pass algorithm: max logit difference by {diffs['ours_vs_two_pass']:.3g} > {atol}"
+        )
+    for (tid, _), (rows, alone), task_ref in zip(draw.groups(), grouped, ref_tasks, strict=True):
+        classes = registry[tid].num_classes
+        rows = rows.to(mixed.device)
+        mixed_rows = mixed[rows]
+        if not bool(torch.isneginf(mixed_rows[:, classes:]).all()):
+            raise CheckFailed(f"ours_mixed: task {tid} rows have finite logits past its {classes} classes")
+        d_mixed = _max_diff(mixed_rows[:, :classes], alone[:, :classes])
+        d_ref = _max_diff(alone[:, :classes], task_ref)
+        if not (alone.shape[1] == classes and d_mixed <= atol and d_ref <= atol):
+            raise CheckFailed(
+                f"task {tid} (rows {rows.tolist()}): mixed vs alone {d_mixed:.3g}, alone vs two-pass {d_ref:.3g}, "
+                f"tolerance {atol}, head width {alone.shape[1]} for {classes} classes"
+            )
+        diffs["mixed_vs_alone"] = max(diffs["mixed_vs_alone"], d_mixed)
+        diffs["alone_vs_two_pass"] = max(diffs["alone_vs_two_pass"], d_ref)
+    return diffs
+
+
+def time_round_robin(
+    fns: dict[str, Callable[[MixedDraw], Any]],
+    draws: Sequence[MixedDraw],
+    warmup: int,
+    sync: Callable[[], None],
+) -> dict[str, list[float]]:
+    """Seconds per call of every variant, one call each per repeat (one repeat per draw).
+
+    The starting variant rotates every repeat so none always runs first (caches, frequency boost).
+
+    Args:
+        fns: variant name -> callable taking the repeat's draw.
+        draws: one mixed draw per repeat (the number of repeats).
+        warmup: untimed rounds before timing (allocator, lazy init, first-touch of weights).
+        sync: waits for the device (no-op on CPU).
+    """
+    names = list(fns)
+    for w in range(warmup):
+        for name in names:
+            fns[name](draws[w % len(draws)])
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r, draw in enumerate(draws):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name](draw)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(batch: int, times: dict[str, list[float]]) -> dict[str, Any]:
+    """Medians, images/s and paired ratios (median over repeats of per-repeat time ratios)."""
+
+    def ratio(fast: str, slow: str) -> float:
+        # throughput ratio fast/slow within each repeat = time(slow)/time(fast)
+        return statistics.median(s / f for f, s in zip(times[fast], times[slow], strict=True))
+
+    variants = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
+        variants[name] = {
+            "median_ms": med * 1e3,
+            "iqr_pct": 100 * (q[2] - q[0]) / med,
+            "images_per_s": batch / med,
+            "vs_plain": ratio(name, "plain"),
+            "times_s": ts,
+        }
+    derived = {
+        "ours_vs_two_pass": ratio("ours_single", "two_pass"),
+        "ours_vs_plain": ratio("ours_single", "plain"),
+        "mixed_vs_single": ratio("ours_mixed", "ours_single"),
+        "mixed_vs_plain": ratio("ours_mixed", "plain"),
+        "per_task_vs_mixed": ratio("per_task", "ours_mixed"),
+    }
+    return {"batch": batch, "variants": variants, "ratios": derived}
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the numbers come from: CPU model, cores, threads, versions, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Load, build the registry, check every batch size, then time all variants. Returns the JSON report.
+
+    Args:
+        cfg: what to run.
+        log: progress sink (stderr in the CLI).
+
+    Raises:
+        CheckFailed: when the variants disagree (before any timing).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    weights = cfg.weights or default_weights(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, weights=weights, img_size=cfg.img_size)
+    model = backbone.model.to(device)
+    single, registry = make_registry(backbone, cfg)
+    single, registry = _to_device(single, device), [_to_device(ps, device) for ps in registry]
+    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    atol = cfg.atol if cfg.atol is not None else (1e-4 if amp_dtype is None else 0.5)
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    image_shape = backbone.info.input_size
+    report: dict[str, Any] = {
+        "benchmark": "engine",
+        "config": {**asdict(cfg), "weights": backbone.info.weights},
+        "backbone": backbone.info.to_dict(),
+        "machine": machine_info(device),
+        "checks": {},
+        "results": [],
+    }
+    log(
+        f"engine: {cfg.backbone} ({backbone.info.weights}) {image_shape} {cfg.dtype} on {device}, "
+        f"{torch.get_num_threads()} threads, {cfg.tasks} tasks registered"
+    )
+    for batch in cfg.batch_sizes:
+        images = torch.randn(batch, *image_shape, generator=gen).to(device)
+        draws = [draw_mixed(batch, cfg.tasks, cfg.tasks_per_batch, gen) for _ in range(cfg.repeats)]
+        report["checks"][str(batch)] = check_batch(model, images, single, registry, draws[0], atol, autocast)
+        fns = build_variants(model, images, single, registry)
+        with torch.inference_mode(), autocast():
+            times = time_round_robin(fns, draws, cfg.warmup, sync)
+        result = summarise(batch, times)
+        result["distinct_tasks"] = len(draws[0].task_ids)
+        report["results"].append(result)
+        log(f"  batch {batch}: " + ", ".join(f"{n} {v['images_per_s']:.1f}/s" for n, v in result["variants"].items()))
+    return report
+
+
+def _mark(value: float, target: float) -> str:
+    return f"{value:.2f} {'ok' if value >= target else 'MISS'}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Two tables: per-variant throughput, then the issue's target ratios per batch size."""
+    lines = [
+        "| batch | variant | tasks in batch | median ms | IQR % | images/s | x plain |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for res in report["results"]:
+        for name, v in res["variants"].items():
+            tasks = res["distinct_tasks"] if name in ("ours_mixed", "per_task") else 1
+            lines.append(
+                f"| {res['batch']} | {name} | {tasks} | {v['median_ms']:.1f} | {v['iqr_pct']:.0f} "
+                f"| {v['images_per_s']:.1f} | {v['vs_plain']:.2f} |"
+            )
+    lines += [
+        "",
+        "| batch | ours / two-pass (>= 1.25) | ours / plain (>= 0.55) | mixed / single (>= 0.95) "
+        "| mixed / plain | per-task / mixed |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in report["results"]:
+        r = res["ratios"]
+        marks = [_mark(r[name], target) for name, target in TARGETS.items()]
+        extra = [f"{r['mixed_vs_plain']:.2f}", f"{r['per_task_vs_mixed']:.2f}"]
+        lines.append("| " + " | ".join([str(res["batch"]), *marks, *extra]) + " |")
+    return "\n".join(lines)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.replace(" ", "").split(",") if v]
+
+
+def parse_args(argv: list[str] | None) -> tuple[EngineConfig, Path | None]:
+    """CLI flags -> (config, JSON output path)."""
+    d = EngineConfig()
+    p = argparse.ArgumentParser(prog="python -m bench engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default=d.backbone, help="timm ViT name")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file if present)",
+    )
+    p.add_argument("--img-size", type=int, default=None, help="build the backbone for this input size")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="non-float32: autocast")
+    p.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes, help="comma-separated, e.g. 1,8,32,64")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per batch size (median reported)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed rounds per batch size")
+    p.add_argument("--tasks", type=int, default=d.tasks, help="registered tasks the mixed batches draw from")
+    p.add_argument("--tasks-per-batch", type=int, default=d.tasks_per_batch, help="distinct tasks per mixed batch")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--atol", type=float, default=None, help="logit tolerance of the correctness check")
+    p.add_argument("--json", type=Path, default=None, help="write the full report (raw times included) here")
+    a = p.parse_args(argv)
+    if a.repeats < 1 or a.tasks < 1 or a.tasks_per_batch < 1 or not a.batch_sizes or min(a.batch_sizes) < 1:
+        p.error("--repeats, --tasks, --tasks-per-batch and every batch size must be >= 1")
+    cfg = EngineConfig(
+        backbone=a.backbone,
+        weights=a.weights,
+        img_size=a.img_size,
+        device=a.device,
+        dtype=a.dtype,
+        batch_sizes=a.batch_sizes,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        tasks=a.tasks,
+        tasks_per_batch=a.tasks_per_batch,
+        threads=a.threads,
+        seed=a.seed,
+        atol=a.atol,
+    )
+    return cfg, a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench engine``: run, print the markdown tables, optionally write JSON."""
+    cfg, json_path = parse_args(argv)
+    try:
+        report = run_engine(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except CheckFailed as exc:
+        print(f"engine benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(report))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+    return 0
