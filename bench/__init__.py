@@ -10,6 +10,7 @@ from __future__ import annotations
 # so one benchmark's heavy or optional dependencies never slow down or break another.
 COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine", "prompted forward throughput on one device: plain vs two-pass vs ours"),
+    "accuracy": ("bench.accuracy", "CIFAR-10-LT with DeiT-Tiny: linear probe vs phase 1 (deep VPT) vs full LPT"),
     "http": ("bench.http_e2e", "end to end over HTTP: lpt-serve subprocess, closed-loop sweep, vs the engine"),
     "loading": ("bench.loading", "prompt-set cache-miss loads (Redis, embedded) and upload-to-first-served"),
     "memory": ("bench.memory", "device bytes per resident prompt set; how many fit in a budget"),

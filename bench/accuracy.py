@@ -1,0 +1,199 @@
+"""Accuracy ablation on CIFAR-10-LT with the real DeiT-Tiny: linear probe vs phase 1 (deep VPT) vs full LPT.
+
+``python -m bench accuracy [--img-size 64 --epochs1 6 --epochs2 6 ...] [--markdown docs/accuracy.md]``
+
+The long-tailed training set is cut from ``cifar10-jpg.zip``: class ``i`` (sorted names) keeps its first
+``int(500 * 0.01 ** (i / 9))`` training images (500 down to 5, 1,234 in all); the whole balanced test set
+(10,000 images) is evaluated unless ``--val-max-per-class`` cuts it. All three rows use the same images:
+the probe is logistic regression on frozen, prompt-free features; phase 1 and LPT are one trainer run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpt.backbone import load_backbone
+from trainer.data import load_dataset, long_tailed_subset, per_class_subset
+from trainer.evaluate import accuracy_report, summary
+from trainer.loop import DistContext, TrainConfig, Trainer
+from trainer.probe import extract_features, fit_linear_probe, probe_counts
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BACKBONE = "deit_tiny_patch16_224"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench accuracy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--zip", default=str(DATA / "cifar10-jpg.zip"), help="CIFAR-10 as JPEGs (train/ and test/)")
+    p.add_argument("--weights", default=str(DATA / f"{BACKBONE}.in1k.safetensors"), help="DeiT-Tiny weights")
+    p.add_argument("--img-size", type=int, default=64, help="backbone input size (224 is the model's own)")
+    p.add_argument("--n-max", type=int, default=500)
+    p.add_argument("--imbalance-ratio", type=float, default=100.0)
+    p.add_argument("--val-max-per-class", type=int, help="evaluate on this many test images per class (default all)")
+    p.add_argument("--epochs1", type=int, default=6)
+    p.add_argument("--epochs2", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help="default 0.02 * B / 256 (the method note)")
+    p.add_argument("--prompt-length", type=int, default=10)
+    p.add_argument("--pool-size", type=int, default=20)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--share-blocks", type=int, default=6)
+    p.add_argument("--min-crop-scale", type=float, default=0.08)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write a Markdown page with the table, machine, date and command")
+    return p
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}"
+    )
+
+
+def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [
+        "| method | trainable params | overall | many (>100) | medium (20-100) | few (<20) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows:
+        cells = " | ".join(fmt(r[k]) for k in ("overall", "many", "medium", "few"))
+        lines.append(f"| {name} | {r['params']:,} | {cells} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    for path in (args.zip, args.weights):
+        if not Path(path).is_file():
+            raise SystemExit(f"bench accuracy: {path} not found (see ../shared/data/README.md)")
+    torch.manual_seed(args.seed)
+    backbone = load_backbone(BACKBONE, args.weights, img_size=args.img_size)
+    train = long_tailed_subset(load_dataset(f"{args.zip}/train", "train"), args.imbalance_ratio, args.n_max)
+    val = load_dataset(f"{args.zip}/test", "val")
+    if args.val_max_per_class:
+        val = per_class_subset(val, args.val_max_per_class)
+    val = val.with_classes(train.class_names)
+    counts, names, num_classes = train.class_counts(), train.class_names, len(train.class_names)
+    print(f"train {len(train)} images {counts}; test {len(val)} images", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    feats, targets = extract_features(backbone, train, args.device)
+    probe = fit_linear_probe(feats, targets, num_classes)
+    val_feats, val_targets = extract_features(backbone, val, args.device)
+    probe_report = accuracy_report(probe_counts(probe, val_feats, val_targets, num_classes), counts, names)
+    probe_s = time.perf_counter() - t0
+
+    cfg = TrainConfig(
+        epochs1=args.epochs1,
+        epochs2=args.epochs2,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        prompt_length=args.prompt_length,
+        pool_size=args.pool_size,
+        top_k=args.top_k,
+        share_blocks=args.share_blocks,
+        min_crop_scale=args.min_crop_scale,
+        seed=args.seed,
+        workers=args.workers,
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    trainer = Trainer(backbone, train, val, cfg, DistContext(device=torch.device(args.device)), log=_log)
+    result = trainer.fit()
+    train_s = time.perf_counter() - t0
+    phase1_params = result.phase1_prompt_set.num_params
+    rows = [
+        (
+            "linear probe (frozen features)",
+            {**summary(probe_report), "params": probe.weight.numel() + probe.bias.numel()},
+        ),
+        ("phase 1: shared prompt (deep VPT)", {**summary(result.report["phase1"]), "params": phase1_params}),
+        ("LPT: phase 1 + phase 2", {**summary(result.report), "params": result.prompt_set.num_params}),
+    ]
+    return {
+        "rows": rows,
+        "table": table(rows),
+        "settings": vars(args),
+        "train_counts": counts,
+        "test_images": len(val),
+        "lr": cfg.base_lr,
+        "seconds": {"probe": round(probe_s, 1), "train_and_eval": round(train_s, 1)},
+        "machine": machine(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    s = result["settings"]
+    return f"""# Accuracy ablation: CIFAR-10-LT, DeiT-Tiny
+
+{result["table"]}
+
+Top-1 (%) on {result["test_images"]:,} CIFAR-10 test images (balanced). Groups by training count:
+many > 100, medium 20-100, few < 20 (classes: {result["train_counts"]}).
+
+- Data: `cifar10-jpg.zip`, class i keeps its first int({s["n_max"]} * (1/{s["imbalance_ratio"]:g}) ** (i / 9)) training
+  images ({sum(result["train_counts"]):,} in all).
+- Backbone: DeiT-Tiny/16 (ImageNet-1k weights from `../shared/data`), frozen, built for {s["img_size"]} px.
+- Linear probe: logistic regression on the frozen, prompt-free class-token features (L-BFGS).
+- Phase 1 and LPT: one `trainer` run, {s["epochs1"]} + {s["epochs2"]} epochs, B = {s["batch_size"]},
+  lr = {result["lr"]:g}, L = {s["prompt_length"]}, P = {s["pool_size"]}, top-k = {s["top_k"]}, S = {s["share_blocks"]},
+  A-GCL with dual sampling as in `../shared/lpt-method.md`.
+- Machine: {result["machine"]}.
+- Date: {result["date"]}; wall time: probe {result["seconds"]["probe"]} s, training + evaluation
+  {result["seconds"]["train_and_eval"]} s.
+
+Command:
+
+```
+{command}
+```
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ablation and print the table.
+
+    Args:
+        argv: options (see ``--help``).
+    """
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(result["table"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        command = "python -m bench accuracy " + shlex.join(argv if argv is not None else sys.argv[2:])
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown(result, command))
+    return 0
