@@ -1,0 +1,462 @@
+"""End to end over HTTP: a real ``lpt-serve`` subprocess on loopback, load from its own process, engine alongside.
+
+For one task and for ``--tasks`` tasks with Zipf popularity (spread over ``--tenants`` API keys), a closed-loop
+concurrency sweep measures images/s, p50/p95/p99 latency, error and 429 rates. Right after each HTTP run,
+while the server is idle, the benchmark process times ``service.engine.Engine.infer`` on its own copy of the
+backbone at the mean batch size the server formed in that run (read from ``/metrics``) with the same task mix,
+so ``HTTP / engine`` is a paired ratio on the same machine state. Repeats alternate; medians are reported.
+Then an open-loop (Poisson) run at half the peak rate gives the p99 to compare with
+``2 x (max_wait + one batch forward)``.
+
+Before anything is timed, classify responses must equal the engine's probabilities for the same image and
+prompt set (single- and mixed-task batches), and the server must run the same backbone fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench.common import (
+    DTYPES,
+    CheckFailed,
+    LptServe,
+    ServeOptions,
+    cifar_jpegs,
+    default_weights,
+    latency_summary,
+    make_set,
+    metric_delta,
+    resident,
+    run_metadata,
+    scrape,
+    sync,
+    write_json,
+)
+from bench.loadgen import LoadProcess, LoadSpec, Target, zipf_weights
+from lpt.backbone import load_backbone
+from lpt.prompt_set import encode
+from service.engine import Engine
+from service.images import ImageDecoder
+from service.prompt_cache import ResidentSet
+
+TARGET_RATIO = 0.75
+
+
+@dataclass
+class HttpConfig:
+    """Defaults: the issue's CPU setting (DeiT-Tiny 224 px, float32) with the service's batching defaults."""
+
+    backbone: str = "deit_tiny_patch16_224"
+    weights: str | None = None
+    img_size: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 1024
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64])
+    duration_s: float = 8.0
+    warmup_s: float = 2.0
+    repeats: int = 3
+    engine_repeats: int = 3
+    half_load_s: float = 30.0
+    tasks: int = 100
+    tenants: int = 4
+    zipf_s: float = 1.0
+    classes: int = 10
+    images: int = 64
+    threads: int | None = None
+    server_threads: int | None = None
+    seed: int = 0
+    atol: float = 1e-4
+    scenarios: list[str] = field(default_factory=lambda: ["1task", "zipf"])
+
+
+@dataclass
+class Scenario:
+    """Tasks on the server and their local resident copies (same bytes, same version)."""
+
+    name: str
+    targets: list[Target]
+    entries: list[ResidentSet]  # aligned with targets
+
+    def draw(self, n: int, gen: torch.Generator) -> list[ResidentSet]:
+        weights = torch.tensor([t.weight for t in self.targets], dtype=torch.float64)
+        idx = torch.multinomial(weights, n, replacement=True, generator=gen)
+        return [self.entries[int(i)] for i in idx]
+
+
+def upload_scenarios(serve: LptServe, client: httpx.Client, cfg: HttpConfig, backbone, device, dtype) -> dict:
+    """Upload the 1-task set and the Zipf tasks; return the scenarios with their local resident copies."""
+    tenants = list(serve.keys)
+    compute = DTYPES[dtype]
+
+    def upload(tenant: str, task: str, seed: int) -> tuple[Target, ResidentSet]:
+        ps = make_set(backbone.info, cfg.classes, seed=seed)
+        resp = client.post(
+            f"{serve.url}/v1/prompts", params={"task": task}, content=encode(ps), headers=serve.headers(tenant)
+        )
+        if resp.status_code != 201:
+            raise RuntimeError(f"upload of {tenant}/{task} failed: {resp.status_code} {resp.text}")
+        version = resp.json()["version"]
+        return Target(task, serve.keys[tenant]), resident(tenant, task, version, ps, device, compute)
+
+    out: dict[str, Scenario] = {}
+    if "1task" in cfg.scenarios:
+        target, entry = upload(tenants[0], "solo", 1)
+        out["1task"] = Scenario("1 task", [target], [entry])
+    if "zipf" in cfg.scenarios:
+        weights = zipf_weights(cfg.tasks, cfg.zipf_s)
+        pairs = [upload(tenants[i % len(tenants)], f"z{i:04d}", 1000 + i) for i in range(cfg.tasks)]
+        for (target, _), w in zip(pairs, weights, strict=True):
+            target.weight = w
+        out["zipf"] = Scenario(f"{cfg.tasks} tasks, Zipf s={cfg.zipf_s}", [p[0] for p in pairs], [p[1] for p in pairs])
+    return out
+
+
+def check_responses(
+    serve: LptServe,
+    scenarios: dict[str, Scenario],
+    engine: Engine,
+    images: list[bytes],
+    tensors: list[torch.Tensor],
+    atol: float,
+) -> dict[str, float]:
+    """Every checked response's full score vector must equal the engine's for the same image and set.
+
+    The requests go out concurrently so the server batches them (mixed-task batches for the Zipf tasks).
+
+    Raises:
+        CheckFailed: naming the task, the image and the difference.
+    """
+    diffs: dict[str, float] = {}
+    for key, sc in scenarios.items():
+        picks = [(i % len(images), (i * 37) % len(sc.targets)) for i in range(min(16, len(images) * len(sc.targets)))]
+
+        def ask(pick: tuple[int, int], sc: Scenario = sc, key: str = key) -> dict:
+            img, t = pick
+            target, entry = sc.targets[t], sc.entries[t]
+            with httpx.Client(timeout=120.0) as c:
+                resp = c.post(
+                    f"{serve.url}/v1/classify",
+                    params={"task": target.task, "top_k": entry.prompt_set.num_classes},
+                    content=images[img],
+                    headers={"Authorization": f"Bearer {target.secret}", "Content-Type": "image/jpeg"},
+                )
+            if resp.status_code != 200:
+                raise CheckFailed(f"{key}: classify {target.task} answered {resp.status_code}: {resp.text}")
+            return resp.json()
+
+        with ThreadPoolExecutor(max_workers=len(picks)) as pool:
+            answers = list(pool.map(ask, picks))
+        with torch.inference_mode():
+            expected = engine.infer(torch.stack([tensors[i] for i, _ in picks]), [sc.entries[t] for _, t in picks])
+        worst = 0.0
+        for (img, t), answer, probs in zip(picks, answers, expected, strict=True):
+            worst = max(worst, compare_answer(answer, sc.entries[t], probs, atol, f"{key} image {img}"))
+        diffs[key] = worst
+    return diffs
+
+
+def compare_answer(answer: dict, entry: ResidentSet, probs: torch.Tensor, atol: float, where: str = "") -> float:
+    """Check one classify response (all classes requested) against the engine's probabilities.
+
+    Returns the largest score difference.
+
+    Raises:
+        CheckFailed: wrong version, a label that is not its class, a missing class or scores off by > ``atol``.
+    """
+    ps = entry.prompt_set
+    if answer.get("version") != entry.key[2]:
+        raise CheckFailed(f"{where}: {entry.key[1]} served version {answer.get('version')}, uploaded {entry.key[2]}")
+    preds = answer.get("predictions", [])
+    if sorted(p["index"] for p in preds) != list(range(ps.num_classes)):
+        raise CheckFailed(f"{where}: {entry.key[1]} answered {len(preds)} classes of {ps.num_classes}")
+    got = torch.zeros(ps.num_classes)
+    for p in preds:
+        if p["label"] != ps.class_names[p["index"]]:
+            raise CheckFailed(f"{where}: label {p['label']!r} is not the name of class {p['index']}")
+        got[p["index"]] = p["score"]
+    diff = float((got - probs.float()).abs().max())
+    if not diff <= atol:
+        raise CheckFailed(f"{where}: task {entry.key[1]}: HTTP scores differ from the engine by {diff:.3g} > {atol}")
+    return diff
+
+
+def time_engine(
+    engine: Engine, tensors: list[torch.Tensor], entries: list[ResidentSet], repeats: int, device: torch.device
+) -> float:
+    """Median seconds of one service-shaped batch: stack the rows, ``Engine.infer`` (bank, forward, to CPU)."""
+    rows = [tensors[i % len(tensors)] for i in range(len(entries))]
+    times = []
+    with torch.inference_mode():
+        engine.infer(torch.stack(rows), entries)  # warm (allocator, shapes)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.infer(torch.stack(rows), entries)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    batches = metric_delta(before, after, "lpt_batch_size_count")
+    if batches <= 0:
+        return {"batches": 0.0, "mean_batch": 0.0, "mean_tasks": 0.0, "mean_forward_ms": 0.0}
+    return {
+        "batches": batches,
+        "mean_batch": metric_delta(before, after, "lpt_batch_size_sum") / batches,
+        "mean_tasks": metric_delta(before, after, "lpt_batch_tasks_sum") / batches,
+        "mean_forward_ms": 1e3 * metric_delta(before, after, "lpt_inference_duration_seconds_sum") / batches,
+    }
+
+
+def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
+    """Start the server, upload, check, sweep (alternating HTTP and engine), then the half-load run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    weights = cfg.weights or default_weights(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, weights, cfg.img_size).to(device)
+    engine = Engine(backbone, device, DTYPES[cfg.dtype])
+    keys = {f"bench{i}": secrets.token_hex(16) for i in range(max(1, cfg.tenants))}
+    opts = ServeOptions(
+        backbone=cfg.backbone,
+        weights=weights,
+        img_size=cfg.img_size,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_batch_size=cfg.max_batch_size,
+        max_wait_ms=cfg.max_wait_ms,
+        queue_size=cfg.queue_size,
+        threads=cfg.server_threads,
+    )
+    images = cifar_jpegs(cfg.images)
+    decoder = ImageDecoder(backbone.eval_transform, 10 * 1024 * 1024, 40_000_000)
+    tensors = [decoder(b) for b in images]
+    report: dict[str, Any] = {
+        "benchmark": "http",
+        "config": {**asdict(cfg), "weights": backbone.info.weights},
+        "machine": run_metadata(device, ["http", *argv]),
+        "checks": {},
+        "sweep": [],
+        "half_load": [],
+    }
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log(f"http: starting lpt-serve ({cfg.backbone}, {cfg.device}, {cfg.dtype}, batch {cfg.max_batch_size})")
+    with LptServe(opts, keys) as serve, httpx.Client(timeout=120.0) as client, LoadProcess() as load:
+        served = client.get(f"{serve.url}/v1/backbone").json()["fingerprint"]
+        if served != backbone.info.fingerprint:
+            raise CheckFailed(f"server runs backbone {served[:16]}, benchmark {backbone.info.fingerprint[:16]}")
+        scenarios = upload_scenarios(serve, client, cfg, backbone, device, cfg.dtype)
+        report["checks"] = check_responses(serve, scenarios, engine, images, tensors, cfg.atol)
+        log(f"  checks passed: max |HTTP - engine| {report['checks']}")
+
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for rep in range(cfg.repeats):
+            for key, sc in scenarios.items():
+                levels = cfg.concurrency if rep % 2 == 0 else cfg.concurrency[::-1]
+                for conc in levels:
+                    spec = LoadSpec(
+                        url=serve.url,
+                        targets=sc.targets,
+                        images=images,
+                        concurrency=conc,
+                        duration_s=cfg.duration_s,
+                        warmup_s=cfg.warmup_s,
+                        seed=cfg.seed + rep,
+                    )
+                    before = scrape(client, serve.url)
+                    res = load.run(spec)
+                    stats = batch_stats(before, scrape(client, serve.url))
+                    b = max(1, round(stats["mean_batch"]))
+                    t_engine = time_engine(engine, tensors, sc.draw(b, gen), cfg.engine_repeats, device)
+                    res.update(stats, engine_batch=b, engine_images_per_s=b / t_engine)
+                    res["ratio"] = res["images_per_s"] / res["engine_images_per_s"]
+                    runs.setdefault((key, conc), []).append(res)
+                    log(
+                        f"  rep {rep} {key} c={conc}: {res['images_per_s']:.1f} img/s, mean batch "
+                        f"{stats['mean_batch']:.1f}, engine@{b} {b / t_engine:.1f} img/s, ratio {res['ratio']:.2f}"
+                    )
+        for (key, conc), reps in runs.items():
+            lat = latency_summary([x for r in reps for x in r["latencies_s"]])
+            requests = sum(r["requests"] for r in reps)
+            report["sweep"].append(
+                {
+                    "scenario": key,
+                    "concurrency": conc,
+                    "images_per_s": statistics.median(r["images_per_s"] for r in reps),
+                    "engine_images_per_s": statistics.median(r["engine_images_per_s"] for r in reps),
+                    "ratio": statistics.median(r["ratio"] for r in reps),
+                    "mean_batch": statistics.median(r["mean_batch"] for r in reps),
+                    "mean_tasks": statistics.median(r["mean_tasks"] for r in reps),
+                    "error_rate": sum(r["error_rate"] * r["requests"] for r in reps) / max(1, requests),
+                    "rate_429": sum(r["rate_429"] * r["requests"] for r in reps) / max(1, requests),
+                    "latency": lat,
+                    "runs": [{k: v for k, v in r.items() if k != "latencies_s"} for r in reps],
+                }
+            )
+
+        for key, sc in scenarios.items():
+            rows = [r for r in report["sweep"] if r["scenario"] == key]
+            peak = max(rows, key=lambda r: r["images_per_s"])
+            rate = 0.5 * peak["images_per_s"]
+            spec = LoadSpec(
+                url=serve.url,
+                targets=sc.targets,
+                images=images,
+                mode="open",
+                rate=rate,
+                concurrency=cfg.queue_size,
+                duration_s=cfg.half_load_s,
+                warmup_s=cfg.warmup_s,
+                max_requests=int(rate * (cfg.half_load_s + cfg.warmup_s) * 2) + 10,
+                seed=cfg.seed + 99,
+            )
+            before = scrape(client, serve.url)
+            res = load.run(spec)
+            stats = batch_stats(before, scrape(client, serve.url))
+            b = max(1, round(stats["mean_batch"]))
+            t_forward = time_engine(engine, tensors, sc.draw(b, gen), cfg.engine_repeats, device)
+            bound_ms = 2e3 * (cfg.max_wait_ms / 1e3 + t_forward)
+            lat = latency_summary(res.pop("latencies_s"))
+            report["half_load"].append(
+                {
+                    "scenario": key,
+                    "peak_images_per_s": peak["images_per_s"],
+                    "peak_concurrency": peak["concurrency"],
+                    "peak_ratio": peak["ratio"],
+                    "peak_engine_batch": round(peak["mean_batch"]),
+                    "peak_engine_images_per_s": peak["engine_images_per_s"],
+                    "rate": rate,
+                    "achieved_images_per_s": res["images_per_s"],
+                    **stats,
+                    "forward_ms_at_mean_batch": t_forward * 1e3,
+                    "p99_bound_ms": bound_ms,
+                    "latency": lat,
+                    "statuses": res["statuses"],
+                    "error_rate": res["error_rate"],
+                }
+            )
+            log(f"  half load {key}: {rate:.1f} req/s offered, p99 {lat['p99_ms']:.0f} ms, bound {bound_ms:.0f} ms")
+        report["server_log_tail"] = serve.log_tail(10)
+    return report
+
+
+def _ok(flag: bool) -> str:
+    return "ok" if flag else "MISS"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The sweep table, then the two targets per scenario."""
+    lines = [
+        "| scenario | clients | HTTP images/s | p50 ms | p95 ms | p99 ms | errors % | 429 % | mean batch "
+        "| tasks/batch | engine images/s (same batch) | HTTP / engine |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["sweep"]:
+        lat = r["latency"]
+        lines.append(
+            f"| {r['scenario']} | {r['concurrency']} | {r['images_per_s']:.1f} | {lat['p50_ms']:.0f} "
+            f"| {lat['p95_ms']:.0f} | {lat['p99_ms']:.0f} | {100 * r['error_rate']:.1f} | {100 * r['rate_429']:.1f} "
+            f"| {r['mean_batch']:.1f} | {r['mean_tasks']:.1f} | {r['engine_images_per_s']:.1f} | {r['ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        "| scenario | peak HTTP images/s (clients) | engine images/s, same batch | HTTP / engine (>= 0.75) "
+        "| half-load rate /s | mean batch | p99 ms | 2 x (max_wait + forward) ms | p99 target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for h in report["half_load"]:
+        p99 = h["latency"]["p99_ms"]
+        lines.append(
+            f"| {h['scenario']} | {h['peak_images_per_s']:.1f} ({h['peak_concurrency']}) "
+            f"| {h['peak_engine_images_per_s']:.1f} (batch {h['peak_engine_batch']}) "
+            f"| {h['peak_ratio']:.2f} {_ok(h['peak_ratio'] >= TARGET_RATIO)} | {h['rate']:.1f} | {h['mean_batch']:.1f} "
+            f"| {p99:.0f} | {h['p99_bound_ms']:.0f} | {_ok(p99 <= h['p99_bound_ms'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str]) -> tuple[HttpConfig, Path | None]:
+    d = HttpConfig()
+    p = argparse.ArgumentParser(prog="python -m bench http", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default=d.backbone)
+    p.add_argument("--weights", default=None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
+    p.add_argument("--queue-size", type=int, default=d.queue_size)
+    p.add_argument("--concurrency", type=_ints, default=d.concurrency, help="closed-loop clients, e.g. 1,4,16,32,64")
+    p.add_argument("--duration", type=float, default=d.duration_s, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=d.warmup_s, help="unmeasured lead-in seconds per run")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="sweeps (alternating direction)")
+    p.add_argument("--engine-repeats", type=int, default=d.engine_repeats, help="engine timings after each run")
+    p.add_argument("--half-load", type=float, default=d.half_load_s, help="seconds of the open-loop half-load run")
+    p.add_argument("--tasks", type=int, default=d.tasks, help="tasks of the Zipf scenario")
+    p.add_argument("--tenants", type=int, default=d.tenants, help="API keys the tasks are spread over")
+    p.add_argument("--zipf-s", type=float, default=d.zipf_s)
+    p.add_argument("--classes", type=int, default=d.classes)
+    p.add_argument("--images", type=int, default=d.images, help="distinct JPEGs cycled by the load generator")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the benchmark process")
+    p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--scenarios", default="1task,zipf", help="1task, zipf or both")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    cfg = HttpConfig(
+        backbone=a.backbone,
+        weights=a.weights,
+        img_size=a.img_size,
+        device=a.device,
+        dtype=a.dtype,
+        max_batch_size=a.max_batch_size,
+        max_wait_ms=a.max_wait_ms,
+        queue_size=a.queue_size,
+        concurrency=a.concurrency,
+        duration_s=a.duration,
+        warmup_s=a.warmup,
+        repeats=a.repeats,
+        engine_repeats=a.engine_repeats,
+        half_load_s=a.half_load,
+        tasks=a.tasks,
+        tenants=a.tenants,
+        zipf_s=a.zipf_s,
+        classes=a.classes,
+        images=a.images,
+        threads=a.threads,
+        server_threads=a.server_threads,
+        seed=a.seed,
+        scenarios=[s.strip() for s in a.scenarios.split(",") if s.strip()],
+    )
+    return cfg, a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, json_path = parse_args(argv)
+    try:
+        report = run_http(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except CheckFailed as exc:
+        print(f"http benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(report))
+    write_json(json_path, report)
+    return 0

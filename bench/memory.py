@@ -1,0 +1,256 @@
+"""Memory: device bytes per resident prompt set against its tensor bytes, and how many sets fit in a budget.
+
+ViT-B-shaped sets (depth 12, L 10, D 768, P 20, S 6, C 100) are written to a real embedded store and loaded
+through ``PromptCache`` (the service's miss path). Per resident set the benchmark reports:
+
+- tensor bytes: ``PromptSet.nbytes`` at the compute dtype (what the set must cost);
+- cache accounting: ``PromptCache.resident_bytes / len(cache)``;
+- storage bytes: the distinct storages the resident entry keeps alive (its tensors and one-slot bank), so a
+  view that pins a larger buffer (e.g. the whole decoded file) would show;
+- measured: on CUDA the ``torch.cuda.memory_allocated`` delta, on CPU the process RSS delta, per set.
+
+Then the budget check: a cache whose budget holds ``n`` sets must keep exactly ``n`` resident once more are
+loaded (LRU by bytes), and the fit table gives ``floor(budget / measured bytes per set)`` for a few budgets.
+The transient bank of a mixed batch (stacked and padded per batch) is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import DTYPES, CheckFailed, make_set, run_metadata, sync, write_json
+from lpt.backbone import load_backbone
+from lpt.forward import PromptBank
+from lpt.prompt_set import encode
+from prompts_store import open_store
+from service.metrics import ServiceMetrics
+from service.prompt_cache import PromptCache, ResidentSet
+
+TARGET_RATIO = 1.1
+TENANT = "bench"
+GIB = 1024**3
+
+
+@dataclass
+class MemoryConfig:
+    shape_backbone: str = "vit_base_patch16_224"
+    classes: int = 100
+    prompt_length: int = 10
+    pool_size: int = 20
+    share_blocks: int = 6
+    top_k: int = 2
+    sets: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"
+    budgets_gib: list[float] = field(default_factory=lambda: [1.0, 2.0, 8.0, 40.0])
+    mixed_tasks: list[int] = field(default_factory=lambda: [8, 64, 256])
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``); 0 where unavailable."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def malloc_trim() -> None:
+    """Hand free heap pages back to the OS (glibc), so RSS counts live memory, not the allocator's slack."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def device_bytes(device: torch.device) -> int:
+    """What this process holds: allocated CUDA memory on a GPU, RSS (after malloc_trim) on the CPU."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        return torch.cuda.memory_allocated(device)
+    malloc_trim()
+    return rss_bytes()
+
+
+def storage_bytes(entry: ResidentSet) -> int:
+    """Bytes of the distinct storages reachable from a resident entry (its set's tensors and its bank)."""
+    seen: dict[int, int] = {}
+    tensors = list(entry.prompt_set.tensors().values()) + [
+        v for v in vars(entry.bank).values() if isinstance(v, torch.Tensor)
+    ]
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    info = load_backbone(cfg.shape_backbone, "random:0").info
+    sets = [
+        make_set(info, cfg.classes, cfg.prompt_length, cfg.pool_size, cfg.share_blocks, cfg.top_k, seed=i)
+        for i in range(cfg.sets)
+    ]
+    tasks = [f"m{i:03d}" for i in range(cfg.sets)]
+    report: dict[str, Any] = {
+        "benchmark": "memory",
+        "config": asdict(cfg),
+        "machine": run_metadata(device, ["memory", *argv]),
+    }
+    with tempfile.TemporaryDirectory(prefix="lpt-bench-memory-") as tmp:
+        store = open_store(Path(tmp) / "store")
+        for task, ps in zip(tasks, sets, strict=True):
+            store.put(TENANT, task, encode(ps))
+        tensor_bytes = sets[0].nbytes * dtype.itemsize // 4  # sets are float32; resident at the compute dtype
+        # Warm the load path once (allocator, imports, thread pool) so the deltas measure only resident sets.
+        warm = PromptCache(store, info, device, dtype, 1 << 40, ServiceMetrics())
+        warm.release(warm.acquire(TENANT, tasks[0]))
+        warm.close()
+        del warm
+
+        cache = PromptCache(store, info, device, dtype, 1 << 40, ServiceMetrics())
+        before = device_bytes(device)
+        entries = []
+        for task in tasks:
+            entry = cache.acquire(TENANT, task)
+            cache.release(entry)  # unpinned but resident (budget is huge)
+            entries.append(entry)
+        untrimmed = rss_bytes()  # before malloc_trim: includes heap pages the load temporaries left free
+        after = device_bytes(device)
+        if len(cache) != cfg.sets or cache.resident_bytes != cfg.sets * tensor_bytes:
+            raise CheckFailed(
+                f"cache holds {len(cache)} sets / {cache.resident_bytes} bytes, expected {cfg.sets} x {tensor_bytes}"
+            )
+        for entry, ps in zip(entries, sets, strict=True):
+            if not torch.equal(entry.prompt_set.group_prompts.cpu(), ps.group_prompts.to(dtype)):
+                raise CheckFailed(f"resident {entry.key} differs from the uploaded set")
+        per_set = {
+            "tensor_bytes": tensor_bytes,
+            "cache_accounting": cache.resident_bytes / len(cache),
+            "storage_bytes": sum(storage_bytes(e) for e in entries) / len(entries),
+            "measured": (after - before) / cfg.sets,
+            "measured_by": "torch.cuda.memory_allocated" if device.type == "cuda" else "process RSS",
+            "rss_untrimmed": (untrimmed - before) / cfg.sets,
+        }
+        per_set["ratios"] = {k: per_set[k] / tensor_bytes for k in ("cache_accounting", "storage_bytes", "measured")}
+        log(f"  per set: {per_set}")
+        cache.close()
+        del entries, cache
+        gc.collect()
+
+        # Budget: room for n sets keeps exactly n resident.
+        n_fit = max(1, cfg.sets // 2)
+        small = PromptCache(store, info, device, dtype, int((n_fit + 0.5) * tensor_bytes), ServiceMetrics())
+        for task in tasks:
+            small.release(small.acquire(TENANT, task))
+        if len(small) != n_fit:
+            raise CheckFailed(f"a budget for {n_fit} sets keeps {len(small)} resident")
+        budget_check = {"budget_sets": n_fit, "resident": len(small), "evictions": cfg.sets - len(small)}
+        small.close()
+        store.close()
+
+    worst = max(per_set["storage_bytes"], per_set["measured"], per_set["cache_accounting"])
+    report["per_set"] = per_set
+    report["budget_check"] = budget_check
+    report["fits"] = [
+        {"budget_gib": b, "sets_by_tensor_bytes": int(b * GIB // tensor_bytes), "sets_measured": int(b * GIB // worst)}
+        for b in cfg.budgets_gib
+    ]
+    # The transient bank of a mixed batch: PromptBank.stack pads every slot to the largest pool and head.
+    banks = []
+    for k in cfg.mixed_tasks:
+        chosen = [sets[i % len(sets)] for i in range(k)]
+        bank = PromptBank.stack(chosen, device=device, dtype=dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in vars(bank).values() if isinstance(t, torch.Tensor))
+        banks.append({"tasks": k, "bank_bytes": nbytes, "per_task_bytes": nbytes / k})
+        del bank
+    report["mixed_banks"] = banks
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, p = report["config"], report["per_set"]
+    r = p["ratios"]
+
+    def mark(x: float) -> str:
+        return f"{x:.3f} {'ok' if x <= TARGET_RATIO else 'MISS'}"
+
+    lines = [
+        f"{cfg['shape_backbone']}-shaped sets (L {cfg['prompt_length']}, P {cfg['pool_size']}, "
+        f"S {cfg['share_blocks']}, C {cfg['classes']}), {cfg['sets']} resident on {cfg['device']} ({cfg['dtype']}):",
+        "",
+        "| tensor bytes / set | cache accounting / set | storages kept alive / set "
+        f"| measured / set ({p['measured_by']}) | worst ratio (<= {TARGET_RATIO}) |",
+        "|---:|---:|---:|---:|---|",
+        f"| {p['tensor_bytes']:,} | {p['cache_accounting']:,.0f} ({r['cache_accounting']:.3f}x) "
+        f"| {p['storage_bytes']:,.0f} ({r['storage_bytes']:.3f}x) | {p['measured']:,.0f} ({r['measured']:.3f}x) "
+        f"| {mark(max(r.values()))} |",
+        "",
+        f"Process RSS per set before ``malloc_trim``: {p['rss_untrimmed']:,.0f} "
+        f"({p['rss_untrimmed'] / p['tensor_bytes']:.3f}x; free heap pages left by load temporaries).",
+        "",
+        f"Budget check: a budget for {report['budget_check']['budget_sets']} sets kept "
+        f"{report['budget_check']['resident']} resident after {cfg['sets']} loads.",
+        "",
+        "| budget | sets that fit (tensor bytes) | sets that fit (measured) |",
+        "|---:|---:|---:|",
+    ]
+    for f in report["fits"]:
+        lines.append(f"| {f['budget_gib']:g} GiB | {f['sets_by_tensor_bytes']:,} | {f['sets_measured']:,} |")
+    lines += ["", "| distinct tasks in a mixed batch | transient bank bytes | per task |", "|---:|---:|---:|"]
+    for b in report["mixed_banks"]:
+        lines.append(f"| {b['tasks']} | {b['bank_bytes']:,} | {b['per_task_bytes']:,.0f} |")
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str]) -> tuple[MemoryConfig, Path | None]:
+    d = MemoryConfig()
+    p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape-backbone", default=d.shape_backbone)
+    p.add_argument("--classes", type=int, default=d.classes)
+    p.add_argument("--sets", type=int, default=d.sets, help="resident sets measured (>= 2)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
+    p.add_argument("--budgets", type=_floats, default=d.budgets_gib, help="GiB, comma-separated")
+    p.add_argument("--mixed-tasks", default="8,64,256", help="distinct tasks of the mixed-batch banks")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.sets < 2:
+        p.error("--sets must be >= 2")
+    cfg = MemoryConfig(
+        shape_backbone=a.shape_backbone,
+        classes=a.classes,
+        sets=a.sets,
+        device=a.device,
+        dtype=a.dtype,
+        budgets_gib=a.budgets,
+        mixed_tasks=[int(v) for v in a.mixed_tasks.split(",") if v.strip()],
+    )
+    return cfg, a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, json_path = parse_args(argv)
+    try:
+        report = run_memory(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except CheckFailed as exc:
+        print(f"memory benchmark: CORRECTNESS CHECK FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(report))
+    write_json(json_path, report)
+    return 0
