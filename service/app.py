@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import lpt
 from lpt.backbone import Backbone, load_backbone
@@ -160,15 +161,33 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": body}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route on the path; FastAPI makes one route per method.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail)}},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error: %s", type(exc).__name__)
         return JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, status_code=500)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path (the ``Allow`` header of a 405, RFC 9110 15.5.6)."""
+    methods: set[str] = set()
+    routes = list(request.app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # FastAPI wraps each included router
+        if included is not None:
+            routes += included.routes
+            continue
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
