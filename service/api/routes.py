@@ -64,6 +64,10 @@ def tenant_of(request: Request) -> str:
     return state_of(request).auth.tenant_for(request.headers.get("authorization"))
 
 
+# Version numbers count uploads; a bound keeps absurd values (2**70) away from the store's integer columns.
+MAX_VERSION = 2**31 - 1
+
+
 def task_param(task: str = Query(..., description="task id, ^[a-z0-9][a-z0-9._-]{0,63}$")) -> str:
     return check_task_id(task)
 
@@ -236,7 +240,10 @@ async def show_prompt_set(request: Request, tenant: str = Depends(tenant_of), ta
 
 @router.post("/v1/prompts/{task}/activate", response_model=schemas.VersionInfo, responses=ERRORS, tags=["prompts"])
 async def activate_version(
-    request: Request, tenant: str = Depends(tenant_of), task: str = Depends(task_path), version: int = Query(..., ge=1)
+    request: Request,
+    tenant: str = Depends(tenant_of),
+    task: str = Depends(task_path),
+    version: int = Query(..., ge=1, le=MAX_VERSION),
 ) -> dict:
     state = state_of(request)
     info = await run_in_threadpool(state.store_call, state.store.activate, tenant, task, version)
@@ -272,7 +279,7 @@ async def classify(
     tenant: str = Depends(tenant_of),
     task: str = Depends(task_param),
     top_k: int = Query(5, ge=1, le=100_000),
-    version: int | None = Query(None, ge=1),
+    version: int | None = Query(None, ge=1, le=MAX_VERSION),
 ) -> dict:
     state = state_of(request)
     if state.draining:
