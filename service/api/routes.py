@@ -6,7 +6,7 @@ import asyncio
 import time
 from concurrent.futures import Future
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -14,7 +14,7 @@ from lpt.errors import InvalidTaskId, LptError, NotFound, PromptSetInvalid, Stor
 from lpt.ids import check_task_id
 from lpt.prompt_set import FORMAT, load_and_validate
 from service.api import schemas
-from service.api.body import is_multipart, multipart_files, read_capped
+from service.api.body import MAX_PARTS, is_multipart, multipart_files, read_capped
 from service.batcher import WorkItem
 from service.errors import (
     BadImage,
@@ -66,33 +66,36 @@ def tenant_of(request: Request) -> str:
 
 # Version numbers count uploads; a bound keeps absurd values (2**70) away from the store's integer columns.
 MAX_VERSION = 2**31 - 1
+# Documented in the schema so clients (and fuzzers) know the rule; enforced by check_task_id (code invalid_task_id).
+TASK_ID_SCHEMA = {"pattern": "^[a-z0-9][a-z0-9._-]{0,63}$", "maxLength": 64}
 
 
-def task_param(task: str = Query(..., description="task id, ^[a-z0-9][a-z0-9._-]{0,63}$")) -> str:
+def task_param(task: str = Query(..., description="task id", json_schema_extra=TASK_ID_SCHEMA)) -> str:
     return check_task_id(task)
 
 
-def task_path(task: str) -> str:
+def task_path(task: str = Path(..., description="task id", json_schema_extra=TASK_ID_SCHEMA)) -> str:
     return check_task_id(task)
 
 
-RAW_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    },
-                }
+def _raw_body(part: str, many: bool) -> dict:
+    """Raw bytes, or a multipart body whose ``part`` is required (the handler answers 400 without it)."""
+    binary = {"type": "string", "format": "binary"}
+    field = {"type": "array", "items": binary, "minItems": 1, "maxItems": MAX_PARTS} if many else binary
+    multipart = {"type": "object", "properties": {part: field}, "required": [part]}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": binary},
+                "multipart/form-data": {"schema": multipart},
             },
-        },
+        }
     }
-}
+
+
+CLASSIFY_BODY = _raw_body("image", many=True)
+UPLOAD_BODY = _raw_body("file", many=False)
 
 
 # -- health ---------------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ async def backbone(request: Request) -> dict:
     status_code=201,
     response_model=schemas.PromptSetUploaded,
     responses=ERRORS,
-    openapi_extra=RAW_BODY,
+    openapi_extra=UPLOAD_BODY,
     tags=["prompts"],
 )
 async def upload_prompt_set(
@@ -271,7 +274,7 @@ async def delete_prompt_set(request: Request, tenant: str = Depends(tenant_of), 
     "/v1/classify",
     response_model=schemas.ClassifyResponse | schemas.ClassifyBatchResponse,
     responses={**ERRORS, 500: {"model": schemas.ErrorResponse}},
-    openapi_extra=RAW_BODY,
+    openapi_extra=CLASSIFY_BODY,
     tags=["classify"],
 )
 async def classify(
