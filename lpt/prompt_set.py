@@ -110,9 +110,18 @@ class PromptSet:
 
 
 def encode(prompt_set: PromptSet) -> bytes:
-    """Serialise to safetensors bytes (CPU, contiguous, detached)."""
+    """Serialise to safetensors bytes (CPU, contiguous, detached); equal sets give equal bytes."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in prompt_set.tensors().items()}
-    return safetensors.torch.save(tensors, metadata=prompt_set.metadata())
+    return _canonical_header(safetensors.torch.save(tensors, metadata=prompt_set.metadata()))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Rewrite the JSON header with sorted keys: safetensors emits metadata in hash-map order, which
+    would give the same set a different sha256 on every call (and break idempotent re-uploads)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the tensor data 8-byte aligned, as the format asks
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
 
 
 def sha256(data: bytes) -> str:

@@ -108,11 +108,6 @@ def test_sha256_is_hex_digest_and_content_sensitive(ps: PromptSet) -> None:
     assert sha256(encode(ps)) != sha256(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG lpt/prompt_set.py: safetensors serialises the metadata map in hash-map order, so encode() of "
-    "the same set gives different bytes (and sha256) from call to call",
-)
 def test_encode_is_deterministic_so_sha256_is_stable(ps: PromptSet) -> None:
     ps.extra = {"metrics": "{}", "notes": "x", "z": "1"}
     digests = {sha256(encode(ps)) for _ in range(20)}
