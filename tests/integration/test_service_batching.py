@@ -6,6 +6,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from lpt.init import init_prompt_set
+from lpt.prompt_set import decode, encode
 from tests.integration.service_helpers import (
     assert_matches,
     classify,
@@ -80,3 +82,35 @@ async def test_multipart_images_answer_in_order_and_match_single_task(backbone, 
 
         r = await client.post("/v1/classify", params={"task": "multi", "top_k": 2}, content=imgs[0])
         assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+
+
+async def test_sets_of_different_geometry_in_one_batch_each_match_single_task(backbone, tmp_path):
+    """Prompt length or share_blocks differ: one batch, one forward per geometry, rows back in their places."""
+    info = backbone.info
+    specs = [(3, 2, 2, 3), (4, 0, 4, 3), (5, 3, 2, 2), (2, 1, 4, 3), (6, 2, 2, 3)]  # classes, pool, L, S
+    sets, datas = {}, {}
+    for i, (classes, pool, length, share) in enumerate(specs):
+        ps = init_prompt_set(
+            info, [f"k{j}" for j in range(classes)], prompt_length=length, pool_size=pool, share_blocks=share, seed=i
+        )
+        ps.shared_prompt = ps.shared_prompt * 20
+        datas[f"g{i}"] = encode(ps)
+        sets[f"g{i}"] = decode(datas[f"g{i}"])
+    config = make_config(tmp_path, max_batch_size=len(specs), max_wait_ms=3000.0, request_timeout=20.0)
+    async with serve(config, backbone) as (app, c):
+        for task, data in datas.items():
+            assert (await upload(c, task, data)).status_code == 201
+        images = {task: image_bytes(seed=40 + i) for i, task in enumerate(sets)}
+        responses = {}
+
+        async def one(task: str) -> None:
+            responses[task] = await classify(c, task, images[task])
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for task in sets:
+                    tg.start_soon(one, task)
+        for task, r in responses.items():
+            assert r.status_code == 200, r.text
+            assert_matches(r.json()["predictions"], reference_probs(backbone, sets[task], images[task]))
+        assert state_of(app).worker.batches == 1

@@ -155,3 +155,19 @@ async def test_tenant_isolation(backbone, tmp_path):
         r = await classify(c, "shared-name", IMG, tenant="acme")
         assert r.status_code == 200 and r.json()["version"] == 1
         assert_matches(r.json()["predictions"], reference_probs(backbone, a1, IMG))
+
+
+async def test_multipart_upload_and_identical_reupload(backbone, tmp_path):
+    ps, data = set_bytes(backbone.info, classes=3, pool=2, seed=4)
+    async with serve(make_config(tmp_path), backbone) as (_app, c):
+        files = {"file": ("set.safetensors", data, "application/octet-stream")}
+        r = await c.post("/v1/prompts", params={"task": "mp"}, files=files)
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == 1 and r.json()["num_classes"] == 3
+        r = await classify(c, "mp", IMG)
+        assert r.status_code == 200 and r.json()["version"] == 1
+        assert_matches(r.json()["predictions"], reference_probs(backbone, ps, IMG))
+        # The same bytes again: no new version (the store answers with the active one).
+        r = await upload(c, "mp", data)
+        assert r.status_code == 201 and r.json()["version"] == 1
+        assert len((await c.get("/v1/prompts/mp")).json()["versions"]) == 1
