@@ -210,10 +210,12 @@ class GatedInfer:
         self.wait_s = wait_s
         self.fail_next = False
         self.calls = 0
+        self.batches: list[list[str]] = []  # the tenant of each row, per call
         state.engine.infer = self  # type: ignore[method-assign]
 
     def __call__(self, images: torch.Tensor, entries: list) -> list[torch.Tensor]:
         self.calls += 1
+        self.batches.append([entry.key[0] for entry in entries])
         self.entered.set()
         self.release.wait(self.wait_s)
         if self.fail_next:

@@ -10,6 +10,7 @@ import pytest
 
 from prompts_store import open_store
 from tests.integration.service_helpers import (
+    KEYS,
     CountingStore,
     GatedInfer,
     assert_matches,
@@ -204,3 +205,37 @@ async def test_eviction_under_a_small_cache_budget_then_reload_gives_identical_r
         assert m["lpt_prompt_cache_evictions_total"] == evictions0 + 2
         assert len(cache) == 1
         assert_no_pins(app)
+
+
+async def test_one_tenant_flooding_does_not_starve_another(backbone, tmp_path):
+    config = make_config(
+        tmp_path, api_keys=KEYS, max_batch_size=4, max_wait_ms=1.0, queue_size=100, request_timeout=30.0
+    )
+    _, data = set_bytes(backbone.info, seed=1)
+    async with serve(config, backbone) as (app, c):
+        for tenant in KEYS:
+            assert (await upload(c, "t", data, tenant=tenant)).status_code == 201
+        gate = GatedInfer(state_of(app))
+        queue = state_of(app).queue
+        statuses: list[int] = []
+
+        async def send(tenant: str) -> None:
+            statuses.append((await classify(c, "t", IMG, tenant=tenant)).status_code)
+
+        try:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send, "acme")
+                    await wait_until(gate.entered.is_set, 10, "the worker to block in the forward")
+                    for _ in range(30):  # acme floods the queue ...
+                        tg.start_soon(send, "acme")
+                    await wait_until(lambda: len(queue) == 30, 10, "acme's flood in the queue")
+                    tg.start_soon(send, "globex")  # ... then globex sends one request, behind all of them
+                    await wait_until(lambda: len(queue) == 31, 10, "globex's request in the queue")
+                    gate.release.set()
+        finally:
+            gate.release.set()
+        assert statuses == [200] * 32
+        # Round-robin over per-tenant queues: globex rides in the very next batch, not after acme's 30.
+        assert "globex" in gate.batches[1], gate.batches
+        assert sum(len(b) for b in gate.batches) == 32
