@@ -1,0 +1,49 @@
+"""Issue 8.8: the number of series in /metrics does not grow with the number of tasks (1 -> 1,000)."""
+
+from __future__ import annotations
+
+import re
+
+from lpt.prompt_set import encode
+from tests.hardening.conftest import make_config, png_bytes, prompt_set, serve
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s")
+
+
+def series(metrics_text: str) -> set[str]:
+    """Every sample's name + label set (one time series each)."""
+    out = set()
+    for line in metrics_text.splitlines():
+        m = SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            out.add(m.group(1) + (m.group(2) or ""))
+    return out
+
+
+def traffic(served, tasks: list[str]) -> set[str]:
+    for task in tasks:
+        r = served.post(f"/v1/classify?task={task}", content=png_bytes(), headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert served.get(f"/v1/prompts/{task}").status_code == 200
+    assert served.post("/v1/classify?task=absent", content=png_bytes()).status_code == 404
+    assert served.get("/v1/prompts").status_code == 200
+    served.get("/metrics")  # so /metrics itself is counted in both rounds
+    return series(served.get("/metrics").text)
+
+
+def test_series_do_not_grow_with_tasks(backbone, tmp_path):
+    data = encode(prompt_set(backbone.info, classes=2, pool=0))
+    # A small cache budget so the second round also evicts: eviction counters must not be per task either.
+    config = make_config(tmp_path, cache_bytes=len(data) * 8)
+    with serve(config, backbone) as s:
+        store = s.state.store
+        store.put("default", "task-0", data)
+        one = traffic(s, ["task-0"])
+        for i in range(1, 1000):
+            store.put("default", f"task-{i}", data)
+        assert len(store.list_tasks("default")) == 1000
+        many = traffic(s, [f"task-{i}" for i in range(0, 1000, 50)])
+        assert s.state.metrics.cache_evictions._value.get() > 0  # the budget really forced evictions
+    assert many == one, f"new series: {sorted(many - one)}"
+    assert not any("task-" in name for name in many)
+    assert len(one) < 400
