@@ -9,6 +9,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import httpx
+
 from lpt.client import ApiError, LptClient
 
 
@@ -110,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ApiError as exc:
         print(f"error {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:  # refused, DNS, timeout: a message, not a traceback
+        print(f"error: cannot reach {args.url}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an input file that cannot be read
+        print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
