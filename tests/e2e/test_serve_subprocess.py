@@ -113,13 +113,13 @@ def prompt_files(tmp_path_factory) -> list[Path]:
     return paths
 
 
-def lpt(server: Server, *args: str) -> subprocess.CompletedProcess:
+def lpt(url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*_command("lpt", "lpt.cli"), *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(LPT_URL=server.url),
+        env=_env(LPT_URL=url),
     )
 
 
@@ -140,34 +140,34 @@ def test_ready_and_demo_task_classifies(server):
 
 def test_cli_push_tasks_show_classify_rollback(server, prompt_files):
     v1, v2 = prompt_files
-    r = lpt(server, "push", str(v1), "--task", "pets")
+    r = lpt(server.url, "push", str(v1), "--task", "pets")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["version"] == 1
-    r = lpt(server, "push", str(v2), "--task", "pets")
+    r = lpt(server.url, "push", str(v2), "--task", "pets")
     assert r.returncode == 0 and json.loads(r.stdout)["version"] == 2, r.stderr
 
-    r = lpt(server, "tasks")
+    r = lpt(server.url, "tasks")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "pets\tv2\t3 classes" in lines and any(line.startswith("demo\tv1\t") for line in lines)
 
-    r = lpt(server, "show", "pets")
+    r = lpt(server.url, "show", "pets")
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert shown["active_version"] == 2 and shown["class_names"] == ["cat", "dog", "fox"]
 
     img = server.data_dir / "demo.jpg"
-    r = lpt(server, "classify", str(img), str(img), "--task", "pets", "--top-k", "2")
+    r = lpt(server.url, "classify", str(img), str(img), "--task", "pets", "--top-k", "2")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
     assert len(rows) == 2 and all(row.startswith(f"{img}\tv2\t") for row in rows), rows
 
-    r = lpt(server, "rollback", "pets", "--version", "1")
+    r = lpt(server.url, "rollback", "pets", "--version", "1")
     assert r.returncode == 0 and json.loads(r.stdout)["version"] == 1, r.stderr
-    r = lpt(server, "classify", str(img), "--task", "pets")
+    r = lpt(server.url, "classify", str(img), "--task", "pets")
     assert r.returncode == 0 and r.stdout.startswith(f"{img}\tv1\t"), r.stdout + r.stderr
 
-    r = lpt(server, "classify", str(img), "--task", "no-such-task")
+    r = lpt(server.url, "classify", str(img), "--task", "no-such-task")
     assert r.returncode == 1 and "404" in r.stderr and "not_found" in r.stderr
 
 
@@ -239,3 +239,11 @@ def test_non_loopback_without_keys_refuses_to_start(tmp_path):
     assert r.returncode != 0
     assert "refusing to listen on 0.0.0.0 without API keys" in r.stderr, r.stderr
     assert not (tmp_path / "store").exists()  # it stopped before opening anything
+
+
+def test_cli_reports_an_unreachable_service_and_a_missing_file_without_a_traceback(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    r = lpt(down, "tasks")
+    assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = lpt(down, "push", str(tmp_path / "missing.safetensors"), "--task", "x")
+    assert r.returncode == 1 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
