@@ -18,7 +18,7 @@ import torch
 from lpt.backbone import Backbone
 from lpt.forward import PromptBank, prompted_forward
 from service.batcher import FairQueue, WorkItem, collect_batch
-from service.errors import BatchFailed
+from service.errors import BatchFailed, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.prompt_cache import ResidentSet
 
@@ -125,7 +125,7 @@ class EngineWorker:
             time.sleep(0.02)
         self._stop.set()
         self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
-        self.queue.fail_all(BatchFailed("shutting_down", "the service stopped before this request ran"))
+        self.queue.fail_all(ShuttingDown("shutting_down", "the service stopped before this request ran"))
 
     @property
     def alive(self) -> bool:
