@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from prompts_store import open_store
+from service.app import create_app
 from tests.integration.service_helpers import (
     KEYS,
     CountingStore,
@@ -239,3 +240,36 @@ async def test_one_tenant_flooding_does_not_starve_another(backbone, tmp_path):
         # Round-robin over per-tenant queues: globex rides in the very next batch, not after acme's 30.
         assert "globex" in gate.batches[1], gate.batches
         assert sum(len(b) for b in gate.batches) == 32
+
+
+async def test_shutdown_past_its_timeout_answers_queued_requests_503_and_finishes_the_running_batch(backbone, tmp_path):
+    config = make_config(tmp_path, max_batch_size=1, max_wait_ms=1.0, request_timeout=30.0, shutdown_timeout=0.3)
+    _, data = set_bytes(backbone.info, seed=1)
+    app = create_app(config, backbone=backbone)
+    lifespan = app.router.lifespan_context(app)
+    with anyio.fail_after(60):
+        await lifespan.__aenter__()
+    gate = GatedInfer(state_of(app))
+    results: dict[int, httpx.Response] = {}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await upload(c, "t", data)).status_code == 201
+
+            async def send(i: int) -> None:
+                results[i] = await classify(c, "t", IMG)
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send, 0)  # running (blocked in the forward) when shutdown starts
+                    await wait_until(gate.entered.is_set, 10, "the worker to block in the forward")
+                    tg.start_soon(send, 1)
+                    tg.start_soon(send, 2)
+                    await wait_until(lambda: len(state_of(app).queue) == 2, 10, "two queued requests")
+                    await lifespan.__aexit__(None, None, None)  # the worker cannot drain them in 0.3 s
+                    gate.release.set()
+    finally:
+        gate.release.set()
+    assert results[0].status_code == 200, results[0].text
+    for i in (1, 2):
+        assert results[i].status_code == 503, results[i].text
+        assert error_code(results[i]) == "shutting_down" and "Retry-After" in results[i].headers
