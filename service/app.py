@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -123,9 +125,11 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         title="lpt-serve",
         version=lpt.__version__,
         lifespan=lifespan,
+        docs_url=None,
         description="Multi-tenant Long-tailed Prompt Tuning inference on one frozen ViT.",
     )
     app.include_router(router)
+    _install_offline_docs(app)
     _install_error_handlers(app)
 
     @app.middleware("http")
@@ -142,6 +146,23 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         return response
 
     return app
+
+
+def _install_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the packaged swagger-ui-bundle assets: FastAPI's default pulls them from a CDN."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-static", StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="lpt-serve API",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon-32x32.png",
+        )
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -207,7 +207,12 @@ class PromptCache:
     def install(self, info: StoredVersion, ps: PromptSet) -> ResidentSet:
         """Make a just-uploaded (already validated) version resident and active on this replica."""
         entry = self._insert(info, ps)
-        self._set_active(info.tenant, info.task, info.version)
+        with self._lock:
+            # Versions only grow, so a newer wanted version means a concurrent upload finished first: keep it.
+            wanted = self._wanted.get((info.tenant, info.task))
+            if wanted is None or info.version > wanted:
+                self._wanted[(info.tenant, info.task)] = info.version
+                self._active[(info.tenant, info.task)] = info.version
         return entry
 
     def _set_active(self, tenant: str, task: str, version: int) -> None:

@@ -3,6 +3,7 @@ schema served without the internet."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import anyio
@@ -120,7 +121,11 @@ async def test_openapi_schema_is_served_offline(backbone, tmp_path):
         assert {"post"} <= set(schema["paths"]["/v1/classify"]) and {"post"} <= set(schema["paths"]["/v1/prompts"])
         body = schema["paths"]["/v1/prompts"]["post"]["requestBody"]["content"]
         assert "application/octet-stream" in body and "multipart/form-data" in body
-        # /docs answers from the app itself, but its HTML loads Swagger UI's JS/CSS from a CDN (FastAPI's default):
-        # offline, the schema above works and the interactive page does not render.
+        # /docs must render offline: every asset its HTML references is served by the app itself.
         r = await c.get("/docs")
         assert r.status_code == 200 and "/openapi.json" in r.text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+        assert assets and all(a.startswith("/") for a in assets), assets
+        for asset in assets:
+            got = await c.get(asset)
+            assert got.status_code == 200 and len(got.content) > 100, asset
