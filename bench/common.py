@@ -13,10 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "latency_summary",
     "loadavg",
     "make_set",
+    "on_engine_thread",
     "percentile",
     "resident",
     "run_metadata",
@@ -42,6 +44,7 @@ __all__ = [
     "write_json",
 ]
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_ZIP = REPO / ".." / "shared" / "data" / "cifar10-jpg.zip"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,6 +147,17 @@ def cifar_jpegs(count: int) -> list[bytes]:
         Image.fromarray(arr).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
+
+
+def on_engine_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a fresh dedicated thread and return its result, as the service runs every forward.
+
+    The service's forwards run in the ``EngineWorker`` thread, not the main thread; timing the engine the
+    same way keeps the comparison fair (on a busy machine, torch's OpenMP team of the main thread behaved
+    very differently from a worker thread's).
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-engine") as pool:
+        return pool.submit(fn, *args).result()
 
 
 def free_port() -> int:

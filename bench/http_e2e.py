@@ -37,6 +37,7 @@ from bench.common import (
     latency_summary,
     make_set,
     metric_delta,
+    on_engine_thread,
     resident,
     run_metadata,
     scrape,
@@ -69,7 +70,7 @@ class HttpConfig:
     duration_s: float = 8.0
     warmup_s: float = 2.0
     repeats: int = 3
-    engine_repeats: int = 3
+    engine_repeats: int = 5
     half_load_s: float = 30.0
     tasks: int = 100
     tenants: int = 4
@@ -160,8 +161,9 @@ def check_responses(
 
         with ThreadPoolExecutor(max_workers=len(picks)) as pool:
             answers = list(pool.map(ask, picks))
-        with torch.inference_mode():
-            expected = engine.infer(torch.stack([tensors[i] for i, _ in picks]), [sc.entries[t] for _, t in picks])
+        expected = on_engine_thread(
+            _infer, engine, torch.stack([tensors[i] for i, _ in picks]), [sc.entries[t] for _, t in picks]
+        )
         worst = 0.0
         for (img, t), answer, probs in zip(picks, answers, expected, strict=True):
             worst = max(worst, compare_answer(answer, sc.entries[t], probs, atol, f"{key} image {img}"))
@@ -194,10 +196,24 @@ def compare_answer(answer: dict, entry: ResidentSet, probs: torch.Tensor, atol: 
     return diff
 
 
+def _infer(engine: Engine, images: torch.Tensor, entries: list[ResidentSet]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return engine.infer(images, entries)
+
+
 def time_engine(
     engine: Engine, tensors: list[torch.Tensor], entries: list[ResidentSet], repeats: int, device: torch.device
 ) -> float:
-    """Median seconds of one service-shaped batch: stack the rows, ``Engine.infer`` (bank, forward, to CPU)."""
+    """Median seconds of one service-shaped batch: stack the rows, ``Engine.infer`` (bank, forward, to CPU).
+
+    Runs in a dedicated thread, as the service's engine worker does.
+    """
+    return on_engine_thread(_time_engine, engine, tensors, entries, repeats, device)
+
+
+def _time_engine(
+    engine: Engine, tensors: list[torch.Tensor], entries: list[ResidentSet], repeats: int, device: torch.device
+) -> float:
     rows = [tensors[i % len(tensors)] for i in range(len(entries))]
     times = []
     with torch.inference_mode():

@@ -36,6 +36,7 @@ from bench.common import (
     default_weights,
     latency_summary,
     make_set,
+    on_engine_thread,
     resident,
     run_metadata,
     sync,
@@ -190,6 +191,11 @@ def cache_miss_loads(cfg: LoadingConfig, info: BackboneInfo, stores: Stores, log
             store.close()
 
 
+def _infer(engine: Engine, images: torch.Tensor, entries: list) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return engine.infer(images, entries)
+
+
 def upload_to_served(cfg: LoadingConfig, stores: Stores, log=print) -> dict[str, Any]:
     """Per store: a server on it; upload -> first classify; steady classify; cold task written to the store."""
     device = torch.device(cfg.device)
@@ -226,8 +232,8 @@ def upload_to_served(cfg: LoadingConfig, stores: Stores, log=print) -> dict[str,
             def check(answer: dict, ps: PromptSet, version: int, what: str, kind: str = kind) -> None:
                 if answer["version"] != version:
                     raise CheckFailed(f"{kind} {what}: served version {answer['version']}, expected {version}")
-                with torch.inference_mode():
-                    want = engine.infer(tensor[None], [resident(TENANT, "x", version, ps, device, engine.dtype)])[0]
+                entry = resident(TENANT, "x", version, ps, device, engine.dtype)
+                want = on_engine_thread(_infer, engine, tensor[None], [entry])[0]
                 got = torch.zeros(ps.num_classes)
                 for p in answer["predictions"]:
                     got[p["index"]] = p["score"]

@@ -29,7 +29,16 @@ from typing import Any
 
 import torch
 
-from bench.common import DTYPES, CheckFailed, default_weights, make_set, run_metadata, sync, write_json
+from bench.common import (
+    DTYPES,
+    CheckFailed,
+    default_weights,
+    make_set,
+    on_engine_thread,
+    run_metadata,
+    sync,
+    write_json,
+)
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import PromptBank
 from lpt.prompt_set import PromptSet
@@ -189,16 +198,19 @@ def run_scaling(cfg: ScalingConfig, argv: list[str], log=print) -> dict[str, Any
             del sets
             images = torch.randn(cfg.batch, *backbone.info.input_size, generator=gen).to(device)
             draws = {k: draw_rows(cfg.batch, cfg.tasks, k, gen) for k in cfg.tasks_per_batch}
-            checks = {k: check_rows(cache, engine, images, r, cfg.check_tasks, atol) for k, r in draws.items()}
+            checks = {
+                k: on_engine_thread(check_rows, cache, engine, images, r, cfg.check_tasks, atol)
+                for k, r in draws.items()
+            }
             log(f"  part A checks passed: {checks}")
             steps = {
                 f"{k} tasks": (lambda rows=rows: service_step(cache, engine, images, rows)) for k, rows in draws.items()
             }
-            times = time_variants(steps, cfg.repeats, cfg.warmup, device)
+            times = on_engine_thread(time_variants, steps, cfg.repeats, cfg.warmup, device)
             rows_out = summarise(cfg.batch, times, next(iter(steps)))
             for rows, name in zip(draws.values(), steps, strict=True):
                 rows_out[name]["distinct_tasks"] = len({r[1] for r in rows})
-                rows_out[name]["bank_ms"] = bank_build_ms(cache, rows, device, dtype, cfg.repeats)
+                rows_out[name]["bank_ms"] = on_engine_thread(bank_build_ms, cache, rows, device, dtype, cfg.repeats)
             report["tasks_per_batch"] = {
                 "batch": cfg.batch,
                 "registered": cfg.tasks,
@@ -222,10 +234,10 @@ def run_scaling(cfg: ScalingConfig, argv: list[str], log=print) -> dict[str, Any
                 # A fresh draw per repeat would change the work; one fixed draw per registry size keeps it equal.
                 rows = draw_rows(cfg.registered_batch, n, cfg.registered_tasks_per_batch, gen)
                 draws_b[n] = rows
-                checks[n] = check_rows(cache, engine, images, rows, cfg.check_tasks, atol)
+                checks[n] = on_engine_thread(check_rows, cache, engine, images, rows, cfg.check_tasks, atol)
                 steps[f"{n} registered"] = lambda cache=cache, rows=rows: service_step(cache, engine, images, rows)
             log(f"  part B checks passed: {checks}")
-            times = time_variants(steps, cfg.repeats, cfg.warmup, device)
+            times = on_engine_thread(time_variants, steps, cfg.repeats, cfg.warmup, device)
             rows_out = summarise(cfg.registered_batch, times, next(iter(steps)))
             for (n, cache), name in zip(caches.items(), steps, strict=True):
                 rows_out[name]["resident"] = len(cache)
