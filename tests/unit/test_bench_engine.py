@@ -4,6 +4,7 @@ mixed-task forward before anything is timed, and a tiny run produces a complete 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,14 @@ def test_round_robin_rotates_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
     fns = {name: (lambda _d, name=name: order.append(name)) for name in ("a", "b", "c")}
     engine.time_round_robin(fns, draws=[None] * 3, warmup=0, sync=lambda: None)  # type: ignore[list-item]
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_round_robin_reads_the_given_clock() -> None:
+    ticks = iter(range(0, 100, 5))  # every reading advances 5 s: each call measures 5 s
+    fns = {"a": lambda _d: None, "b": lambda _d: None}
+    times = engine.time_round_robin(fns, [None] * 2, warmup=0, sync=lambda: None, clock=lambda: next(ticks))  # type: ignore[list-item]
+    assert times == {"a": [5, 5], "b": [5, 5]}
+    assert engine.CLOCKS["cpu"] is time.process_time
 
 
 def test_cli_usage_and_unknown_command(capsys) -> None:
