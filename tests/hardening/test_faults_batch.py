@@ -1,0 +1,117 @@
+"""Issue 8.6: an exception inside a batch, for the cases the single-image test in
+tests/integration/test_service_backpressure.py does not reach: a multi-image request whose rows are split over a
+failing batch and a succeeding one, and a failure that repeats for several batches. Every such request answers
+5xx (never a partial result), nothing hangs, no pin leaks, and the next batch works.
+
+The fault is real: a forward hook on the backbone's patch embedding raises inside the engine's forward pass.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from lpt.backbone import load_backbone
+from tests.hardening.conftest import error_code, make_config, prompt_bytes, serve
+
+
+class FailingForward:
+    """Raises inside the model's forward while armed; counts the rows it saw."""
+
+    def __init__(self, model) -> None:
+        self.armed = threading.Event()
+        self.fail_next = 0
+        self.rows_failed = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+        self.handle = model.patch_embed.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, args):
+        with self._lock:
+            self.calls += 1
+            if self.armed.is_set() or self.fail_next > 0:
+                self.fail_next = max(0, self.fail_next - 1)
+                self.rows_failed += int(args[0].shape[0])
+                raise RuntimeError("injected device fault (CUDA error: an illegal memory access was encountered)")
+
+
+@pytest.fixture
+def own_backbone():
+    # Its own instance: the hook must not leak into other tests' shared backbone.
+    return load_backbone("test_vit", "random:0", img_size=32)
+
+
+def image(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (seed * 40 % 256, 100, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def multipart(n: int) -> dict:
+    return {"files": [("image", (f"{i}.png", image(i), "image/png")) for i in range(n)]}
+
+
+def assert_no_pins(served, within_s: float = 5.0) -> None:
+    """Every resident set is unpinned (waiting, bounded, for rows still settling in the worker)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        entries = list(served.state.cache._entries.values())
+        if entries and all(e.pins == 0 for e in entries):
+            return
+        assert time.monotonic() < deadline, [(e.key, e.pins) for e in entries]
+        time.sleep(0.01)
+
+
+def test_multi_image_request_split_over_a_failing_and_a_good_batch(own_backbone, tmp_path):
+    # Batches of 2 rows: a 4-image request spans two forwards; only the first fails.
+    config = make_config(tmp_path, max_batch_size=2, max_wait_ms=50.0, request_timeout=20.0)
+    with serve(config, own_backbone) as s:
+        assert s.post("/v1/prompts?task=t", content=prompt_bytes(own_backbone.info)).status_code == 201
+        fault = FailingForward(own_backbone.model)
+        try:
+            fault.fail_next = 1
+            r = s.post("/v1/classify?task=t", **multipart(4))
+            assert r.status_code == 500, r.text
+            assert error_code(r) == "batch_failed"
+            assert fault.rows_failed == 2  # only the first batch failed...
+            deadline = time.monotonic() + 10
+            while fault.calls < 2:  # ...the other half still runs (the answer did not wait for it)
+                assert time.monotonic() < deadline, "the second batch never ran"
+                time.sleep(0.01)
+            assert_no_pins(s)  # and its pins were released when it settled
+            ok = s.post("/v1/classify?task=t", **multipart(4))
+            assert ok.status_code == 200 and len(ok.json()["results"]) == 4
+        finally:
+            fault.handle.remove()
+
+
+def test_repeated_batch_failures_fail_every_request_and_recover(own_backbone, tmp_path):
+    config = make_config(tmp_path, max_batch_size=4, max_wait_ms=20.0, request_timeout=20.0)
+    with serve(config, own_backbone) as s:
+        for task in ("a", "b"):
+            assert s.post(f"/v1/prompts?task={task}", content=prompt_bytes(own_backbone.info)).status_code == 201
+        fault = FailingForward(own_backbone.model)
+        try:
+            fault.armed.set()
+            calls = [
+                ("POST", f"/v1/classify?task={task}", {"content": image(i), "headers": {"content-type": "image/png"}})
+                for i in range(6)
+                for task in ("a", "b")
+            ] + [("POST", "/v1/classify?task=a", multipart(3))]
+            responses = s.gather(calls)
+            assert all(not isinstance(r, BaseException) for r in responses), responses
+            assert {r.status_code for r in responses} == {500}
+            assert {error_code(r) for r in responses} == {"batch_failed"}
+            assert fault.rows_failed == 15  # every row ran in some failed batch; none was dropped
+            assert s.state.worker.alive and s.get("/healthz").status_code == 200
+            assert_no_pins(s)
+            fault.armed.clear()
+            responses = s.gather(calls)
+            assert [r.status_code for r in responses] == [200] * len(calls)
+            assert_no_pins(s)
+        finally:
+            fault.handle.remove()
