@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--share-blocks", type=int, default=6)
     p.add_argument("--min-crop-scale", type=float, default=0.08)
+    p.add_argument("--prompt-init", default="data", help="vpt or data (see trainer.prompt_init)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k,
         share_blocks=args.share_blocks,
         min_crop_scale=args.min_crop_scale,
+        prompt_init=args.prompt_init,
         seed=args.seed,
         workers=args.workers,
         progress=False,

@@ -25,6 +25,7 @@ from lpt.prompt_set import encode, sha256, validate
 from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import plot_report, summary
 from trainer.loop import DistContext, TrainConfig, Trainer
+from trainer.prompt_init import PROMPT_INITS
 
 log = logging.getLogger("lpt-train")
 REQUIRED = ("train", "val", "backbone", "backbone_weights", "out", "report")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pool-size", type=int, default=d.pool_size, help="P, group prompts (0: deep VPT only)")
     model.add_argument("--top-k", type=int, default=d.top_k, help="group prompts averaged per image")
     model.add_argument("--share-blocks", type=int, default=d.share_blocks, help="S, blocks with the shared prompt only")
+    model.add_argument(
+        "--prompt-init", choices=PROMPT_INITS, default=d.prompt_init, help="vpt (random) or data (mean patch tokens)"
+    )
     model.add_argument("--head-scale", type=float, default=d.head_scale, help="s of the cosine head")
 
     opt = p.add_argument_group("optimisation")
@@ -141,6 +145,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         share_blocks=args.share_blocks,
         head_scale=args.head_scale,
         min_crop_scale=args.min_crop_scale,
+        prompt_init=args.prompt_init,
         steps_per_epoch=args.steps_per_epoch,
         seed=args.seed,
         workers=args.workers,

@@ -36,6 +36,7 @@ from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import ImageDataset, train_transform
 from trainer.evaluate import accuracy_report, autocast, evaluate, prompt_predictor, summary
 from trainer.losses import AGCL, CB_GAMMAS, IB_GAMMAS
+from trainer.prompt_init import PROMPT_INITS, mean_patch_tokens, sample_images
 from trainer.samplers import ClassBalancedBatchSampler, InstanceBalancedBatchSampler, stream_seed
 
 PHASE_PARAMS = {1: ("shared_prompt", "head_weight"), 2: ("group_prompts", "group_keys", "head_weight")}
@@ -66,6 +67,7 @@ class TrainConfig:
         noise_mul: A-GCL cloud multiplier.
         label_smoothing: A-GCL label smoothing.
         min_crop_scale: RandomResizedCrop's lower area bound.
+        prompt_init: ``vpt`` (random, the default) or ``data`` (mean patch tokens; see ``trainer.prompt_init``).
         steps_per_epoch: ``None`` gives ``ceil(len(train) / batch_size)``.
         seed: seeds the init, the samplers, the augmentation and the A-GCL noise.
         workers: DataLoader workers per process.
@@ -94,6 +96,7 @@ class TrainConfig:
     noise_mul: float = 0.5
     label_smoothing: float = 0.1
     min_crop_scale: float = 0.08
+    prompt_init: str = "vpt"
     steps_per_epoch: int | None = None
     seed: int = 0
     workers: int = 0
@@ -278,6 +281,8 @@ class Trainer:
         self.train_set.transform = train_transform(backbone.info.data_config, config.min_crop_scale)
         self.val_set = val_set
         self.val_set.transform = backbone.eval_transform
+        if config.prompt_init not in PROMPT_INITS:
+            raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {config.prompt_init!r}")
         self.class_names = list(train_set.class_names)
         self.class_counts = train_set.class_counts()
         if min(self.class_counts) < 1:
@@ -315,7 +320,21 @@ class Trainer:
         params = {"shared_prompt": t.shared_prompt, "head_weight": t.head_weight}
         if t.pool_size:
             params.update(group_prompts=t.group_prompts, group_keys=t.group_keys)
+        if self.cfg.prompt_init == "data":
+            means = self._mean_tokens(shared=None)  # [depth, D] of the plain backbone
+            params["shared_prompt"] = t.shared_prompt + means[:, None, :]
         return Checkpoint(params=params, state={"history": [], "phase1": None})
+
+    def _mean_tokens(self, shared: torch.Tensor | None) -> torch.Tensor:
+        images = sample_images(self.train_set, self.backbone.eval_transform, 256, self.cfg.seed).to(self.ctx.device)
+        return mean_patch_tokens(self.backbone.model, images, shared, self.cfg.eval_batch_size).cpu()
+
+    def _init_pool(self, ckpt: Checkpoint) -> None:
+        """Phase 2's start: with ``prompt_init=data`` the group prompts start at the phase-1 model's mean tokens."""
+        if self.cfg.prompt_init == "data":
+            shared = ckpt.params["shared_prompt"]
+            means = self._mean_tokens(shared.to(self.ctx.device))[self.template.share_blocks :]
+            ckpt.params["group_prompts"] = self.template.group_prompts + means[None, :, None, :]
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -356,8 +375,8 @@ class Trainer:
             return self._fit(resume, stop_after_epochs)
 
     def _fit(self, resume: bool, stop_after_epochs: int | None) -> TrainResult:
-        ckpt = self._load_or_init(resume)
         self.backbone.model.to(self.ctx.device)
+        ckpt = self._load_or_init(resume)
         budget = [stop_after_epochs if stop_after_epochs is not None else math.inf]
         if ckpt.phase == 1:
             if not self._run_phase(ckpt, 1, self.cfg.epochs1, budget):
@@ -366,6 +385,8 @@ class Trainer:
             phase1.pop("predictions")
             ckpt.state["phase1"] = phase1
             ckpt.phase, ckpt.epoch, ckpt.momentum = (2 if self.has_pool else 3), 0, {}
+            if self.has_pool:
+                self._init_pool(ckpt)
             self._save(ckpt)
         if ckpt.phase == 2:
             if not self._run_phase(ckpt, 2, self.cfg.epochs2, budget):

@@ -1,0 +1,56 @@
+"""Data-informed prompt initialisation (``--prompt-init data``), an option next to VPT's random init.
+
+Why: appending prompt tokens with VPT's small random init (or zeros) to every block can collapse the
+features of some backbones. Measured on DeiT-Tiny at 64 px over 100 CIFAR-10 images: the mean pairwise
+cosine similarity of the class-token features is 0.78 without prompts, 0.96 with one zero token per
+block and 0.998 with L = 10 VPT-initialised tokens, so every image starts out looking the same to the
+cosine head. Starting each block's prompt tokens at the mean patch token entering that block (plus the
+VPT random values, so tokens differ) keeps the features where they were (0.75 at L = 10), and training
+starts from the frozen backbone's own representation. The method note does not fix the init; VPT's
+remains the default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lpt.forward import embed, prompted_block
+from trainer.data import ImageDataset
+from trainer.samplers import stream_seed
+
+PROMPT_INITS = ("vpt", "data")
+
+
+def sample_images(dataset: ImageDataset, transform, count: int, seed: int) -> torch.Tensor:
+    """``count`` images (a seeded choice, the same on every rank) through ``transform``, stacked."""
+    gen = torch.Generator().manual_seed(stream_seed(seed, 99))
+    order = torch.randperm(len(dataset), generator=gen)[:count].tolist()
+    return torch.stack([transform(dataset.source.load(i)) for i in order])
+
+
+@torch.no_grad()
+def mean_patch_tokens(
+    model: torch.nn.Module, images: torch.Tensor, shared: torch.Tensor | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """``[depth, D]``: the mean patch token entering each block (with the shared prompt appended when given).
+
+    Args:
+        model: the frozen ViT.
+        images: preprocessed images.
+        shared: ``[depth, L, D]`` shared prompt, or ``None`` for the plain backbone.
+        batch_size: images per forward.
+    """
+    depth = len(model.blocks)
+    total = None
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    for start in range(0, len(images), batch_size):
+        x = embed(model, images[start : start + batch_size])
+        sums = []
+        for i, block in enumerate(model.blocks):
+            sums.append(x[:, prefix:].float().mean(dim=1).sum(dim=0))
+            prompts = [] if shared is None else [shared[i].to(x.dtype).expand(x.shape[0], -1, -1)]
+            x = prompted_block(block, x, prompts) if prompts else block(x)
+        batch = torch.stack(sums)
+        total = batch if total is None else total + batch
+    assert total is not None and total.shape[0] == depth
+    return total / len(images)
