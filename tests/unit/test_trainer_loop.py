@@ -266,3 +266,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_data_prompt_init_starts_at_the_mean_patch_tokens(backbone, tmp_path):
+    from trainer.prompt_init import mean_patch_tokens, sample_images
+
+    trainer = make_trainer(backbone, prompt_init="data", epochs1=1, epochs2=1, checkpoint=tmp_path / "e.ckpt")
+    fresh = trainer._fresh_checkpoint()
+    images = sample_images(trainer.train_set, backbone.eval_transform, 256, 0)
+    means = mean_patch_tokens(backbone.model, images)
+    assert torch.allclose(
+        fresh.params["shared_prompt"] - trainer.template.shared_prompt, means[:, None, :].expand(-1, 2, -1)
+    )
+    result = trainer.fit()
+    validate(result.prompt_set, backbone.info)
+    resumed = make_trainer(backbone, prompt_init="data", epochs1=1, epochs2=1, checkpoint=tmp_path / "e.ckpt")
+    again = resumed.fit(resume=True)  # finished checkpoint: evaluates the saved parameters only
+    assert torch.equal(again.prompt_set.group_prompts, result.prompt_set.group_prompts)
