@@ -86,7 +86,21 @@ def run_metadata(device: torch.device, command: Sequence[str]) -> dict[str, Any]
     info = machine_info(device)
     info["loadavg_start"] = loadavg()
     info["command"] = "python -m bench " + " ".join(command)
+    info.update(git_state())
     return info
+
+
+def git_state() -> dict[str, Any]:
+    """The commit, and the files of the code under test (lpt/, service/, bench/) that differ from it."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "lpt", "service", "bench", "prompts_store").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": [line[3:] for line in dirty]}
 
 
 def sync(device: torch.device) -> None:
