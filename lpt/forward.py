@@ -27,20 +27,25 @@ from lpt.prompt_set import PromptSet
 
 @dataclass
 class PromptBank:
-    """Stacked prompt tensors for ``n`` slots; row ``b`` of a batch uses slot ``slots[b]``.
+    """Prompt tensors for ``n`` slots; row ``b`` of a batch uses slot ``slots[b]``.
 
-    Shapes (``Pmax``/``Cmax``: the largest pool/class count in the bank; padding is masked):
-        shared: ``[n, depth, L, D]``
-        pool: ``[n, Pmax, depth - S, L, D]`` (``Pmax`` may be 0)
-        keys: ``[n, Pmax, D]``
-        head: ``[n, Cmax, D]`` (raw cosine-head weights)
-        pool_size, top_k, num_classes: ``[n]`` long; head_scale: ``[n]`` float
+    The small, per-block tensors are stacked (a row gather per block is one index op); the large ones
+    (pools and heads, most of a set's bytes) stay per-slot tensors that the forward indexes in place,
+    so building a bank for a mixed batch copies no pool and no head.
+
+    Attributes:
+        shared: ``[n, depth, L, D]`` shared prompts.
+        keys: ``[n, Pmax, D]`` group keys, zero-padded to the largest pool (``Pmax`` may be 0).
+        pools: per slot ``[P_i, depth - S, L, D]`` group prompt pools (``P_i`` may be 0).
+        heads: per slot ``[C_i, D]`` raw cosine-head weights.
+        pool_size, top_k, num_classes: ``[n]`` long; head_scale: ``[n]`` float.
+        share_blocks: S, the same for every slot.
     """
 
     shared: torch.Tensor
-    pool: torch.Tensor
     keys: torch.Tensor
-    head: torch.Tensor
+    pools: list[torch.Tensor]
+    heads: list[torch.Tensor]
     pool_size: torch.Tensor
     top_k: torch.Tensor
     num_classes: torch.Tensor
@@ -69,15 +74,15 @@ class PromptBank:
     ) -> PromptBank:
         """A one-slot bank over live tensors (e.g. the trainer's parameters); autograd flows through."""
         depth, length, dim = shared.shape
-        if pool is None:
+        if pool is None or pool.shape[0] == 0:
             pool = shared.new_zeros(0, depth - share_blocks, length, dim)
             keys = shared.new_zeros(0, dim)
         dev = shared.device
         return cls(
             shared=shared.unsqueeze(0),
-            pool=pool.unsqueeze(0),
             keys=keys.unsqueeze(0),
-            head=head.unsqueeze(0),
+            pools=[pool],
+            heads=[head],
             pool_size=torch.tensor([pool.shape[0]], device=dev),
             top_k=torch.tensor([top_k if pool.shape[0] else 0], device=dev),
             num_classes=torch.tensor([head.shape[0]], device=dev),
@@ -89,7 +94,8 @@ class PromptBank:
     def stack(
         cls, sets: Sequence[PromptSet], device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PromptBank:
-        """Stack prompt sets of one geometry into a bank, padding pools and heads with zeros."""
+        """A bank over prompt sets of one geometry (pools and heads are referenced, not copied,
+        when already on ``device`` in ``dtype``)."""
         if not sets:
             raise ValueError("cannot stack zero prompt sets")
         geometries = {(ps.prompt_length, ps.share_blocks) for ps in sets}
@@ -99,21 +105,20 @@ class PromptBank:
         depth, length, dim = first.shared_prompt.shape
         share = first.share_blocks
         dtype = dtype or torch.float32
-        n, pmax, cmax = len(sets), max(ps.pool_size for ps in sets), max(ps.num_classes for ps in sets)
-        shared = torch.stack([ps.shared_prompt.to(device=device, dtype=dtype) for ps in sets])
-        pool = torch.zeros(n, pmax, depth - share, length, dim, device=device, dtype=dtype)
-        keys = torch.zeros(n, pmax, dim, device=device, dtype=dtype)
-        head = torch.zeros(n, cmax, dim, device=device, dtype=dtype)
+        pmax = max(ps.pool_size for ps in sets)
+        keys = torch.zeros(len(sets), pmax, dim, device=device, dtype=dtype)
+        pools = []
         for i, ps in enumerate(sets):
             if ps.pool_size:
-                pool[i, : ps.pool_size] = ps.group_prompts.to(device=device, dtype=dtype)
-                keys[i, : ps.pool_size] = ps.group_keys.to(device=device, dtype=dtype)
-            head[i, : ps.num_classes] = ps.head_weight.to(device=device, dtype=dtype)
+                keys[i, : ps.pool_size] = ps.group_keys
+                pools.append(ps.group_prompts.to(device=device, dtype=dtype))
+            else:
+                pools.append(torch.zeros(0, depth - share, length, dim, device=device, dtype=dtype))
         return cls(
-            shared=shared,
-            pool=pool,
+            shared=torch.stack([ps.shared_prompt.to(device=device, dtype=dtype) for ps in sets]),
             keys=keys,
-            head=head,
+            pools=pools,
+            heads=[ps.head_weight.to(device=device, dtype=dtype) for ps in sets],
             pool_size=torch.tensor([ps.pool_size for ps in sets], device=device),
             top_k=torch.tensor([ps.top_k if ps.pool_size else 0 for ps in sets], device=device),
             num_classes=torch.tensor([ps.num_classes for ps in sets], device=device),
@@ -169,6 +174,16 @@ def _per_row(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return t[slots]
 
 
+def _slot_rows(slots: torch.Tensor, num_slots: int) -> list[tuple[int, torch.Tensor | None]]:
+    """(slot, row indices) for every slot present; ``None`` rows means every row (one slot in use)."""
+    if num_slots == 1:
+        return [(0, None)]
+    present = torch.unique(slots).tolist()
+    if len(present) == 1:
+        return [(present[0], None)]
+    return [(j, (slots == j).nonzero().squeeze(1)) for j in present]
+
+
 def select_group_prompts(
     bank: PromptBank, slots: torch.Tensor, query: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,11 +207,18 @@ def select_group_prompts(
     top_sim, top_idx = sim.topk(kmax, dim=1)
     used = torch.arange(kmax, device=sim.device)[None, :] < k_row[:, None]
     weights = used.to(sim.dtype) / k_row[:, None].to(sim.dtype)
-    if bank.pool.shape[0] == 1:
-        chosen = bank.pool[0][top_idx]  # [R, kmax, depth-S, L, D]
+    safe_idx = torch.where(used, top_idx, torch.zeros_like(top_idx))  # padding picks entry 0 with weight 0
+    parts = []
+    for slot, rows in _slot_rows(slots, bank.num_slots):
+        pool = bank.pools[slot]
+        idx, w = (safe_idx, weights) if rows is None else (safe_idx[rows], weights[rows])
+        parts.append((rows, torch.einsum("rk,rkdlc->rdlc", w.to(pool.dtype), pool[idx]).to(pool.dtype)))
+    if len(parts) == 1:
+        group = parts[0][1]
     else:
-        chosen = bank.pool[slots[:, None], top_idx]
-    group = torch.einsum("rk,rkdlc->rdlc", weights.to(chosen.dtype), chosen)
+        group = parts[0][1].new_empty(len(slots), *parts[0][1].shape[1:])
+        for rows, part in parts:
+            group[rows] = part
     key_sim = torch.where(used, top_sim, torch.zeros_like(top_sim)).sum(dim=1)
     return group, key_sim, torch.where(used, top_idx, torch.full_like(top_idx, -1))
 
@@ -204,18 +226,23 @@ def select_group_prompts(
 def cosine_logits(bank: PromptBank, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """``head_scale * cos(feature, w_c)`` per row against its own set's head; padding classes -> -inf."""
     f = F.normalize(features.float(), dim=-1)
-    w = F.normalize(bank.head.float(), dim=-1)  # [n, Cmax, D]
-    n, cmax, dim = w.shape
-    if n == 1:
-        cos = f @ w[0].t()
+    cmax = int(bank.num_classes.max()) if bank.num_slots > 1 else bank.heads[0].shape[0]
+    parts = []
+    # The head is a sliver of the work: keep cosines in float32 even under bf16/fp16 autocast.
+    with torch.autocast(f.device.type, enabled=False):
+        for slot, rows in _slot_rows(slots, bank.num_slots):
+            w = F.normalize(bank.heads[slot].float(), dim=-1)
+            parts.append((rows, slot, (f if rows is None else f[rows]) @ w.t()))
+    if len(parts) == 1 and parts[0][2].shape[1] == cmax:
+        logits = parts[0][2]
     else:
-        # One matmul against every slot's head, then pick each row's own block: cheaper than a
-        # per-row [B, Cmax, D] gather of head weights.
-        cos = (f @ w.reshape(n * cmax, dim).t()).view(-1, n, cmax)
-        cos = cos[torch.arange(f.shape[0], device=f.device), slots]
-    logits = cos * bank.head_scale[slots][:, None]
-    valid = torch.arange(cmax, device=f.device)[None, :] < bank.num_classes[slots][:, None]
-    return logits.masked_fill(~valid, float("-inf"))
+        logits = f.new_full((f.shape[0], cmax), float("-inf"))
+        for rows, _slot, cos in parts:
+            if rows is None:
+                logits[:, : cos.shape[1]] = cos
+            else:
+                logits[rows, : cos.shape[1]] = cos
+    return logits * bank.head_scale[slots][:, None]
 
 
 def prompted_forward(

@@ -264,9 +264,9 @@ def validate(ps: PromptSet, backbone: BackboneInfo, limits: ValidationLimits | N
         )
     if any(len(c) > limits.max_class_name_chars for c in ps.class_names):
         raise _bad("bad_metadata", f"a class name exceeds {limits.max_class_name_chars} characters", "class_names")
-    if ps.group_prompts is not None:
+    if ps.pool_size:
         _validate_pool(ps, limits)
-    elif ps.group_keys is not None:
+    elif ps.group_keys is not None and ps.group_keys.numel():
         raise _bad("missing_tensor", "group_keys without group_prompts", "group_prompts")
     for name, tensor in ps.tensors().items():
         if not bool(torch.isfinite(tensor.float()).all()):

@@ -387,3 +387,12 @@ def test_bad_tensor_data_offsets(ps: PromptSet) -> None:
         "shared_prompt": {"dtype": "F32", "shape": [DEPTH, L, DIM], "data_offsets": [0, 10**9]},
     }
     expect("not_safetensors", None, lambda: decode(hand_made(header, b"\0" * 64)))
+
+
+def test_empty_pool_tensors_validate_as_no_pool(info: BackboneInfo) -> None:
+    """decode() reads a zero-size pool as no pool; validate() must agree for in-memory sets."""
+    ps = init_prompt_set(info, ["a", "b"], prompt_length=2, pool_size=0, share_blocks=3)
+    ps.group_prompts = torch.zeros(0, info.depth - 3, 2, info.embed_dim)
+    ps.group_keys = torch.zeros(0, info.embed_dim)
+    validate(ps, info)
+    assert ps.pool_size == 0
