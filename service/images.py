@@ -56,8 +56,10 @@ class ImageDecoder:
         self.transform = transform
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        # Pillow's own bomb guard as a second line: past this it raises instead of warning.
+        # Pillow's own bomb guard as a second line: past this it raises instead of warning. The filter is set once,
+        # process-wide: warnings.catch_warnings() per decode swaps the global filter list unsafely across threads.
         Image.MAX_IMAGE_PIXELS = max_pixels
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(self.decode(data))
@@ -68,12 +70,10 @@ class ImageDecoder:
         if len(data) > self.max_bytes:
             raise BadImage("image_too_large", f"image is {len(data)} bytes, limit {self.max_bytes}", 413)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-                self._check_header(image, data)
-                image.seek(0)  # animated GIF/WebP: the first frame
-                image.load()
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            self._check_header(image, data)
+            image.seek(0)  # animated GIF/WebP: the first frame
+            image.load()
         except BadImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
