@@ -228,3 +228,16 @@ def test_bad_images_do_not_hold_up_good_ones(served):
     assert statuses[len(calls) * 3 :] == [200] * 4, statuses
     assert elapsed < 3 * QUICK_S
     assert served.get("/healthz").status_code == 200
+
+
+def test_concurrent_decodes_leave_the_warning_filters_alone(served):
+    # Decoding runs on many threads; the decoder must not swap the process-wide warning filters per call
+    # (warnings.catch_warnings is not thread-safe: concurrent entries and exits restore stale lists).
+    import warnings
+
+    before = list(warnings.filters)
+    headers = {"content-type": "image/png"}
+    calls = [("POST", URL, {"content": png_bytes((40 + i % 7, 40)), "headers": headers}) for i in range(64)]
+    responses = served.gather(calls)
+    assert [r.status_code for r in responses] == [200] * 64
+    assert warnings.filters == before
