@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +84,7 @@ class HttpConfig:
     seed: int = 0
     atol: float = 1e-4
     scenarios: list[str] = field(default_factory=lambda: ["1task", "zipf"])
+    py_spy: Path | None = None  # record the server with py-spy during the first run at the highest concurrency
 
 
 @dataclass
@@ -243,6 +246,47 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     }
 
 
+def start_py_spy(serve: LptServe, out_dir: Path, key: str, seconds: float) -> tuple[Any, Path] | None:
+    """py-spy (when installed) sampling the server's threads for the measured window, raw stacks to a file."""
+    exe = shutil.which("py-spy")
+    if exe is None or serve.proc is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"py-spy-{key}.txt"
+    cmd = [exe, "record", "--pid", str(serve.proc.pid), "--duration", str(int(seconds)), "--rate", "50"]
+    cmd += ["--threads", "--nonblocking", "--format", "raw", "--output", str(path)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path
+
+
+def finish_py_spy(proc: Any, path: Path, clients: int) -> dict[str, Any]:
+    """Samples per thread and, for the engine thread, how many are inside the prompted forward."""
+    proc.wait(timeout=120)
+    threads: dict[str, int] = {}
+    engine_forward = decode = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {"error": f"py-spy wrote no {path}"}
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        thread = stack.split(";")[0].split(": ", 1)[-1]
+        name = "AnyIO worker" if thread.startswith("AnyIO worker") else thread
+        threads[name] = threads.get(name, 0) + int(count)
+        if name == "lpt-engine" and "prompted_forward" in stack:
+            engine_forward += int(count)
+        if "service/images.py" in stack:
+            decode += int(count)
+    return {
+        "clients": clients,
+        "raw": str(path),
+        "samples_by_thread": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
+        "engine_samples_in_forward": engine_forward,
+        "decode_samples": decode,
+    }
+
+
 def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
     """Start the server, upload, check, sweep (alternating HTTP and engine), then the half-load run."""
     if cfg.threads:
@@ -298,9 +342,13 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
                         warmup_s=cfg.warmup_s,
                         seed=cfg.seed + rep,
                     )
+                    profile = cfg.py_spy is not None and rep == 0 and conc == max(cfg.concurrency)
+                    spy = start_py_spy(serve, cfg.py_spy, key, cfg.duration_s) if profile else None
                     before = scrape(client, serve.url)
                     res = load.run(spec)
                     stats = batch_stats(before, scrape(client, serve.url))
+                    if spy is not None:
+                        report.setdefault("profile", {})[key] = finish_py_spy(*spy, clients=conc)
                     b = max(1, round(stats["mean_batch"]))
                     t_engine = time_engine(engine, tensors, sc.draw(b, gen), cfg.engine_repeats, device)
                     res.update(stats, engine_batch=b, engine_images_per_s=b / t_engine)
@@ -409,6 +457,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {h['peak_ratio']:.2f} {_ok(h['peak_ratio'] >= TARGET_RATIO)} | {h['rate']:.1f} | {h['mean_batch']:.1f} "
             f"| {p99:.0f} | {h['p99_bound_ms']:.0f} | {_ok(p99 <= h['p99_bound_ms'])} |"
         )
+    for key, prof in report.get("profile", {}).items():
+        if "samples_by_thread" in prof:
+            threads = ", ".join(f"{t} {n}" for t, n in prof["samples_by_thread"].items())
+            lines += [
+                "",
+                f"py-spy, {key}, {prof['clients']} clients (samples at 50 Hz of non-idle threads): {threads}; "
+                f"engine-thread samples inside the prompted forward: {prof['engine_samples_in_forward']}; "
+                f"image decode: {prof['decode_samples']}.",
+            ]
     return "\n".join(lines)
 
 
@@ -442,6 +499,7 @@ def parse_args(argv: list[str]) -> tuple[HttpConfig, Path | None]:
     p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     p.add_argument("--scenarios", default="1task,zipf", help="1task, zipf or both")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--py-spy", type=Path, default=None, help="dir: py-spy the server at the highest concurrency")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     cfg = HttpConfig(
@@ -468,6 +526,7 @@ def parse_args(argv: list[str]) -> tuple[HttpConfig, Path | None]:
         server_threads=a.server_threads,
         seed=a.seed,
         scenarios=[s.strip() for s in a.scenarios.split(",") if s.strip()],
+        py_spy=a.py_spy,
     )
     return cfg, a.json
 
