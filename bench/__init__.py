@@ -15,4 +15,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loading": ("bench.loading", "prompt-set cache-miss loads (Redis, embedded) and upload-to-first-served"),
     "memory": ("bench.memory", "device bytes per resident prompt set; how many fit in a budget"),
     "scaling": ("bench.scaling", "engine throughput vs distinct tasks per batch and registered tasks"),
+    "overload": ("bench.overload", "lpt-serve at 2x/5x capacity: 429 latency, accepted p99, tenant fairness, soak"),
 }
