@@ -3,7 +3,7 @@
 ``python -m bench accuracy [--img-size 64 --epochs1 6 --epochs2 6 ...] [--markdown docs/accuracy.md]``
 
 The long-tailed training set is cut from ``cifar10-jpg.zip``: class ``i`` (sorted names) keeps its first
-``int(500 * 0.01 ** (i / 9))`` training images (500 down to 5, 1,234 in all); the whole balanced test set
+``int(500 * 0.01 ** (i / 9))`` training images (500 down to 5, 1,236 in all); the whole balanced test set
 (10,000 images) is evaluated unless ``--val-max-per-class`` cuts it. All three rows use the same images:
 the probe is logistic regression on frozen, prompt-free features; phase 1 and LPT are one trainer run.
 """

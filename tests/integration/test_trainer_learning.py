@@ -27,6 +27,8 @@ WEIGHTS = DATA / "deit_tiny_patch16_224.in1k.safetensors"
 
 pytestmark = [
     pytest.mark.slow,
+    # about 4 minutes on an idle 2-core CPU; generous, because shared CI machines can be several times slower
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(
         not (ZIP.is_file() and WEIGHTS.is_file()),
         reason=f"real data not found: needs {ZIP.name} and {WEIGHTS.name} in {DATA} (see shared/data/README.md)",
