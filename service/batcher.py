@@ -42,14 +42,20 @@ class WorkItem:
 
 
 class FairQueue:
-    """Bounded per-tenant FIFO queues with round-robin hand-out. Thread-safe.
+    """Bounded per-tenant FIFO queues with round-robin hand-out and per-tenant admission. Thread-safe.
+
+    Round-robin hand-out alone is not fair under overload: a flooding tenant would fill the shared
+    bound and every other tenant would get 429. So each tenant may hold at most ``tenant_capacity``
+    of the ``capacity`` places, and the rest stays open to others.
 
     Args:
-        capacity: most items waiting in total; ``put`` beyond it raises QueueFull.
+        capacity: most items waiting in total.
+        tenant_capacity: most items one tenant may have waiting (default: ``capacity``).
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, tenant_capacity: int | None = None):
         self.capacity = capacity
+        self.tenant_capacity = min(capacity, tenant_capacity or capacity)
         self._queues: OrderedDict[str, deque[WorkItem]] = OrderedDict()
         self._size = 0
         self._closed = False
@@ -58,25 +64,37 @@ class FairQueue:
     def __len__(self) -> int:
         return self._size
 
-    def put(self, item: WorkItem) -> None:
+    def _check_locked(self, tenant: str, count: int) -> None:
+        if self._closed:
+            raise ShuttingDown("shutting_down", "the service is shutting down")
+        if self._size + count > self.capacity:
+            raise QueueFull("queue_full", f"{self._size} images are waiting; retry shortly")
+        waiting = len(self._queues.get(tenant, ()))
+        if waiting + count > self.tenant_capacity:
+            raise QueueFull(
+                "queue_full",
+                f"{waiting} of your images are waiting (per-tenant limit {self.tenant_capacity}); retry shortly",
+            )
+
+    def check_room(self, tenant: str, count: int = 1) -> None:
+        """Raise QueueFull/ShuttingDown now if ``count`` items of ``tenant`` would not be admitted.
+
+        Lets the caller reject before reading and decoding a body, so a 429 costs next to nothing.
+        """
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("shutting_down", "the service is shutting down")
-            if self._size >= self.capacity:
-                raise QueueFull("queue_full", f"{self._size} images are waiting; retry shortly")
-            self._queues.setdefault(item.tenant, deque()).append(item)
-            self._size += 1
-            self._cond.notify()
+            self._check_locked(tenant, count)
+
+    def put(self, item: WorkItem) -> None:
+        self.put_many([item])
 
     def put_many(self, items: list[WorkItem]) -> None:
-        """All or nothing: a multi-image request is never half-queued."""
+        """All or nothing: a multi-image request is never half-queued (items of one tenant)."""
+        if not items:
+            return
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("shutting_down", "the service is shutting down")
-            if self._size + len(items) > self.capacity:
-                raise QueueFull("queue_full", f"{self._size} images are waiting; retry shortly")
-            for item in items:
-                self._queues.setdefault(item.tenant, deque()).append(item)
+            self._check_locked(items[0].tenant, len(items))
+            queue = self._queues.setdefault(items[0].tenant, deque())
+            queue.extend(items)
             self._size += len(items)
             self._cond.notify()
 

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-size", type=int, help="images per forward (default 32)")
     add("--max-wait-ms", type=float, help="how long a batch stays open after its first image (default 5)")
     add("--queue-size", type=int, help="images waiting at most before 429 (default 1024)")
+    add("--tenant-queue-share", type=float, help="share of the queue one tenant may fill with keys (default 0.5)")
     add("--cache-bytes", type=int, help="device bytes for resident prompt sets (default 2 GiB)")
     add("--request-timeout", type=float, help="seconds before a classify answers 504 (default 10)")
     add("--max-image-bytes", type=int, help="largest encoded image (default 10 MiB)")

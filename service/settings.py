@@ -31,6 +31,7 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 1024
+    tenant_queue_share: float = 0.5
     cache_bytes: int = 2 * 1024**3
     request_timeout: float = 10.0
     max_image_bytes: int = 10 * 1024 * 1024
@@ -61,6 +62,7 @@ class ServiceSettings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_wait_ms=self.max_wait_ms,
             queue_size=self.queue_size,
+            tenant_queue_share=self.tenant_queue_share,
             cache_bytes=self.cache_bytes,
             request_timeout=self.request_timeout,
             max_image_bytes=self.max_image_bytes,
@@ -94,6 +96,8 @@ class ServiceConfig:
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 1024
+    tenant_queue_share: float = 0.5
+    tenant_queue_share: float = 0.5
     cache_bytes: int = 2 * 1024**3
     request_timeout: float = 10.0
     max_image_bytes: int = 10 * 1024 * 1024
@@ -112,6 +116,13 @@ class ServiceConfig:
     @property
     def single_tenant(self) -> bool:
         return not self.api_keys
+
+    @property
+    def tenant_queue_size(self) -> int:
+        """Places one tenant may hold in the queue (all of them when there is only one tenant)."""
+        if self.single_tenant:
+            return self.queue_size
+        return max(1, int(self.queue_size * self.tenant_queue_share))
 
     @property
     def compute_dtype(self) -> str:

@@ -288,6 +288,7 @@ async def classify(
     if state.draining:
         raise ShuttingDown("shutting_down", "the service is shutting down")
     deadline = time.monotonic() + state.config.request_timeout
+    state.queue.check_room(tenant)  # an overloaded service says 429 before reading or decoding anything
     multipart = is_multipart(request)
     if not multipart:
         check_content_type(request.headers.get("content-type"))
