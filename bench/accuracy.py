@@ -170,7 +170,7 @@ many > 100, medium 20-100, few < 20 (classes: {result["train_counts"]}).
 - Linear probe: logistic regression on the frozen, prompt-free class-token features (L-BFGS).
 - Phase 1 and LPT: one `trainer` run, {s["epochs1"]} + {s["epochs2"]} epochs, B = {s["batch_size"]},
   lr = {result["lr"]:g}, L = {s["prompt_length"]}, P = {s["pool_size"]}, top-k = {s["top_k"]}, S = {s["share_blocks"]},
-  A-GCL with dual sampling as in `../shared/lpt-method.md`.
+  prompt init `{s["prompt_init"]}`, A-GCL with dual sampling as in `../shared/lpt-method.md`.
 - Machine: {result["machine"]}.
 - Date: {result["date"]}; wall time: probe {result["seconds"]["probe"]} s, training + evaluation
   {result["seconds"]["train_and_eval"]} s.
