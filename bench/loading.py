@@ -237,7 +237,8 @@ def upload_to_served(cfg: LoadingConfig, stores: Stores, log=print) -> dict[str,
                 got = torch.zeros(ps.num_classes)
                 for p in answer["predictions"]:
                     got[p["index"]] = p["score"]
-                if not float((got - want.float()).abs().max()) <= 1e-4:
+                atol = 1e-4 if cfg.dtype == "float32" else 2e-2  # reduced precision: batch-dependent rounding
+                if not float((got - want.float()).abs().max()) <= atol:
                     raise CheckFailed(f"{kind} {what}: scores differ from the engine's for the uploaded set")
 
             for u in range(cfg.uploads + 1):  # the first round warms the connection and code paths, unmeasured
