@@ -140,7 +140,7 @@ def test_pool_size_zero_gives_deep_vpt(backbone):
     validate(result.prompt_set, backbone.info)
 
 
-def test_cli_with_yaml_config_folder_data_and_push(tmp_path, monkeypatch):
+def test_cli_with_yaml_config_and_folder_data(tmp_path):
     train, val = data()
     write_image_folder(train, tmp_path / "train")
     write_image_folder(val, tmp_path / "val")
@@ -157,13 +157,6 @@ def test_cli_with_yaml_config_folder_data_and_push(tmp_path, monkeypatch):
         "no-progress": True,
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
-    pushed = {}
-
-    def fake_push(url, task, api_key, payload):
-        pushed.update(url=url, task=task, api_key=api_key, size=len(payload))
-        return {"task": task, "version": 1}
-
-    monkeypatch.setattr(cli, "push", fake_push)
     out, report_path = tmp_path / "out" / "ps.safetensors", tmp_path / "out" / "report.json"
     argv = [
         "--config",
@@ -182,12 +175,6 @@ def test_cli_with_yaml_config_folder_data_and_push(tmp_path, monkeypatch):
         "cpu",
         "--top-k",
         "1",
-        "--push",
-        "http://svc:8000",
-        "--task",
-        "demo",
-        "--api-key",
-        "k",
     ]
     assert cli.main(argv) == 0
     ps = decode(out.read_bytes())
@@ -199,7 +186,6 @@ def test_cli_with_yaml_config_folder_data_and_push(tmp_path, monkeypatch):
         assert evaluation[key] == report[key]
         assert key in report["phase1"]
     assert len(report["per_class"]) == 4 and (tmp_path / "out" / "p.png").exists()
-    assert pushed == {"url": "http://svc:8000", "task": "demo", "api_key": "k", "size": len(out.read_bytes())}
 
 
 def test_cli_reports_missing_required_options(capsys):

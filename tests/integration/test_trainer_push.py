@@ -1,0 +1,111 @@
+"""``lpt-train --push`` uploads to a real lpt-serve over real HTTP, and the service keeps the bytes unchanged."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from lpt.backbone import load_backbone
+from lpt.client import LptClient
+from lpt.prompt_set import sha256
+from service.app import create_app
+from service.settings import ServiceConfig
+from tests.redis_server import free_port
+from trainer import cli
+from trainer.data import synthetic_long_tailed, write_image_folder
+
+KEY = "push-test-secret"
+
+
+@pytest.fixture
+def service_url(tmp_path: Path):
+    backbone = load_backbone("test_vit", "random:0", img_size=32)
+    port = free_port()
+    config = ServiceConfig(store=str(tmp_path / "store"), data_dir=tmp_path, api_keys={"acme": KEY}, port=port)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, backbone=backbone), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    else:
+        pytest.fail("service did not become ready")
+    yield url
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_trainer_push_uploads_the_written_file(tmp_path: Path, service_url: str) -> None:
+    train = synthetic_long_tailed(num_classes=3, n_max=12, imbalance_ratio=4, img_size=32, seed=0)
+    val = synthetic_long_tailed(num_classes=3, n_max=4, imbalance_ratio=1, img_size=32, seed=1)
+    write_image_folder(train, tmp_path / "train")
+    write_image_folder(val, tmp_path / "val")
+    out = tmp_path / "ps.safetensors"
+    argv = [
+        "--train",
+        str(tmp_path / "train"),
+        "--val",
+        str(tmp_path / "val"),
+        "--backbone",
+        "test_vit",
+        "--backbone-weights",
+        "random:0",
+        "--img-size",
+        "32",
+        "--out",
+        str(out),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--epochs1",
+        "1",
+        "--epochs2",
+        "1",
+        "--batch-size",
+        "8",
+        "--prompt-length",
+        "2",
+        "--pool-size",
+        "3",
+        "--top-k",
+        "1",
+        "--share-blocks",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--push",
+        service_url,
+        "--task",
+        "pushed",
+        "--api-key",
+        KEY,
+    ]
+    assert cli.main(argv) == 0
+    with LptClient(service_url, api_key=KEY) as client:
+        shown = client.show("pushed")
+        assert shown["active_version"] == 1
+        assert shown["versions"][0]["sha256"] == sha256(out.read_bytes())
+        image = (tmp_path / "train").joinpath(*_first_image(tmp_path / "train")).read_bytes()
+        result = client.classify("pushed", [image])
+        assert len(result[0]["predictions"]) == 3
+    # A wrong key is refused by the service, and the CLI says so instead of pretending it pushed.
+    argv[-1] = "wrong-key-123"
+    assert cli.main(argv) != 0
+
+
+def _first_image(root: Path) -> tuple[str, str]:
+    path = sorted(p for p in root.rglob("*") if p.is_file())[0]
+    return path.parent.name, path.name
