@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from lpt.backbone import load_backbone
+from trainer.config import DistContext, TrainConfig
 from trainer.data import load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import accuracy_report, summary
-from trainer.loop import DistContext, TrainConfig, Trainer
+from trainer.loop import Trainer
 from trainer.probe import extract_features, fit_linear_probe, probe_counts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

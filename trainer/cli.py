@@ -22,9 +22,10 @@ import torch.distributed as dist
 from lpt.backbone import load_backbone
 from lpt.errors import LptError
 from lpt.prompt_set import encode, sha256, validate
+from trainer.config import DistContext, TrainConfig
 from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import plot_report, summary
-from trainer.loop import DistContext, TrainConfig, Trainer
+from trainer.loop import Trainer
 from trainer.prompt_init import PROMPT_INITS
 
 log = logging.getLogger("lpt-train")

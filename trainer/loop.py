@@ -15,11 +15,9 @@ is frozen and never handed to the optimiser.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,224 +27,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lpt.backbone import Backbone
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import DistContext, TrainConfig, TrainResult, deterministic, ib_weight_at, lr_at
 from trainer.data import ImageDataset, train_transform
 from trainer.evaluate import accuracy_report, autocast, evaluate, prompt_predictor, summary
 from trainer.losses import AGCL, CB_GAMMAS, IB_GAMMAS
 from trainer.prompt_init import PROMPT_INITS, mean_patch_tokens, sample_images
+from trainer.prompt_module import PromptModule
 from trainer.samplers import ClassBalancedBatchSampler, InstanceBalancedBatchSampler, stream_seed
 
 PHASE_PARAMS = {1: ("shared_prompt", "head_weight"), 2: ("group_prompts", "group_keys", "head_weight")}
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters (defaults: the method note's ViT-B/16 settings).
-
-    Args:
-        epochs1: phase-1 epochs.
-        epochs2: phase-2 epochs (0, or pool_size 0, gives a plain deep-VPT prompt set).
-        batch_size: B, images per batch summed over data-parallel processes (each step draws two).
-        lr: base learning rate; ``None`` gives ``0.02 * B / 256``.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        warmup_epochs: linear warm-up from ``warmup_lr``, then cosine to 0, per phase.
-        warmup_lr: first learning rate of the warm-up.
-        prompt_length: L.
-        pool_size: P.
-        top_k: k.
-        share_blocks: S.
-        head_scale: s.
-        images_per_class: images per sampled class in class-balanced batches.
-        ib_weight: instance-balanced loss weight at epoch 0 (decays linearly to 0).
-        sim_weight: weight of the key-similarity term.
-        margin: A-GCL target margin.
-        noise_mul: A-GCL cloud multiplier.
-        label_smoothing: A-GCL label smoothing.
-        min_crop_scale: RandomResizedCrop's lower area bound.
-        prompt_init: ``vpt`` (random, the default) or ``data`` (mean patch tokens; see ``trainer.prompt_init``).
-        steps_per_epoch: ``None`` gives ``ceil(len(train) / batch_size)``.
-        seed: seeds the init, the samplers, the augmentation and the A-GCL noise.
-        workers: DataLoader workers per process.
-        amp: bf16 autocast on CUDA.
-        eval_batch_size: images per evaluation forward.
-        progress: tqdm bars (rank 0).
-    """
-
-    epochs1: int = 40
-    epochs2: int = 40
-    batch_size: int = 256
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    prompt_length: int = 10
-    pool_size: int = 20
-    top_k: int = 2
-    share_blocks: int = 6
-    head_scale: float = 20.0
-    images_per_class: int = 4
-    ib_weight: float = 0.5
-    sim_weight: float = 0.5
-    margin: float = 0.1
-    noise_mul: float = 0.5
-    label_smoothing: float = 0.1
-    min_crop_scale: float = 0.08
-    prompt_init: str = "vpt"
-    steps_per_epoch: int | None = None
-    seed: int = 0
-    workers: int = 0
-    amp: bool = True
-    eval_batch_size: int = 128
-    progress: bool = True
-
-    @property
-    def base_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.02 * self.batch_size / 256
-
-    def resume_key(self) -> dict[str, Any]:
-        """Settings a checkpoint must agree on to be resumed (not workers, progress, eval batch)."""
-        out = asdict(self)
-        for key in ("workers", "progress", "eval_batch_size"):
-            out.pop(key)
-        out["lr"] = self.base_lr
-        return out
-
-
-@dataclass
-class DistContext:
-    """This process's place in a data-parallel run (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-@dataclass
-class TrainResult:
-    """What a (possibly interrupted) run produced.
-
-    Attributes:
-        finished: False when ``stop_after_epochs`` cut the run short (the checkpoint holds the state).
-        prompt_set: the final prompt set (phase 2, or phase 1 without a pool).
-        phase1_prompt_set: the phase-1 (deep VPT) prompt set.
-        report: overall/many/medium/few, ``phase1``, ``per_class``, ``history``.
-        predictions: final top-1 class per validation image, in dataset order (single-process runs only).
-    """
-
-    finished: bool
-    prompt_set: PromptSet | None = None
-    phase1_prompt_set: PromptSet | None = None
-    report: dict[str, Any] = field(default_factory=dict)
-    predictions: list[int] = field(default_factory=list)
-
-
-def ib_weight_at(epoch: int, epochs: int, start: float = 0.5) -> float:
-    """Instance-balanced loss weight ``max(0, start * (E - e) / E)`` at 0-based epoch ``e`` of ``E``."""
-    return max(0.0, start * (epochs - epoch) / epochs) if epochs > 0 else 0.0
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, warmup_lr: float) -> float:
-    """Linear warm-up from ``warmup_lr`` over ``warmup_steps``, then cosine from ``base_lr`` to 0.
-
-    Args:
-        step: 0-based step within the phase.
-        total_steps: steps in the phase.
-        warmup_steps: steps of warm-up (one epoch by default).
-        base_lr: peak learning rate.
-        warmup_lr: first learning rate.
-    """
-    if step < warmup_steps:
-        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
-
-
-@contextlib.contextmanager
-def deterministic(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels while training on CPU, restoring the caller's setting afterwards.
-
-    Phase 2's backward through the top-k gather of group prompts accumulates with several threads in
-    an order that varies between runs; the deterministic kernel makes a seed reproduce bit for bit.
-    """
-    if not enabled:
-        yield
-        return
-    before, warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
-
-
-class PromptModule(nn.Module):
-    """The phase's trainable prompt tensors as parameters, with the frozen rest alongside.
-
-    The backbone is held outside the module's registry on purpose: DDP then only sees (and syncs) prompt
-    parameters, and ``parameters()`` can never hand a backbone weight to the optimiser.
-
-    Args:
-        backbone: the frozen ViT.
-        tensors: all prompt tensors by name (``shared_prompt``, ``head_weight``, ``group_prompts``, ``group_keys``).
-        trainable: names that get gradients in this phase.
-        share_blocks: S.
-        top_k: k.
-        head_scale: s.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        tensors: dict[str, torch.Tensor],
-        trainable: tuple[str, ...],
-        share_blocks: int,
-        top_k: int,
-        head_scale: float,
-    ):
-        super().__init__()
-        object.__setattr__(self, "backbone", backbone)
-        self.prompts = nn.ParameterDict({k: nn.Parameter(tensors[k].detach().clone()) for k in trainable})
-        self.frozen = {k: v.detach() for k, v in tensors.items() if k not in trainable}
-        self.share_blocks, self.top_k, self.head_scale = share_blocks, top_k, head_scale
-
-    def tensor(self, name: str) -> torch.Tensor | None:
-        return self.prompts[name] if name in self.prompts else self.frozen.get(name)
-
-    def bank(self, with_pool: bool) -> PromptBank:
-        return PromptBank.from_tensors(
-            self.tensor("shared_prompt"),
-            self.tensor("head_weight"),
-            self.share_blocks,
-            pool=self.tensor("group_prompts") if with_pool else None,
-            keys=self.tensor("group_keys") if with_pool else None,
-            top_k=self.top_k,
-            head_scale=self.head_scale,
-        )
-
-    def forward(self, images: torch.Tensor, with_pool: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        out = prompted_forward(self.backbone, images, self.bank(with_pool))
-        return out.logits, out.key_sim
-
-    def all_tensors(self) -> dict[str, torch.Tensor]:
-        out = {k: v.detach() for k, v in self.frozen.items()}
-        out.update({k: v.detach() for k, v in self.prompts.items()})
-        return out
 
 
 class Trainer:

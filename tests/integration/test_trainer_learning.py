@@ -16,9 +16,10 @@ import pytest
 
 from lpt.backbone import load_backbone
 from lpt.prompt_set import decode, encode, validate
+from trainer.config import TrainConfig
 from trainer.data import load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import accuracy_report, summary
-from trainer.loop import TrainConfig, Trainer
+from trainer.loop import Trainer
 from trainer.probe import extract_features, fit_linear_probe, probe_counts
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

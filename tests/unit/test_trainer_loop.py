@@ -15,8 +15,10 @@ from lpt.backbone import Backbone, load_backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.prompt_set import decode, validate
 from trainer import cli
+from trainer.config import TrainConfig
 from trainer.data import synthetic_long_tailed, write_image_folder
-from trainer.loop import PromptModule, TrainConfig, Trainer
+from trainer.loop import Trainer
+from trainer.prompt_module import PromptModule
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(epochs1=2, epochs2=2, batch_size=16, prompt_length=2, pool_size=4, top_k=2, share_blocks=2, progress=False)

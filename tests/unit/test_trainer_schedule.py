@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from trainer.loop import TrainConfig, ib_weight_at, lr_at
+from trainer.config import TrainConfig, ib_weight_at, lr_at
 
 
 def test_instance_balanced_weight_decays_from_half_to_zero():
