@@ -215,11 +215,6 @@ class PromptCache:
                 self._active[(info.tenant, info.task)] = info.version
         return entry
 
-    def _set_active(self, tenant: str, task: str, version: int) -> None:
-        with self._lock:
-            self._wanted[(tenant, task)] = version
-            self._active[(tenant, task)] = version
-
     # -- eviction --------------------------------------------------------------------------------
     def _evict_locked(self, keep: Key | None = None) -> None:
         if self._bytes <= self.budget_bytes:
