@@ -1,7 +1,7 @@
 """The trainer learns on real data, and the service serves exactly what it evaluated.
 
 A small long-tailed CIFAR-10 subset (class i keeps int(100 * (1/20) ** (i / 9)) images: 100 down to 5,
-335 in all) with the real DeiT-Tiny at 64 px; 20 test images per class. The trained prompt set must beat a
+335 in all) with the real DeiT-Tiny at 96 px; 50 test images per class. The trained prompt set must beat a
 linear probe on the same frozen backbone and images, overall and on the tail (few-shot) classes. Then the
 file goes through the real service (``create_app``): upload, and one classify request per test image,
 whose top-1 must equal the trainer's own evaluation image by image.
@@ -35,9 +35,9 @@ pytestmark = [
         reason=f"real data not found: needs {ZIP.name} and {WEIGHTS.name} in {DATA} (see shared/data/README.md)",
     ),
 ]
-SIZE = 64
+SIZE = 96  # at 64 px the margin over the probe was within seed noise (measured: -0.2 to +3.4 points)
 # Few epochs on CPU: a larger lr than 0.02 * B / 256 and the data-informed prompt init (trainer.prompt_init
-# explains why DeiT-Tiny at 64 px needs it); everything else is the method note's.
+# explains why DeiT-Tiny at small sizes needs it); everything else is the method note's.
 CONFIG = dict(epochs1=4, epochs2=4, batch_size=32, lr=0.01, prompt_init="data", progress=False, seed=0)
 
 
@@ -45,7 +45,7 @@ CONFIG = dict(epochs1=4, epochs2=4, batch_size=32, lr=0.01, prompt_init="data", 
 def trained():
     backbone = load_backbone("deit_tiny_patch16_224", str(WEIGHTS), img_size=SIZE)
     train = long_tailed_subset(load_dataset(f"{ZIP}/train", "train"), imbalance_ratio=20, n_max=100)
-    val = per_class_subset(load_dataset(f"{ZIP}/test", "val"), 20).with_classes(train.class_names)
+    val = per_class_subset(load_dataset(f"{ZIP}/test", "val"), 50).with_classes(train.class_names)
     assert train.class_counts() == [100, 71, 51, 36, 26, 18, 13, 9, 6, 5]
     result = Trainer(backbone, train, val, TrainConfig(**CONFIG), log=print).fit()
     probe = fit_linear_probe(*extract_features(backbone, train), num_classes=10)
