@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-timeout", type=float, help="seconds before a classify answers 504 (default 10)")
     add("--max-image-bytes", type=int, help="largest encoded image (default 10 MiB)")
     add("--max-image-pixels", type=int, help="largest width*height (default 40M)")
+    add("--max-classes", type=int, help="largest class count a prompt set may have (default 8192)")
     add("--max-prompt-bytes", type=int, help="largest prompt set upload (default 64 MiB)")
     add("--api-keys-file", type=Path, help="file of 'tenant:secret' lines (or LPT_API_KEYS=t1:s1,t2:s2)")
     add("--insecure", action="store_true", default=None, help="allow a non-loopback address without API keys")
