@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as parse_safetensors  # parses a JSON header + raw buffers; never unpickles
 
 from lpt.backbone import BackboneInfo
 from lpt.errors import PromptSetInvalid
@@ -174,7 +175,7 @@ def decode(data: bytes) -> PromptSet:
         if dtype not in ALLOWED_DTYPES:
             raise _bad("bad_dtype", f"{name} has dtype {dtype}; allowed: float32, float16, bfloat16", name)
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = parse_safetensors(data)
     except Exception as exc:  # SafetensorError: truncated data, overlapping offsets, bad shapes
         raise _bad("not_safetensors", f"corrupt safetensors data: {exc}") from exc
 
