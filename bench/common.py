@@ -295,3 +295,31 @@ def scrape(client: httpx.Client, url: str) -> dict[str, float]:
 
 def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def run_cli(
+    name: str,
+    argv: list[str] | None,
+    parse_args: Callable[[list[str]], tuple[Any, str | None]],
+    run: Callable[..., dict],
+    markdown: Callable[[dict], str],
+) -> int:
+    """The shared ``main`` of the service benchmarks: parse, run (correctness checked first), print, write JSON.
+
+    Args:
+        name: benchmark name for messages.
+        argv: command-line arguments (``sys.argv[1:]`` when None).
+        parse_args: argv -> (config, JSON path or None).
+        run: ``run(config, argv, log=...)`` -> report; raises CheckFailed before timing anything wrong.
+        markdown: report -> table text.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, json_path = parse_args(argv)
+    try:
+        report = run(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except CheckFailed as exc:
+        print(f"{name} benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(report))
+    write_json(json_path, report)
+    return 0

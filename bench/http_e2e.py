@@ -19,7 +19,6 @@ import secrets
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -41,10 +40,10 @@ from bench.common import (
     metric_delta,
     on_engine_thread,
     resident,
+    run_cli,
     run_metadata,
     scrape,
     sync,
-    write_json,
 )
 from bench.loadgen import LoadProcess, LoadSpec, Target, zipf_weights
 from lpt.backbone import load_backbone
@@ -533,13 +532,4 @@ def parse_args(argv: list[str]) -> tuple[HttpConfig, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, json_path = parse_args(argv)
-    try:
-        report = run_http(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except CheckFailed as exc:
-        print(f"http benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    write_json(json_path, report)
-    return 0
+    return run_cli("http", argv, parse_args, run_http, markdown)

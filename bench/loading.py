@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,9 +37,9 @@ from bench.common import (
     make_set,
     on_engine_thread,
     resident,
+    run_cli,
     run_metadata,
     sync,
-    write_json,
 )
 from lpt.backbone import BackboneInfo, load_backbone
 from lpt.prompt_set import PromptSet, encode, load_and_validate
@@ -376,13 +375,4 @@ def parse_args(argv: list[str]) -> tuple[LoadingConfig, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, json_path = parse_args(argv)
-    try:
-        report = run_loading(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except CheckFailed as exc:
-        print(f"loading benchmark: CORRECTNESS CHECK FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    write_json(json_path, report)
-    return 0
+    return run_cli("loading", argv, parse_args, run_loading, markdown)

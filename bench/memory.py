@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import gc
 import os
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.common import DTYPES, CheckFailed, make_set, run_metadata, sync, write_json
+from bench.common import DTYPES, CheckFailed, make_set, run_cli, run_metadata, sync
 from lpt.backbone import load_backbone
 from lpt.forward import PromptBank
 from lpt.prompt_set import encode
@@ -244,13 +243,4 @@ def parse_args(argv: list[str]) -> tuple[MemoryConfig, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, json_path = parse_args(argv)
-    try:
-        report = run_memory(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except CheckFailed as exc:
-        print(f"memory benchmark: CORRECTNESS CHECK FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    write_json(json_path, report)
-    return 0
+    return run_cli("memory", argv, parse_args, run_memory, markdown)

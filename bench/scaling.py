@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,9 +34,9 @@ from bench.common import (
     default_weights,
     make_set,
     on_engine_thread,
+    run_cli,
     run_metadata,
     sync,
-    write_json,
 )
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import PromptBank
@@ -347,13 +346,4 @@ def parse_args(argv: list[str]) -> tuple[ScalingConfig, Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, json_path = parse_args(argv)
-    try:
-        report = run_scaling(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except CheckFailed as exc:
-        print(f"scaling benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    write_json(json_path, report)
-    return 0
+    return run_cli("scaling", argv, parse_args, run_scaling, markdown)
