@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -49,34 +49,16 @@ class ServiceSettings(BaseSettings):
     replica_id: str | None = None
 
     def freeze(self) -> ServiceConfig:
+        """Copy every setting the config shares by name, then resolve the few that need work."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ServiceConfig) if f.name in type(self).model_fields}
         return ServiceConfig(
-            host=self.host,
-            port=self.port,
-            backbone=self.backbone,
-            backbone_weights=self.backbone_weights,
-            img_size=self.img_size,
-            store=self.store or str(self.data_dir / "store"),
-            data_dir=self.data_dir,
-            device=self.device or _default_device(),
-            dtype=self.dtype,
-            max_batch_size=self.max_batch_size,
-            max_wait_ms=self.max_wait_ms,
-            queue_size=self.queue_size,
-            tenant_queue_share=self.tenant_queue_share,
-            cache_bytes=self.cache_bytes,
-            request_timeout=self.request_timeout,
-            max_image_bytes=self.max_image_bytes,
-            max_image_pixels=self.max_image_pixels,
-            max_prompt_bytes=self.max_prompt_bytes,
-            max_classes=self.max_classes,
-            api_keys=_parse_keys(self.api_keys, self.api_keys_file),
-            insecure=self.insecure,
-            demo=self.demo,
-            log_level=self.log_level,
-            store_timeout=self.store_timeout,
-            reconcile_s=self.reconcile_s,
-            shutdown_timeout=self.shutdown_timeout,
-            replica_id=self.replica_id or f"{self.host}:{self.port}",
+            **shared
+            | {
+                "store": self.store or str(self.data_dir / "store"),
+                "device": self.device or _default_device(),
+                "api_keys": _parse_keys(self.api_keys, self.api_keys_file),
+                "replica_id": self.replica_id or f"{self.host}:{self.port}",
+            }
         )
 
 
