@@ -69,17 +69,13 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def _forward(self, images: torch.Tensor, entries: list[ResidentSet]) -> torch.Tensor:
-        distinct: dict[tuple, int] = {}
-        for entry in entries:
-            distinct.setdefault(entry.key, len(distinct))
+        distinct = list({e.key: e for e in entries}.values())  # one slot per prompt set, in first-seen order
+        slot_of = {e.key: i for i, e in enumerate(distinct)}
         if len(distinct) == 1:
-            bank = entries[0].bank  # views over the resident tensors: nothing to copy
+            bank = distinct[0].bank  # views over the resident tensors: nothing to copy
         else:
-            firsts = {}
-            for entry in entries:
-                firsts.setdefault(entry.key, entry)
-            bank = PromptBank.stack([e.prompt_set for e in firsts.values()], device=self.device, dtype=self.dtype)
-        slots = torch.tensor([distinct[e.key] for e in entries], device=self.device)
+            bank = PromptBank.stack([e.prompt_set for e in distinct], device=self.device, dtype=self.dtype)
+        slots = torch.tensor([slot_of[e.key] for e in entries], device=self.device)
         with torch.inference_mode(), self._autocast():
             out = prompted_forward(self.backbone.model, images, bank, slots)
             return out.logits.float().softmax(dim=-1)
