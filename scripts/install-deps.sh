@@ -16,13 +16,21 @@ if ((${#need[@]})); then
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo_cmd apt-get update -qq
-  $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # needrestart (Ubuntu) would print Perl warnings and ask about services; nothing here needs a restart.
+  export NEEDRESTART_SUSPEND=1 NEEDRESTART_MODE=l
+  log=$(mktemp)
+  echo "installing system packages: ${need[*]}"
+  if ! { $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
+    cat "$log"; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
   # Debian starts packaged daemons on install; the tests start their own on free ports.
   for svc in redis-server nginx prometheus; do $sudo_cmd service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 PY=${PY:-python3}
 # Always run: with everything present it only checks (seconds), and it picks up new dependencies.
-$PY -m pip install -q -e '.[dev]'
+# constraints.txt holds the versions the suite is known to pass with, so a new release of a test tool
+# (pytest, schemathesis, ...) cannot turn the suite red on a fresh machine.
+$PY -m pip install -q -c constraints.txt -e '.[dev]'
 
