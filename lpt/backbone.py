@@ -10,8 +10,11 @@ Weights come from one of three sources (``weights`` argument):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +96,7 @@ def _create(name: str, weights: str, img_size: int | None) -> VisionTransformer:
                 torch.manual_seed(seed)
                 return timm.create_model(name, pretrained=False, **kwargs)
         if weights == "hub":
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return _create_from_hub(name, kwargs)
         path = Path(weights).expanduser()
         if not path.is_file():
             raise BackboneError("weights_not_found", f"weights file not found: {path}", "backbone_weights")
@@ -108,6 +111,53 @@ def _create(name: str, weights: str, img_size: int | None) -> VisionTransformer:
         raise BackboneError("bad_weights_spec", f"cannot parse weights {weights!r}: {exc}", "backbone_weights") from exc
     except Exception as exc:  # timm raises RuntimeError/KeyError/OSError for bad names, files or offline hubs
         raise BackboneError("backbone_load_failed", f"{name} with weights {weights!r}: {exc}", "backbone") from exc
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host answers a TCP connect (seconds, instead of a minute of retries)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode for one call: the local cache only, no network retries."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _create_from_hub(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
+    """timm's pretrained weights: from the hub when it is reachable, else from the local cache, else one clear
+    error (not a minute of retried requests)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and _hub_reachable():
+        return timm.create_model(name, pretrained=True, **kwargs)
+    with _hub_offline():
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise BackboneError(
+                "weights_unavailable",
+                f"cannot get {name}'s pretrained weights: the Hugging Face hub is not reachable from this machine "
+                "and they are not in the local cache; pass a local weights file instead (--backbone-weights "
+                "PATH, .safetensors, .pth or .npz)",
+                "backbone_weights",
+            ) from exc
 
 
 def fingerprint(name: str, model: torch.nn.Module) -> str:

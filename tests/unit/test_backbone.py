@@ -11,17 +11,16 @@ import timm
 import torch
 from PIL import Image
 
+from bench.real_data import DEIT_WEIGHTS as DEIT_FILE
+from bench.real_data import missing
 from lpt.backbone import Backbone, fingerprint, load_backbone
 from lpt.errors import BackboneError
 
-DEIT_FILE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "deit_tiny_patch16_224.in1k.safetensors"
 # sha256 over the model name and every state-dict tensor (sorted keys, little-endian bytes): the same on every
 # machine for these weights. It changes only if the file, the digest recipe or timm's module layout changes.
 DEIT_FINGERPRINT = "379e414fdead9e2d563b12f95990964def9a22aa70a8f5a409cd9caf3be5ad6b"
 
-needs_deit = pytest.mark.skipif(
-    not DEIT_FILE.is_file(), reason=f"real DeiT-Tiny weights not found at {DEIT_FILE} (shared/ beside the repo)"
-)
+needs_deit = pytest.mark.skipif(missing(DEIT_FILE) is not None, reason=missing(DEIT_FILE) or "")
 
 
 def tiny(weights: str = "random:0", img_size: int = 32) -> Backbone:
@@ -30,8 +29,8 @@ def tiny(weights: str = "random:0", img_size: int = 32) -> Backbone:
 
 @pytest.fixture(scope="module")
 def deit() -> Backbone:
-    if not DEIT_FILE.is_file():
-        pytest.skip(f"real DeiT-Tiny weights not found at {DEIT_FILE}")
+    if reason := missing(DEIT_FILE):
+        pytest.skip(reason)
     return load_backbone("deit_tiny_patch16_224", weights=str(DEIT_FILE))
 
 
