@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 import torch.distributed as dist
 
@@ -233,16 +234,65 @@ def metadata(args: argparse.Namespace, cfg: TrainConfig, report: dict[str, Any])
     return {"evaluation": json.dumps(evaluation), "training": json.dumps(trained)}
 
 
+class PushTargetError(Exception):
+    """The ``--push`` service cannot take this run's prompt set (found before training)."""
+
+
+BACKBONE_FIELDS = (("input_size", "input size"), ("fingerprint", "weights (fingerprint)"), ("name", "name"))
+
+
+def backbone_mismatch(service: dict[str, Any], local: dict[str, Any]) -> str | None:
+    """What differs between the service's backbone and this run's, most telling field first, or ``None``."""
+    for key, label in BACKBONE_FIELDS:
+        theirs, ours = service.get(key), local.get(key)
+        if key == "fingerprint":
+            theirs, ours = (str(v)[:16] + "..." if v else v for v in (theirs, ours))
+        if theirs is not None and theirs != ours:
+            return f"backbone {label} differs: the service runs {theirs}, this run trains for {ours}"
+    return None
+
+
+def check_push_target(url: str, api_key: str | None, local: dict[str, Any]) -> None:
+    """Before training: the service answers, accepts the key, and runs this run's backbone.
+
+    Raises:
+        PushTargetError: in plain words, naming what to change.
+    """
+    from lpt.client import ApiError, LptClient  # imported late: only --push needs the HTTP client
+
+    try:
+        with LptClient(url, api_key=api_key, timeout=10.0) as client:
+            remote = client.backbone()
+            client.tasks()  # an authenticated call: a wrong or missing key fails here, not after training
+    except ApiError as exc:
+        raise PushTargetError(f"--push {url}: the service refused ({exc.status} {exc.code}: {exc})") from None
+    except httpx.HTTPError as exc:
+        raise PushTargetError(
+            f"--push {url}: the service does not answer ({exc}); is lpt-serve running there?"
+        ) from None
+    if problem := backbone_mismatch(remote, local):
+        raise PushTargetError(
+            f"--push {url}: {problem}. Train with the service's --backbone, --backbone-weights and --img-size "
+            f"(GET {url.rstrip('/')}/v1/backbone shows them)"
+        )
+
+
 def push(url: str, task: str, api_key: str | None, data: bytes) -> dict[str, Any]:
     from lpt.client import LptClient  # imported late: only --push needs the HTTP client
 
     return LptClient(url, api_key=api_key).push_prompt_set(task, data)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("LPT_API_KEY")
+
+
 def run(args: argparse.Namespace) -> int:
     ctx = setup_distributed(args.device)
     try:
         backbone = load_backbone(args.backbone, args.backbone_weights, args.img_size)
+        if args.push and ctx.is_main:
+            check_push_target(args.push, api_key(args), backbone.info.to_dict())
         train, val = load_data(args, backbone.info.input_size[-1])
         cfg = train_config(args)
         checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt.safetensors"))
@@ -277,7 +327,7 @@ def write_outputs(args: argparse.Namespace, cfg: TrainConfig, info, result) -> N
     if args.plot:
         log.info("wrote %s", plot_report(report, args.plot))
     if args.push:
-        answer = push(args.push, args.task, args.api_key or os.environ.get("LPT_API_KEY"), data)
+        answer = push(args.push, args.task, api_key(args), data)
         log.info("pushed to %s task %s: %s", args.push, args.task, answer)
 
 
@@ -286,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         return run(args)
-    except (LptError, DataError, ValueError, FileNotFoundError) as exc:
+    except (LptError, DataError, PushTargetError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
 
