@@ -129,3 +129,13 @@ async def test_openapi_schema_is_served_offline(backbone, tmp_path):
         for asset in assets:
             got = await c.get(asset)
             assert got.status_code == 200 and len(got.content) > 100, asset
+
+
+async def test_redoc_leads_to_the_offline_docs(backbone, tmp_path):
+    """ReDoc would load its script and fonts from CDNs; /redoc sends readers to the offline Swagger UI instead."""
+    async with serve(make_config(tmp_path), backbone) as (_app, c):
+        r = await c.get("/redoc")
+        assert r.status_code == 308 and r.headers["location"] == "/docs", r.text
+        page = (await c.get("/redoc", follow_redirects=True)).text
+        assert "/docs-static/swagger-ui-bundle.js" in page
+        assert not re.findall(r'(?:src|href)="https?://', page)
