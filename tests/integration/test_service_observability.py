@@ -25,7 +25,7 @@ from tests.integration.service_helpers import (
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
-# Issue 4, "Metrics (names are a contract for dashboards)"; counters carry the exposition's ``_total``.
+# Metric names are a contract for dashboards; counters carry the exposition's ``_total``.
 CONTRACT_METRICS = [
     "lpt_requests_total",
     "lpt_request_duration_seconds",
