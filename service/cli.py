@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 import lpt
 from service.settings import ServiceConfig, ServiceSettings, env_name
 
-log = logging.getLogger("service")
+log = logging.getLogger("service.cli")  # not __name__: it is "__main__" under python -m
 
 
 def flag_name(field_name: str) -> str:
