@@ -104,6 +104,7 @@ def bind(host: str, port: int) -> socket.socket:
 def ready_line(config: ServiceConfig, app: Any, sock: socket.socket) -> str:
     """What the service runs and where: enough to train a set it accepts (name, input size, fingerprint)."""
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     info = app.state.lpt.backbone.info
     size = "x".join(str(v) for v in info.input_size)
     return (
