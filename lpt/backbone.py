@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,70 @@ def fingerprint(name: str, model: torch.nn.Module) -> str:
         h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# What makes a prompt set servable on a backbone, in the order a mismatch is reported: the model's name,
+# then the input size it was built for (it changes the position embeddings), then its weights. The
+# fingerprint covers all three; the other two say which one differs.
+IDENTITY_FIELDS = ("name", "input_size", "fingerprint")
+
+
+def mismatched_field(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str | None:
+    """The first of ``name``, ``input_size``, ``fingerprint`` that differs between two backbones; None if they match.
+
+    Args:
+        expected: a ``BackboneInfo.to_dict()`` (or ``GET /v1/backbone``) of the backbone that will run the set.
+        got: the same keys for the other side; a missing ``input_size`` (older prompt sets) is not compared.
+    """
+    if expected.get("fingerprint") == got.get("fingerprint"):
+        return None
+    for key in IDENTITY_FIELDS:
+        mine, theirs = expected.get(key), got.get(key)
+        if key == "input_size" and (mine is None or theirs is None):
+            continue
+        if _normalised(mine) != _normalised(theirs):
+            return key
+    return "fingerprint"
+
+
+def describe_mismatch(
+    expected: Mapping[str, Any], got: Mapping[str, Any], expected_is: str = "expected", got_is: str = "got"
+) -> str:
+    """One sentence naming what differs between two backbones (name, input size or weights); "" when they match.
+
+    Args:
+        expected: ``BackboneInfo.to_dict()`` or ``GET /v1/backbone`` of the backbone that will run the set.
+        got: the same keys of the backbone the set was (or will be) trained on.
+        expected_is: how the message names the expected side, e.g. "the service runs".
+        got_is: how the message names the other side, e.g. "the prompt set was trained on".
+    """
+    key = mismatched_field(expected, got)
+    if key is None:
+        return ""
+    if key == "name":
+        return f"backbone name differs: {expected_is} {expected.get('name')}, {got_is} {got.get('name')}"
+    if key == "input_size":
+        return (
+            f"backbone input size differs: {expected_is} {_size(expected)}, {got_is} {_size(got)} "
+            f"(both {expected.get('name')})"
+        )
+    sizes_known = bool(expected.get("input_size") and got.get("input_size"))
+    what, same = ("weights differ", "name and input size") if sizes_known else ("weights or input size differ", "name")
+    spec = ""
+    if expected.get("weights") and got.get("weights"):
+        spec = f"; weights {expected['weights']!r} vs {got['weights']!r}"
+    return (
+        f"backbone {what} (same {same}, {expected.get('name')}): {expected_is} fingerprint "
+        f"{str(expected.get('fingerprint'))[:16]}..., {got_is} {str(got.get('fingerprint'))[:16]}...{spec}"
+    )
+
+
+def _normalised(value: Any) -> Any:
+    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _size(info: Mapping[str, Any]) -> str:
+    return "x".join(str(v) for v in info["input_size"])
 
 
 def _data_config(model: VisionTransformer) -> dict[str, Any]:

@@ -79,4 +79,5 @@ def init_prompt_set(
         head_scale=head_scale,
         group_prompts=group_prompts,
         group_keys=group_keys,
+        backbone_input_size=backbone.input_size,
     )

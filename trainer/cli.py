@@ -20,7 +20,8 @@ import httpx
 import torch
 import torch.distributed as dist
 
-from lpt.backbone import load_backbone
+from lpt import __version__
+from lpt.backbone import describe_mismatch, load_backbone
 from lpt.errors import LptError
 from lpt.prompt_set import encode, sha256, validate
 from trainer.config import DistContext, TrainConfig
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an LPT prompt set (phase 1: shared prompt; phase 2: group prompt pool) on a frozen ViT. "
         f"Required, as flags or in --config: {', '.join(_flag(k) for k in REQUIRED)}.",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     io = p.add_argument_group("data and output")
     io.add_argument("--config", help="JSON or YAML file with any of these options (flags override it)")
     io.add_argument(
@@ -120,16 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flag(dest: str) -> str:
     return f"--{dest.replace('_', '-')}"
-
-
-def package_version() -> str:
-    """The installed lpt-serve version (``unknown`` when run from a source tree that is not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lpt-serve")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -238,20 +229,6 @@ class PushTargetError(Exception):
     """The ``--push`` service cannot take this run's prompt set (found before training)."""
 
 
-BACKBONE_FIELDS = (("input_size", "input size"), ("fingerprint", "weights (fingerprint)"), ("name", "name"))
-
-
-def backbone_mismatch(service: dict[str, Any], local: dict[str, Any]) -> str | None:
-    """What differs between the service's backbone and this run's, most telling field first, or ``None``."""
-    for key, label in BACKBONE_FIELDS:
-        theirs, ours = service.get(key), local.get(key)
-        if key == "fingerprint":
-            theirs, ours = (str(v)[:16] + "..." if v else v for v in (theirs, ours))
-        if theirs is not None and theirs != ours:
-            return f"backbone {label} differs: the service runs {theirs}, this run trains for {ours}"
-    return None
-
-
 def check_push_target(url: str, api_key: str | None, local: dict[str, Any]) -> None:
     """Before training: the service answers, accepts the key, and runs this run's backbone.
 
@@ -270,7 +247,7 @@ def check_push_target(url: str, api_key: str | None, local: dict[str, Any]) -> N
         raise PushTargetError(
             f"--push {url}: the service does not answer ({exc}); is lpt-serve running there?"
         ) from None
-    if problem := backbone_mismatch(remote, local):
+    if problem := describe_mismatch(remote, local, "the service runs", "this run trains for"):
         raise PushTargetError(
             f"--push {url}: {problem}. Train with the service's --backbone, --backbone-weights and --img-size "
             f"(GET {url.rstrip('/')}/v1/backbone shows them)"

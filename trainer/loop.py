@@ -299,6 +299,7 @@ class Trainer:
             class_names=self.class_names,
             backbone=self.backbone.info.name,
             backbone_fingerprint=self.backbone.info.fingerprint,
+            backbone_input_size=self.backbone.info.input_size,
             share_blocks=t.share_blocks,
             top_k=t.top_k if with_pool else 1,
             head_scale=t.head_scale,

@@ -297,7 +297,7 @@ async def classify(
     blobs = await multipart_files(request, "image", limit) if multipart else [body]
     entry = await acquire(state, tenant, task, version, deadline)
     try:
-        images = await run_in_threadpool(lambda: [state.decoder(b) for b in blobs])
+        images = await run_in_threadpool(state.decoder.decode_all, blobs)
         items = [WorkItem(tenant=tenant, image=img, payload=entry, deadline=deadline) for img in images]
         state.cache.pin(entry, len(items))
         for item in items:  # each row holds a pin until its future settles, whatever way it settles
