@@ -32,8 +32,7 @@ def check_api_keys(keys: Mapping[str, str]) -> None:
         problem = _weakness(secret)
         if problem:
             raise SystemExit(
-                f"{KEY_VARIABLES}: the API key of tenant {tenant!r} {problem}; "
-                "generate one with: openssl rand -hex 24"
+                f"{KEY_VARIABLES}: the API key of tenant {tenant!r} {problem}; generate one with: openssl rand -hex 24"
             )
 
 
