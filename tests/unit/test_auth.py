@@ -14,7 +14,7 @@ from service.auth import MIN_SECRET_CHARS, Authenticator, check_api_keys
 from service.errors import Unauthorized
 from tests.redis_server import free_port
 
-# The secret docker/env.example once shipped: public, so it must never open a service.
+# A published example secret: anyone can guess it, so it must never open a service.
 OLD_EXAMPLE = "change-me-to-a-long-random-secret"
 
 
