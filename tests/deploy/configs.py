@@ -1,7 +1,9 @@
 """The deployment files (compose, nginx template, Prometheus, Grafana) loaded and rendered the way their
 runtime renders them, so the static checks and the end-to-end topology test use the very same files.
 
-- ``compose()``: docker-compose.yml with ``${VAR}`` interpolation as Compose does it.
+- ``compose()``: docker-compose.yml (the CPU stack) with ``${VAR}`` interpolation as Compose does it;
+  ``compose_gpu_override()``: docker-compose.override.yml, which makes it the GPU stack.
+- ``lpt_secrets()``: docker/lpt_secrets.py, the secrets service and the containers' entrypoint.
 - ``render_nginx()``: docker/nginx/lpt.conf.template through envsubst semantics (the nginx image's
   template step: only the named variables are replaced, nginx's own ``$vars`` stay), with the upstream
   server lines from compose and the compose host names swapped for local addresses.
@@ -15,6 +17,7 @@ import copy
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE_GPU_FILE = REPO / "docker-compose.override.yml"
+SECRETS_SCRIPT = REPO / "docker" / "lpt_secrets.py"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
@@ -33,12 +38,8 @@ GRAFANA_DIR = REPO / "docker" / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "lpt-serve.json"
 ENV_EXAMPLE = REPO / "docker" / "env.example"
 
-# What a user must put in .env (compose refuses to start without them); fake values for the checks.
-REQUIRED_ENV = {
-    "REDIS_PASSWORD": "0123456789abcdef0123456789abcdef",
-    "LPT_API_KEYS": "acme:acme-secret-0123456789",
-    "GRAFANA_ADMIN_PASSWORD": "grafana-secret-0123456789",
-}
+# Secrets: never a default in the repository; empty means generated on first start (docker/lpt_secrets.py).
+SECRET_VARIABLES = ("REDIS_PASSWORD", "LPT_API_KEYS", "LPT_API_KEY", "GRAFANA_ADMIN_PASSWORD")
 
 # The compose job that scrapes lpt-serve replicas, and the nginx environment the template needs.
 LPT_JOB = "lpt-serve"
@@ -73,6 +74,16 @@ def require_file(path: Path, hint: str) -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"{path} is missing but CI must run this check ({hint})")
     pytest.skip(f"{path} is missing ({hint}); CI installs it and fails without it")
+
+
+def run(args: list[str], env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A tool run from the repository root, output captured as text."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A clean environment, so neither the developer's LPT_* variables nor a .env leak into a check."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **(extra or {})}
 
 
 # -- Compose -----------------------------------------------------------------------------------------
@@ -122,8 +133,29 @@ def compose_raw() -> dict[str, Any]:
 
 
 def compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml interpolated with ``env`` (default: only the required secrets, fake)."""
-    return _interpolate_tree(compose_raw(), REQUIRED_ENV if env is None else env)
+    """docker-compose.yml interpolated with ``env`` (default: nothing set, as on a fresh clone)."""
+    return _interpolate_tree(compose_raw(), env or {})
+
+
+def compose_gpu_override(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """docker-compose.override.yml interpolated with ``env`` (default: nothing set)."""
+    return _interpolate_tree(yaml.safe_load(COMPOSE_GPU_FILE.read_text()), env or {})
+
+
+def compose_variables() -> set[str]:
+    """Every variable either compose file reads (``$$`` escapes a literal dollar, not a variable)."""
+    text = COMPOSE_FILE.read_text() + COMPOSE_GPU_FILE.read_text()
+    return {m.group(2) or m.group(5) for m in _VAR.finditer(text) if not m.group(1)}
+
+
+def lpt_secrets():
+    """docker/lpt_secrets.py as a module (it is a script in the image, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lpt_secrets", SECRETS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def env_dict(service: Mapping[str, Any]) -> dict[str, str]:

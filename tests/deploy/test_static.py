@@ -1,19 +1,18 @@
-"""Static checks of the deployment files: what `docker compose up` would run, checked without Docker.
+"""Static checks of the deployment files besides compose (tests/deploy/test_compose.py) and its secrets
+(tests/deploy/test_secrets.py): the Dockerfile, Prometheus, Grafana and nginx, checked without Docker.
 
-Each external tool (docker-compose, hadolint, promtool, nginx) is the real one; a test that needs a tool
+Each external tool (hadolint, promtool, nginx) is the real one; a test that needs a tool
 skips when it is missing on a developer's machine and fails in CI (``CI`` set), which installs them all.
 """
 
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import re
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import yaml
@@ -22,158 +21,6 @@ from tests.deploy import configs as cfg
 
 # Local stand-ins for the compose replicas (configs are rendered and checked, nothing connects to them).
 LOCAL = {"service": "127.0.0.1:18001", "service-2": "127.0.0.1:18002"}
-COMPOSE_SPEC_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
-
-
-def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=cfg.REPO)
-
-
-def _compose_cli_env(extra: dict[str, str]) -> dict[str, str]:
-    """A clean environment, so neither the developer's LPT_* variables nor a .env leak into the check."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **extra}
-
-
-# -- docker-compose.yml ------------------------------------------------------------------------------
-
-
-def test_compose_file_validates_with_docker_compose(tmp_path):
-    exe = cfg.require_binary("docker-compose")
-    empty_env_file = tmp_path / "empty.env"
-    empty_env_file.write_text("")
-    args = [exe, "--env-file", str(empty_env_file), "-f", str(cfg.COMPOSE_FILE), "--project-directory", str(cfg.REPO)]
-    profiles = ["--profile", "train", "--profile", "scale"]
-    done = _run([*args, *profiles, "config", "-q"], env=_compose_cli_env(cfg.REQUIRED_ENV))
-    assert done.returncode == 0, done.stderr
-    listed = _run([*args, *profiles, "config", "--services"], env=_compose_cli_env(cfg.REQUIRED_ENV))
-    assert listed.returncode == 0, listed.stderr
-    assert set(listed.stdout.split()) == {"redis", "service", "prometheus", "grafana", "trainer", "service-2", "nginx"}
-
-    # Secrets have no defaults: without them compose refuses, naming the variable.
-    for name in cfg.REQUIRED_ENV:
-        env = {k: v for k, v in cfg.REQUIRED_ENV.items() if k != name}
-        refused = _run([*args, "config", "-q"], env=_compose_cli_env(env))
-        assert refused.returncode != 0, f"compose started without {name}"
-        assert name in refused.stderr + refused.stdout
-
-
-def test_compose_file_matches_compose_spec_schema():
-    """The compose spec's JSON schema, as shipped by Debian's docker-compose package (not vendored)."""
-    import jsonschema
-
-    schema_path = cfg.require_file(COMPOSE_SPEC_SCHEMA, "apt-get install docker-compose")
-    schema = json.loads(schema_path.read_text())
-    assert "2019-09" in schema["$schema"]
-    validator_cls = jsonschema.Draft201909Validator
-    validator_cls.check_schema(schema)
-    errors = sorted(validator_cls(schema).iter_errors(cfg.compose()), key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
-    # The schema is strict: an unknown key is an error, so this check can fail.
-    broken = cfg.compose()
-    broken["services"]["service"]["restrt"] = "always"
-    assert list(validator_cls(schema).iter_errors(broken))
-
-
-def test_required_secrets_have_no_defaults():
-    for name in cfg.REQUIRED_ENV:
-        env = {k: v for k, v in cfg.REQUIRED_ENV.items() if k != name}
-        with pytest.raises(cfg.MissingVariable, match=name):
-            cfg.compose(env)
-
-
-def _gpu_devices(svc: dict) -> list[dict]:
-    return svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-
-
-def _publishes(svc: dict) -> list[str]:
-    return [str(p) for p in svc.get("ports", [])]
-
-
-def test_compose_topology():
-    doc = cfg.compose()
-    services = doc["services"]
-    default = {name for name, svc in services.items() if not svc.get("profiles")}
-    assert default == {"redis", "service", "prometheus", "grafana"}
-    assert services["trainer"]["profiles"] == ["train"]
-    assert services["nginx"]["profiles"] == ["scale"]
-    assert services["service-2"]["profiles"] == ["scale"]
-
-    # Redis: AOF on, password, not published, health-checked, on a volume.
-    redis = services["redis"]
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--appendfsync") + 1] in ("always", "everysec")
-    assert command[command.index("--requirepass") + 1] == cfg.REQUIRED_ENV["REDIS_PASSWORD"]
-    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
-    assert "ports" not in redis, "Redis must not be published to the host"
-    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
-    assert any(v.startswith("redis-data:/data") for v in redis["volumes"])
-
-    # Every lpt-serve replica: GPU, healthy Redis first, config by environment, hub cache volume, its own id.
-    replicas = cfg.lpt_replicas(doc)
-    assert replicas[:2] == ["service", "service-2"], replicas
-    ids = set()
-    for name in replicas:
-        svc = services[name]
-        env = cfg.env_dict(svc)
-        ids.add(env["LPT_REPLICA_ID"])
-        gpus = _gpu_devices(svc)
-        assert gpus and all("gpu" in d["capabilities"] for d in gpus), f"{name}: no GPU reservation"
-        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-        assert env["LPT_STORE"] == f"redis://:{cfg.REQUIRED_ENV['REDIS_PASSWORD']}@redis:6379/0"
-        assert env["LPT_API_KEYS"] == cfg.REQUIRED_ENV["LPT_API_KEYS"]
-        assert env["LPT_HOST"] == "0.0.0.0" and env["LPT_PORT"] == "8000"
-        assert any(v.startswith("hub-cache:/home/lpt/.cache/huggingface") for v in svc["volumes"])
-        assert any(v.endswith(":/weights:ro") for v in svc["volumes"])
-        assert "lpt-healthcheck.py" in " ".join(svc["healthcheck"]["test"])
-        # Docker's SIGKILL must come after the service's own graceful shutdown.
-        assert _seconds(svc["stop_grace_period"]) > float(env["LPT_SHUTDOWN_TIMEOUT"])
-        # The GPU service is reached by the user on loopback only, by default.
-        assert all(p.startswith("127.0.0.1:") for p in _publishes(svc))
-    assert len(ids) == len(replicas), "each replica needs its own LPT_REPLICA_ID"
-
-    # Monitoring is published on loopback only; /metrics never leaves the host.
-    for name in ("prometheus", "grafana", "nginx"):
-        assert all(p.startswith("127.0.0.1:") for p in _publishes(services[name])), name
-    assert cfg.env_dict(services["grafana"])["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
-
-    # Trainer: one-shot, same image, pushes to the service once it is healthy.
-    trainer = services["trainer"]
-    cmd = trainer["command"]
-    assert cmd[0] == "lpt-train" and trainer["restart"] == "no"
-    assert cmd[cmd.index("--push") + 1] == "http://service:8000"
-    for flag in ("--train", "--val", "--backbone", "--backbone-weights", "--out", "--report", "--task", "--api-key"):
-        assert flag in cmd, flag
-    assert trainer["image"] == services["service"]["image"]
-    assert trainer["depends_on"]["service"]["condition"] == "service_healthy"
-    assert _gpu_devices(trainer)
-
-    # nginx fronts every replica, after they are healthy.
-    nginx = services["nginx"]
-    assert set(nginx["depends_on"]) == set(replicas)
-    upstream = [h.split(":")[0] for h in cfg.upstream_hosts(cfg.nginx_env(doc)["LPT_UPSTREAM_SERVERS"])]
-    assert sorted(upstream) == sorted(replicas)
-
-    # Files the containers mount exist in the repository.
-    for name, svc in services.items():
-        for vol in svc.get("volumes", []):
-            source = vol.split(":")[0]
-            if source.startswith("./docker"):
-                assert (cfg.REPO / source).exists(), f"{name} mounts missing {source}"
-
-
-def _seconds(duration: str) -> float:
-    m = re.fullmatch(r"(\d+)(s|m)", str(duration))
-    assert m, duration
-    return int(m.group(1)) * (60 if m.group(2) == "m" else 1)
-
-
-def test_env_example_names_every_required_variable():
-    text = cfg.ENV_EXAMPLE.read_text()
-    defined = set(re.findall(r"^([A-Z0-9_]+)=", text, flags=re.M))
-    used = set(re.findall(r"\$\{([A-Z0-9_]+)", cfg.COMPOSE_FILE.read_text()))
-    assert set(cfg.REQUIRED_ENV) <= defined
-    assert not (defined - used - {"LPT_API_KEY"}), f"env.example sets variables compose never reads: {defined - used}"
 
 
 # -- Dockerfile --------------------------------------------------------------------------------------
@@ -181,7 +28,7 @@ def test_env_example_names_every_required_variable():
 
 def test_dockerfile_passes_hadolint():
     exe = cfg.require_binary("hadolint")
-    done = _run([exe, "--no-color", str(cfg.DOCKERFILE)])
+    done = cfg.run([exe, "--no-color", str(cfg.DOCKERFILE)])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -198,13 +45,20 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 
 def test_dockerfile_contract():
     ins = _instructions(cfg.DOCKERFILE.read_text())
+    # One stage from one base named by a build argument: a CPU build pulls no CUDA image, with or without
+    # BuildKit (the legacy builder builds every stage of a file).
     froms = [rest for word, rest in ins if word == "FROM"]
-    assert any(f.startswith("${CUDA_BASE}") for f in froms) and any(f.startswith("${CPU_BASE}") for f in froms)
-    args = " ".join(rest for word, rest in ins if word == "ARG")
-    assert "VARIANT=cuda" in args and "pytorch/pytorch:" in args and "runtime" in args
-    assert "download.pytorch.org/whl/cpu" in args, "CPU variant installs torch's CPU wheels"
-    final = max(i for i, (word, _) in enumerate(ins) if word == "FROM")
-    assert ins[final][1].startswith("base-${VARIANT}")
+    assert froms == ["${BASE_IMAGE}"]
+    final = 0
+    args = dict(rest.partition("=")[::2] for word, rest in ins if word == "ARG")
+    assert args["BASE_IMAGE"].startswith("python:3.11-slim"), "the default build is the CPU image"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu", "CPU torch wheels"
+    gpu_base = cfg.compose_gpu_override()["services"]["service"]["build"]["args"]["BASE_IMAGE"]
+    assert gpu_base.startswith("pytorch/pytorch:") and gpu_base.endswith("-runtime")
+    assert ins[0] == ("ARG", f"BASE_IMAGE={args['BASE_IMAGE']}"), "an ARG used in FROM comes before it"
+    runs = " ".join(rest for word, rest in ins if word == "RUN")
+    assert "--find-links /tmp/wheels" in runs and "assert torch.version.cuda is None" in runs
+    assert "lpt_secrets.py /usr/local/lib/lpt-secrets.py" in " ".join(rest for word, rest in ins if word == "COPY")
 
     users = [rest for word, rest in ins[final:] if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root"), "the final stage must run as a non-root user"
@@ -290,12 +144,12 @@ def test_healthcheck_script(status, expected):
 
 def test_prometheus_config_passes_promtool(tmp_path):
     exe = cfg.require_binary("promtool")
-    done = _run([exe, "check", "config", str(cfg.PROMETHEUS_FILE)])
+    done = cfg.run([exe, "check", "config", str(cfg.PROMETHEUS_FILE)])
     assert done.returncode == 0, done.stdout + done.stderr
     # The variant the topology test runs is valid too.
     local = tmp_path / "prometheus.yml"
     local.write_text(yaml.safe_dump(cfg.local_prometheus_config(LOCAL)))
-    done = _run([exe, "check", "config", str(local)])
+    done = cfg.run([exe, "check", "config", str(local)])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -370,7 +224,7 @@ def test_dashboard_promql_parses_with_promtool(tmp_path):
     rules = [{"record": f"dashboard:expr_{i}", "expr": cfg.grafana_to_promql(e)} for i, e in enumerate(exprs)]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    done = _run([exe, "check", "rules", str(path)])
+    done = cfg.run([exe, "check", "rules", str(path)])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -451,9 +305,9 @@ def test_nginx_config_passes_nginx_t(tmp_path):
     snippet.write_text(cfg.render_nginx("127.0.0.1:18000", LOCAL))
     main = tmp_path / "nginx.conf"
     main.write_text(cfg.nginx_main_conf(tmp_path, snippet))
-    done = _run([exe, "-t", "-p", str(tmp_path), "-c", str(main)])
+    done = cfg.run([exe, "-t", "-p", str(tmp_path), "-c", str(main)])
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
     # And it can fail: a broken directive is caught.
     snippet.write_text(snippet.read_text().replace("hash $arg_task consistent;", "hash $arg_task sometimes;"))
-    assert _run([exe, "-t", "-p", str(tmp_path), "-c", str(main)]).returncode != 0
+    assert cfg.run([exe, "-t", "-p", str(tmp_path), "-c", str(main)]).returncode != 0

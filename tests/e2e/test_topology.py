@@ -104,10 +104,11 @@ class Topology:
     procs: list[Proc]
 
 
-def _replica_env(name: str, port: int, store: str, data_dir: Path) -> dict[str, str]:
-    """The environment compose gives replica ``name``, with what differs on this machine replaced: loopback,
-    the local Redis, a small seeded backbone on CPU, a data dir per replica."""
-    env = cfg.env_dict(cfg.compose({**cfg.REQUIRED_ENV, "LPT_API_KEYS": f"{TENANT}:{SECRET}"})["services"][name])
+def _replica_env(name: str, port: int, store: str, data_dir: Path, secrets_dir: Path) -> dict[str, str]:
+    """The environment compose gives replica ``name`` as its entrypoint (docker/lpt_secrets.py) completes it
+    from the secrets in ``secrets_dir``, with what differs on this machine replaced: loopback, the local
+    Redis, a small seeded backbone on CPU, a data dir per replica."""
+    env = cfg.lpt_secrets().service_environment(secrets_dir, cfg.env_dict(cfg.compose()["services"][name]))
     model, weights, img_size = BACKBONE
     env.update(
         LPT_HOST="127.0.0.1",
@@ -141,12 +142,15 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
     try:
         redis.start()
         doc = cfg.compose()
+        # The secrets service's files, from the .env values a user would set.
+        secrets_dir = root / "secrets"
+        cfg.lpt_secrets().init(secrets_dir, {"LPT_API_KEYS": f"{TENANT}:{SECRET}", "REDIS_PASSWORD": REDIS_PASSWORD})
         names = cfg.lpt_replicas(doc)
         assert names == ["service", "service-2"], names
         replicas = {n: f"127.0.0.1:{free_port()}" for n in names}
         ids = {}
         for n in names:
-            env = _replica_env(n, int(replicas[n].rsplit(":", 1)[1]), redis.url, root / n)
+            env = _replica_env(n, int(replicas[n].rsplit(":", 1)[1]), redis.url, root / n, secrets_dir)
             ids[n] = env["LPT_REPLICA_ID"]
             procs.append(Proc(n, _serve_command(), root / f"{n}.log", env).start())
 
