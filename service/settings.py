@@ -183,9 +183,10 @@ def _parse_keys(inline: str | None, path: Path | None) -> dict[str, str]:
         tenant, sep, secret = pair.strip().partition(":")
         if not sep or not secret:
             raise SystemExit("API keys must be 'tenant:secret' pairs (the secret is not shown here)")
-        if len(secret) < 8:
-            raise SystemExit(f"the API key of tenant {tenant!r} is shorter than 8 characters")
         keys[check_tenant_id(tenant)] = secret
+    from service.auth import check_api_keys  # late: auth imports this module's DEFAULT_TENANT
+
+    check_api_keys(keys)  # refused here, before the backbone loads, with the rule the authenticator applies
     return keys
 
 

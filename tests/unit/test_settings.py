@@ -101,11 +101,11 @@ def test_a_bad_value_names_its_flag_and_variable(monkeypatch):
 
 def test_api_keys_from_variable_flag_and_file(monkeypatch, tmp_path):
     keys_file = tmp_path / "keys"
-    keys_file.write_text("# tenants\nglobex:globex-secret-1\n")
-    monkeypatch.setenv("LPT_API_KEYS", "acme:acme-secret-1")
+    keys_file.write_text("# tenants\nglobex:globex-secret-0001\n")
+    monkeypatch.setenv("LPT_API_KEYS", "acme:acme-secret-0001")
     config = load_config(["--api-keys-file", str(keys_file), "--device", "cpu"])
-    assert config.api_keys == {"acme": "acme-secret-1", "globex": "globex-secret-1"}
-    assert "acme-secret-1" not in repr(config)
+    assert config.api_keys == {"acme": "acme-secret-0001", "globex": "globex-secret-0001"}
+    assert "acme-secret-0001" not in repr(config)
     config = load_config(["--api-keys", "initech:initech-secret-1", "--device", "cpu"])
     assert config.api_keys == {"initech": "initech-secret-1"}
 
