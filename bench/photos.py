@@ -1,0 +1,408 @@
+"""Photos as users send them: end-to-end img/s of camera-size JPEGs and a large PNG against small images.
+
+Throughput (default): a real ``lpt-serve`` subprocess (the ``bench http`` machinery: same server start, same
+load-generator process, same correctness check before timing) serves one task. Kinds of image, each a handful
+of distinct deterministic "photos" (CIFAR-10 test images upscaled to the size, plus noise so the files carry
+real entropy; seeded noise pictures when the CIFAR zip is absent): ``small`` (the 32 px CIFAR JPEGs themselves),
+0.3, 2 and 12 MP JPEGs and a 3 MP PNG. Every repeat runs one closed-loop window per kind, the kinds interleaved
+with the starting kind rotating; ``img/s`` is the median over repeats and ``vs small`` the median of the
+per-repeat ratios. Decode cost per image is the CPU time of the service's decoder (checks, reduced decode,
+orientation, timm eval transform) and, for comparison, of a full-resolution decode with the same transform.
+
+Agreement (``--agreement``): CIFAR-10 test images upscaled to photo sizes (0.3 / 2 / 12 MP in turn), each decoded
+both ways; the share of images whose top-1 is the same under the reduced and the full-resolution decode, for a
+CIFAR-10 cosine head (class means of DeiT features of CIFAR training images) and for DeiT's own ImageNet-1k
+head. Next to it, the same share for a trivial change (the photo saved at JPEG quality 85 instead of 90): how
+stable each head's top-1 is on these images in the first place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import secrets
+import statistics
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+from bench.common import CIFAR_ZIP, DTYPES, CheckFailed, LptServe, ServeOptions, default_weights, run_cli, run_metadata
+from bench.http_e2e import HttpConfig, check_responses, upload_scenarios
+from bench.loadgen import LoadProcess, LoadSpec
+from lpt.backbone import load_backbone
+from service.engine import Engine
+from service.images import ImageDecoder
+
+TARGET_RATIO = 0.6  # 12 MP JPEG end to end against small images
+TARGET_AGREEMENT = 0.99
+MAX_BYTES, MAX_PIXELS = 10 * 1024 * 1024, 40_000_000  # the service's defaults
+NOISE_SIGMA = 10.0  # grey levels: a 12 MP JPEG at quality 90 is then ~3.7 MB, as a camera's
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of image: a name, the photo size (None: the CIFAR JPEG as it is) and the format."""
+
+    name: str
+    size: tuple[int, int] | None
+    fmt: str = "JPEG"
+
+
+KINDS = [
+    Kind("small", None),
+    Kind("0.3MP", (640, 480)),
+    Kind("2MP", (1632, 1224)),
+    Kind("12MP", (4000, 3000)),
+    Kind("3MP-png", (2048, 1536), "PNG"),
+]
+AGREEMENT_SIZES = [(640, 480), (1632, 1224), (4000, 3000)]
+
+
+@dataclass
+class PhotosConfig:
+    """Defaults: DeiT-Tiny 224 px on the CPU, the service's batching defaults, 16 closed-loop clients."""
+
+    backbone: str = "deit_tiny_patch16_224"
+    weights: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    cifar_zip: Path = CIFAR_ZIP
+    per_kind: int = 8
+    concurrency: int = 16
+    duration_s: float = 20.0
+    warmup_s: float = 3.0
+    repeats: int = 3
+    decode_repeats: int = 3
+    server_threads: int | None = None
+    agreement: bool = False
+    count: int = 300
+    per_class: int = 50
+    seed: int = 0
+    kinds: list[str] = field(default_factory=lambda: [k.name for k in KINDS])
+
+
+# ------------------------------------------------------------------------------------------------ the photos
+def base_images(count: int, cifar_zip: Path, seed: int = 0) -> list[tuple[bytes, Image.Image]]:
+    """``count`` CIFAR-10 test JPEGs spread over the classes (bytes and RGB image); seeded noise without the zip."""
+    if Path(cifar_zip).is_file():
+        with zipfile.ZipFile(cifar_zip) as zf:
+            names = sorted(n for n in zf.namelist() if n.startswith("test/") and n.endswith(".jpg"))
+            step = max(1, len(names) // count)
+            datas = [zf.read(n) for n in names[::step][:count]]
+        return [(d, Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        out.append((encode(img, "JPEG"), img))
+    return out
+
+
+def upscale(image: Image.Image, size: tuple[int, int], seed: int) -> Image.Image:
+    """``image`` resized (bicubic) to ``size`` plus seeded Gaussian noise: a deterministic photo with entropy."""
+    big = np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+    noise = np.random.default_rng(seed).standard_normal(big.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(big + NOISE_SIGMA * noise, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {"compress_level": 1}))
+    return buf.getvalue()
+
+
+def make_kind(kind: Kind, bases: list[tuple[bytes, Image.Image]], seed: int) -> list[bytes]:
+    if kind.size is None:
+        return [data for data, _ in bases]
+    return [encode(upscale(img, kind.size, seed + i), kind.fmt) for i, (_, img) in enumerate(bases)]
+
+
+# ------------------------------------------------------------------------------------------------ decode cost
+def cpu_ms(fn: Callable[[bytes], Any], datas: list[bytes], repeats: int) -> float:
+    """Median CPU milliseconds of this thread per call of ``fn`` (descheduled time on a shared machine left out).
+
+    Torch runs single-threaded meanwhile: the transform's small tensor ops would otherwise count OpenMP spin-waits.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        for _ in range(repeats):
+            for data in datas:
+                start = time.thread_time()
+                fn(data)
+                times.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 1e3 * statistics.median(times)
+
+
+def decoders(backbone) -> tuple[ImageDecoder, ImageDecoder]:
+    """The service's decoder, and the same checks and transform decoding every image at full resolution."""
+    reduced = ImageDecoder(backbone.eval_transform, MAX_BYTES, MAX_PIXELS)
+    full = ImageDecoder(backbone.eval_transform.transform, MAX_BYTES, MAX_PIXELS)  # plain timm: no resize side
+    return reduced, full
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def run_photos(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
+    """Dispatch: throughput over HTTP, or the top-1 agreement of reduced and full decodes."""
+    return run_agreement(cfg, argv, log) if cfg.agreement else run_throughput(cfg, argv, log)
+
+
+def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
+    device = torch.device(cfg.device)
+    weights = cfg.weights or default_weights(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, weights).to(device)
+    engine = Engine(backbone, device, DTYPES[cfg.dtype])
+    reduced, full = decoders(backbone)
+    bases = base_images(cfg.per_kind, cfg.cifar_zip, cfg.seed)
+    kinds = [k for k in KINDS if k.name in cfg.kinds or k.name == "small"]  # small: what every kind is measured by
+    log(f"photos: generating {cfg.per_kind} images of each kind ({', '.join(k.name for k in kinds)})")
+    images = {k.name: make_kind(k, bases, cfg.seed + 1000 * i) for i, k in enumerate(KINDS) if k in kinds}
+    report: dict[str, Any] = {
+        "benchmark": "photos",
+        "config": {**asdict(cfg), "weights": backbone.info.weights, "cifar": Path(cfg.cifar_zip).is_file()},
+        "machine": run_metadata(device, ["photos", *argv]),
+        "kinds": {},
+    }
+    for k in kinds:
+        datas = images[k.name]
+        first = Image.open(io.BytesIO(datas[0]))
+        row = report["kinds"][k.name] = {
+            "size": list(first.size),
+            "format": first.format,
+            "mean_bytes": sum(map(len, datas)) / len(datas),
+            "decode_cpu_ms": cpu_ms(reduced, datas, cfg.decode_repeats),
+            "full_decode_cpu_ms": cpu_ms(full, datas, cfg.decode_repeats),
+            "runs": [],
+        }
+        log(f"  {k.name}: decode {row['decode_cpu_ms']:.1f} ms CPU (full resolution {row['full_decode_cpu_ms']:.1f})")
+
+    keys = {"bench0": secrets.token_hex(16)}
+    opts = ServeOptions(
+        backbone=cfg.backbone, weights=weights, device=cfg.device, dtype=cfg.dtype, threads=cfg.server_threads
+    )
+    http_cfg = HttpConfig(backbone=cfg.backbone, scenarios=["1task"], classes=10)
+    with LptServe(opts, keys) as serve, httpx.Client(timeout=120.0) as client, LoadProcess() as load:
+        if client.get(f"{serve.url}/v1/backbone").json()["fingerprint"] != backbone.info.fingerprint:
+            raise CheckFailed("the server runs another backbone than the benchmark")
+        scenarios = upload_scenarios(serve, client, http_cfg, backbone, device, cfg.dtype)
+        atol = 1e-4 if cfg.dtype == "float32" else 2e-2
+        for k in kinds:  # the server must answer what the shared decoder + engine give, for every kind
+            tensors = [reduced(d) for d in images[k.name]]
+            diff = check_responses(serve, scenarios, engine, images[k.name], tensors, atol)["1task"]
+            report["kinds"][k.name]["check_max_diff"] = diff
+        log("  checks passed: HTTP answers equal the engine on the shared decoder for every kind")
+        targets = scenarios["1task"].targets
+        for rep in range(cfg.repeats):
+            order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+            for k in order:
+                spec = LoadSpec(
+                    url=serve.url,
+                    targets=targets,
+                    images=images[k.name],
+                    concurrency=cfg.concurrency,
+                    duration_s=cfg.duration_s,
+                    warmup_s=cfg.warmup_s,
+                    seed=cfg.seed + rep,
+                )
+                res = load.run(spec)
+                res.pop("latencies_s")
+                report["kinds"][k.name]["runs"].append(res)
+                log(f"  rep {rep} {k.name}: {res['images_per_s']:.1f} img/s, errors {res['error_rate']:.3f}")
+        report["server_log_tail"] = serve.log_tail(10)
+    summarise(report)
+    return report
+
+
+def summarise(report: dict[str, Any]) -> None:
+    """Median img/s per kind and the median over repeats of each repeat's ratio to the small images."""
+    small = [r["images_per_s"] for r in report["kinds"]["small"]["runs"]]
+    for row in report["kinds"].values():
+        ips = [r["images_per_s"] for r in row["runs"]]
+        row["images_per_s"] = statistics.median(ips)
+        row["vs_small"] = statistics.median(a / b for a, b in zip(ips, small, strict=True) if b > 0)
+        row["error_rate"] = max(r["error_rate"] for r in row["runs"])
+
+
+# ------------------------------------------------------------------------------------------------ agreement
+def class_means(model: torch.nn.Module, transform, cifar_zip: Path, per_class: int, device) -> torch.Tensor | None:
+    """``[10, D]`` unit-length mean DeiT features of ``per_class`` CIFAR-10 training JPEGs per class: a cosine
+    nearest-class-mean head for the ten classes the photos show (the shape of head LPT puts on the backbone)."""
+    if not Path(cifar_zip).is_file():
+        return None
+    with zipfile.ZipFile(cifar_zip) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith("train/") and n.endswith(".jpg"))
+        classes = sorted({n.split("/")[1] for n in names})
+        means = []
+        for c in classes:
+            members = [n for n in names if n.split("/")[1] == c][:per_class]
+            batch = torch.stack([transform(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in members])
+            means.append(torch.nn.functional.normalize(features(model, batch.to(device)), dim=-1).mean(0))
+    return torch.nn.functional.normalize(torch.stack(means), dim=-1)
+
+
+def features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.forward_head(model.forward_features(batch), pre_logits=True)
+
+
+def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
+    """Per image: the service's reduced decode, a full-resolution decode, and (the noise floor of the measure) a
+    full decode of the same photo saved at JPEG quality 85; top-1 under the CIFAR-10 head and DeiT's ImageNet head."""
+    device = torch.device(cfg.device)
+    weights = cfg.weights or default_weights(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, weights)
+    model = imagenet_classifier(cfg.backbone, weights).to(device)
+    reduced, full = decoders(backbone)
+    means = class_means(model, backbone.eval_transform, cfg.cifar_zip, cfg.per_class, device)
+    heads = {"imagenet1k": None} if means is None else {"cifar10": means, "imagenet1k": None}
+    counts = {f"{h}/{v}": 0 for h in heads for v in ("reduced", "requality")}
+    per_size: dict[str, dict[str, int]] = {}
+    worst: dict[str, float] = dict.fromkeys(heads, 0.0)
+    bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
+    log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
+    for i, (_, img) in enumerate(bases):
+        size = AGREEMENT_SIZES[i % len(AGREEMENT_SIZES)]
+        photo = upscale(img, size, cfg.seed + i)
+        data, requality = encode(photo, "JPEG"), encode(photo, "JPEG", quality=85)
+        feats = features(model, torch.stack([full(data), reduced(data), full(requality)]).to(device))
+        row = per_size.setdefault(f"{size[0]}x{size[1]}", {"images": 0, **dict.fromkeys(heads, 0)})
+        row["images"] += 1
+        for head, weight in heads.items():
+            if weight is None:
+                probs = model.get_classifier()(feats).softmax(-1)
+            else:
+                probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
+            top = probs.argmax(-1).tolist()
+            counts[f"{head}/reduced"] += top[1] == top[0]
+            counts[f"{head}/requality"] += top[2] == top[0]
+            row[head] += top[1] == top[0]
+            worst[head] = max(worst[head], float((probs[1] - probs[0]).abs().max()))
+        if (i + 1) % 50 == 0:
+            log(f"  {i + 1} images: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    total = len(bases)
+    return {
+        "benchmark": "photos-agreement",
+        "config": {**asdict(cfg), "weights": backbone.info.weights, "cifar": Path(cfg.cifar_zip).is_file()},
+        "machine": run_metadata(device, ["photos", *argv]),
+        "images": total,
+        "heads": list(heads),
+        "agreement": {k: v / max(1, total) for k, v in counts.items()},
+        "max_prob_diff": worst,
+        "per_size": per_size,
+    }
+
+
+def imagenet_classifier(name: str, weights: str) -> torch.nn.Module:
+    """The backbone with its own ImageNet-1k head (the weights file carries it), in eval mode."""
+    if weights.startswith("random:"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(weights.split(":", 1)[1]))
+            model = timm.create_model(name, pretrained=False)
+    else:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights})
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _ok(flag: bool) -> str:
+    return "ok" if flag else "MISS"
+
+
+def agreement_cell(report: dict[str, Any], head: str) -> str:
+    share = report["agreement"][f"{head}/reduced"]
+    return f"{share:.1%} ({_ok(share >= TARGET_AGREEMENT)} >= {TARGET_AGREEMENT:.0%})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    if report["benchmark"] == "photos-agreement":
+        heads = report["heads"]
+        lines = ["| photo size | images | " + " | ".join(f"same top-1, {h}" for h in heads) + " |"]
+        lines.append("|---|---:|" + "---:|" * len(heads))
+        for size, row in report["per_size"].items():
+            cells = " | ".join(f"{row[h] / row['images']:.1%}" for h in heads)
+            lines.append(f"| {size} | {row['images']} | {cells} |")
+        lines.append(f"| all | {report['images']} | " + " | ".join(agreement_cell(report, h) for h in heads) + " |")
+        lines.append(
+            "\nnoise floor (full decode of the photo saved at quality 85 against quality 90): "
+            + ", ".join(f"{h} {report['agreement'][h + '/requality']:.1%}" for h in heads)
+            + "; largest probability difference, reduced vs full: "
+            + ", ".join(f"{h} {report['max_prob_diff'][h]:.3f}" for h in heads)
+        )
+        return "\n".join(lines)
+    lines = [
+        "| kind | size | format | mean KB | img/s | vs small | errors % | decode CPU ms | full decode CPU ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in report["kinds"].items():
+        lines.append(
+            f"| {name} | {row['size'][0]}x{row['size'][1]} | {row['format']} | {row['mean_bytes'] / 1024:.0f} "
+            f"| {row['images_per_s']:.1f} | {row['vs_small']:.2f} | {100 * row['error_rate']:.1f} "
+            f"| {row['decode_cpu_ms']:.1f} | {row['full_decode_cpu_ms']:.1f} |"
+        )
+    if "12MP" in report["kinds"]:
+        ratio = report["kinds"]["12MP"]["vs_small"]
+        lines.append(f"\n12 MP JPEG vs small images: {ratio:.2f} ({_ok(ratio >= TARGET_RATIO)} >= {TARGET_RATIO})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
+    d = PhotosConfig()
+    p = argparse.ArgumentParser(prog="python -m bench photos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default=d.backbone)
+    p.add_argument("--weights", default=None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
+    p.add_argument("--cifar-zip", type=Path, default=d.cifar_zip, help="CIFAR-10 JPEG zip the photos start from")
+    p.add_argument("--per-kind", type=int, default=d.per_kind, help="distinct images of each kind")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help="closed-loop clients")
+    p.add_argument("--duration", type=float, default=d.duration_s, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=d.warmup_s, help="unmeasured lead-in seconds per run")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="rounds over all kinds (start rotating)")
+    p.add_argument("--decode-repeats", type=int, default=d.decode_repeats)
+    p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--kinds", default=",".join(d.kinds), help="kinds to run (small always runs)")
+    p.add_argument("--agreement", action="store_true", help="top-1 agreement of reduced and full decodes instead")
+    p.add_argument("--count", type=int, default=d.count, help="images of the agreement run")
+    p.add_argument("--per-class", type=int, default=d.per_class, help="CIFAR-10 training images per class mean")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    unknown = set(a.kinds.split(",")) - {k.name for k in KINDS} - {""}
+    if unknown:
+        p.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(k.name for k in KINDS)}")
+    cfg = PhotosConfig(
+        backbone=a.backbone,
+        weights=a.weights,
+        device=a.device,
+        dtype=a.dtype,
+        cifar_zip=a.cifar_zip,
+        per_kind=a.per_kind,
+        concurrency=a.concurrency,
+        duration_s=a.duration,
+        warmup_s=a.warmup,
+        repeats=a.repeats,
+        decode_repeats=a.decode_repeats,
+        server_threads=a.server_threads,
+        agreement=a.agreement,
+        count=a.count,
+        per_class=a.per_class,
+        seed=a.seed,
+        kinds=[k.strip() for k in a.kinds.split(",") if k.strip()],
+    )
+    return cfg, a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("photos", argv, parse_args, run_photos, markdown)
