@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import secrets
 import statistics
 import time
@@ -35,8 +36,19 @@ import timm
 import torch
 from PIL import Image
 
-from bench.common import CIFAR_ZIP, DTYPES, CheckFailed, LptServe, ServeOptions, default_weights, run_cli, run_metadata
-from bench.http_e2e import HttpConfig, check_responses, upload_scenarios
+from bench.common import (
+    CIFAR_ZIP,
+    DTYPES,
+    CheckFailed,
+    LptServe,
+    ServeOptions,
+    default_weights,
+    latency_summary,
+    run_cli,
+    run_metadata,
+    scrape,
+)
+from bench.http_e2e import HttpConfig, batch_stats, check_responses, upload_scenarios
 from bench.loadgen import LoadProcess, LoadSpec
 from lpt.backbone import load_backbone
 from service.engine import Engine
@@ -216,10 +228,15 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
                     warmup_s=cfg.warmup_s,
                     seed=cfg.seed + rep,
                 )
+                before = scrape(client, serve.url)
                 res = load.run(spec)
-                res.pop("latencies_s")
+                res.update(batch_stats(before, scrape(client, serve.url)))
+                res["latency"] = latency_summary(res.pop("latencies_s"))
                 report["kinds"][k.name]["runs"].append(res)
-                log(f"  rep {rep} {k.name}: {res['images_per_s']:.1f} img/s, errors {res['error_rate']:.3f}")
+                log(
+                    f"  rep {rep} {k.name}: {res['images_per_s']:.1f} img/s, mean batch {res['mean_batch']:.1f}, "
+                    f"p50 {res['latency']['p50_ms']:.0f} ms, errors {res['error_rate']:.3f}"
+                )
         report["server_log_tail"] = serve.log_tail(10)
     summarise(report)
     return report
@@ -233,6 +250,8 @@ def summarise(report: dict[str, Any]) -> None:
         row["images_per_s"] = statistics.median(ips)
         row["vs_small"] = statistics.median(a / b for a, b in zip(ips, small, strict=True) if b > 0)
         row["error_rate"] = max(r["error_rate"] for r in row["runs"])
+        row["mean_batch"] = statistics.median(r.get("mean_batch", 0.0) for r in row["runs"])
+        row["p50_ms"] = statistics.median(r.get("latency", {}).get("p50_ms", math.nan) for r in row["runs"])
 
 
 # ------------------------------------------------------------------------------------------------ agreement
@@ -342,13 +361,15 @@ def markdown(report: dict[str, Any]) -> str:
         )
         return "\n".join(lines)
     lines = [
-        "| kind | size | format | mean KB | img/s | vs small | errors % | decode CPU ms | full decode CPU ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| kind | size | format | mean KB | img/s | vs small | mean batch | p50 ms | errors % | decode CPU ms "
+        "| full-resolution decode CPU ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in report["kinds"].items():
         lines.append(
             f"| {name} | {row['size'][0]}x{row['size'][1]} | {row['format']} | {row['mean_bytes'] / 1024:.0f} "
-            f"| {row['images_per_s']:.1f} | {row['vs_small']:.2f} | {100 * row['error_rate']:.1f} "
+            f"| {row['images_per_s']:.1f} | {row['vs_small']:.2f} | {row['mean_batch']:.1f} | {row['p50_ms']:.0f} "
+            f"| {100 * row['error_rate']:.1f} "
             f"| {row['decode_cpu_ms']:.1f} | {row['full_decode_cpu_ms']:.1f} |"
         )
     if "12MP" in report["kinds"]:
