@@ -19,6 +19,7 @@ stable each head's top-1 is on these images in the first place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import secrets
@@ -32,7 +33,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import timm
 import torch
 from PIL import Image
 
@@ -100,6 +100,7 @@ class PhotosConfig:
     per_class: int = 50
     seed: int = 0
     kinds: list[str] = field(default_factory=lambda: [k.name for k in KINDS])
+    baseline_repo: Path | None = None  # a second server from this checkout, interleaved (before/after)
 
 
 # ------------------------------------------------------------------------------------------------ the photos
@@ -168,7 +169,11 @@ def decoders(backbone) -> tuple[ImageDecoder, ImageDecoder]:
 # ------------------------------------------------------------------------------------------------ throughput
 def run_photos(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
     """Dispatch: throughput over HTTP, or the top-1 agreement of reduced and full decodes."""
-    return run_agreement(cfg, argv, log) if cfg.agreement else run_throughput(cfg, argv, log)
+    if cfg.agreement:
+        from bench.photos_agreement import run_agreement
+
+        return run_agreement(cfg, argv, log)
+    return run_throughput(cfg, argv, log)
 
 
 def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
@@ -205,47 +210,65 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
         backbone=cfg.backbone, weights=weights, device=cfg.device, dtype=cfg.dtype, threads=cfg.server_threads
     )
     http_cfg = HttpConfig(backbone=cfg.backbone, scenarios=["1task"], classes=10)
-    with LptServe(opts, keys) as serve, httpx.Client(timeout=120.0) as client, LoadProcess() as load:
-        if client.get(f"{serve.url}/v1/backbone").json()["fingerprint"] != backbone.info.fingerprint:
-            raise CheckFailed("the server runs another backbone than the benchmark")
-        scenarios = upload_scenarios(serve, client, http_cfg, backbone, device, cfg.dtype)
-        atol = 1e-4 if cfg.dtype == "float32" else 2e-2
-        for k in kinds:  # the server must answer what the shared decoder + engine give, for every kind
-            tensors = [reduced(d) for d in images[k.name]]
-            diff = check_responses(serve, scenarios, engine, images[k.name], tensors, atol)["1task"]
-            report["kinds"][k.name]["check_max_diff"] = diff
-        log("  checks passed: HTTP answers equal the engine on the shared decoder for every kind")
-        targets = scenarios["1task"].targets
+    if cfg.baseline_repo:
+        report["baseline"] = {"repo": str(cfg.baseline_repo), "kinds": {k.name: {"runs": []} for k in kinds}}
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(httpx.Client(timeout=120.0))
+        load = stack.enter_context(LoadProcess())
+        serve = stack.enter_context(LptServe(opts, keys))
+        servers = {"this": (serve, report["kinds"])}
+        if cfg.baseline_repo:
+            base = stack.enter_context(LptServe(opts, keys, repo=cfg.baseline_repo))
+            servers["baseline"] = (base, report["baseline"]["kinds"])
+        targets = {}
+        for name, (srv, _) in servers.items():
+            if client.get(f"{srv.url}/v1/backbone").json()["fingerprint"] != backbone.info.fingerprint:
+                raise CheckFailed(f"the {name} server runs another backbone than the benchmark")
+            scenarios = upload_scenarios(srv, client, http_cfg, backbone, device, cfg.dtype)
+            targets[name] = scenarios["1task"].targets
+            if name == "this":
+                atol = 1e-4 if cfg.dtype == "float32" else 2e-2
+                for k in kinds:  # the server must answer what the shared decoder + engine give, for every kind
+                    tensors = [reduced(d) for d in images[k.name]]
+                    diff = check_responses(srv, scenarios, engine, images[k.name], tensors, atol)["1task"]
+                    report["kinds"][k.name]["check_max_diff"] = diff
+                log("  checks passed: HTTP answers equal the engine on the shared decoder for every kind")
         for rep in range(cfg.repeats):
             order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+            names = list(servers) if rep % 2 == 0 else list(servers)[::-1]
             for k in order:
-                spec = LoadSpec(
-                    url=serve.url,
-                    targets=targets,
-                    images=images[k.name],
-                    concurrency=cfg.concurrency,
-                    duration_s=cfg.duration_s,
-                    warmup_s=cfg.warmup_s,
-                    seed=cfg.seed + rep,
-                )
-                before = scrape(client, serve.url)
-                res = load.run(spec)
-                res.update(batch_stats(before, scrape(client, serve.url)))
-                res["latency"] = latency_summary(res.pop("latencies_s"))
-                report["kinds"][k.name]["runs"].append(res)
-                log(
-                    f"  rep {rep} {k.name}: {res['images_per_s']:.1f} img/s, mean batch {res['mean_batch']:.1f}, "
-                    f"p50 {res['latency']['p50_ms']:.0f} ms, errors {res['error_rate']:.3f}"
-                )
+                for name in names:
+                    srv, rows = servers[name]
+                    spec = LoadSpec(
+                        url=srv.url,
+                        targets=targets[name],
+                        images=images[k.name],
+                        concurrency=cfg.concurrency,
+                        duration_s=cfg.duration_s,
+                        warmup_s=cfg.warmup_s,
+                        seed=cfg.seed + rep,
+                    )
+                    before = scrape(client, srv.url)
+                    res = load.run(spec)
+                    res.update(batch_stats(before, scrape(client, srv.url)))
+                    res["latency"] = latency_summary(res.pop("latencies_s"))
+                    rows[k.name]["runs"].append(res)
+                    log(
+                        f"  rep {rep} {name} {k.name}: {res['images_per_s']:.1f} img/s, mean batch "
+                        f"{res['mean_batch']:.1f}, p50 {res['latency']['p50_ms']:.0f} ms"
+                        f", errors {res['error_rate']:.3f}"
+                    )
         report["server_log_tail"] = serve.log_tail(10)
-    summarise(report)
+    summarise(report["kinds"])
+    if "baseline" in report:
+        summarise(report["baseline"]["kinds"])
     return report
 
 
-def summarise(report: dict[str, Any]) -> None:
+def summarise(kinds: dict[str, dict[str, Any]]) -> None:
     """Median img/s per kind and the median over repeats of each repeat's ratio to the small images."""
-    small = [r["images_per_s"] for r in report["kinds"]["small"]["runs"]]
-    for row in report["kinds"].values():
+    small = [r["images_per_s"] for r in kinds["small"]["runs"]]
+    for row in kinds.values():
         ips = [r["images_per_s"] for r in row["runs"]]
         row["images_per_s"] = statistics.median(ips)
         row["vs_small"] = statistics.median(a / b for a, b in zip(ips, small, strict=True) if b > 0)
@@ -254,112 +277,20 @@ def summarise(report: dict[str, Any]) -> None:
         row["p50_ms"] = statistics.median(r.get("latency", {}).get("p50_ms", math.nan) for r in row["runs"])
 
 
-# ------------------------------------------------------------------------------------------------ agreement
-def class_means(model: torch.nn.Module, transform, cifar_zip: Path, per_class: int, device) -> torch.Tensor | None:
-    """``[10, D]`` unit-length mean DeiT features of ``per_class`` CIFAR-10 training JPEGs per class: a cosine
-    nearest-class-mean head for the ten classes the photos show (the shape of head LPT puts on the backbone)."""
-    if not Path(cifar_zip).is_file():
-        return None
-    with zipfile.ZipFile(cifar_zip) as zf:
-        names = sorted(n for n in zf.namelist() if n.startswith("train/") and n.endswith(".jpg"))
-        classes = sorted({n.split("/")[1] for n in names})
-        means = []
-        for c in classes:
-            members = [n for n in names if n.split("/")[1] == c][:per_class]
-            batch = torch.stack([transform(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in members])
-            means.append(torch.nn.functional.normalize(features(model, batch.to(device)), dim=-1).mean(0))
-    return torch.nn.functional.normalize(torch.stack(means), dim=-1)
-
-
-def features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model.forward_head(model.forward_features(batch), pre_logits=True)
-
-
-def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
-    """Per image: the service's reduced decode, a full-resolution decode, and (the noise floor of the measure) a
-    full decode of the same photo saved at JPEG quality 85; top-1 under the CIFAR-10 head and DeiT's ImageNet head."""
-    device = torch.device(cfg.device)
-    weights = cfg.weights or default_weights(cfg.backbone)
-    backbone = load_backbone(cfg.backbone, weights)
-    model = imagenet_classifier(cfg.backbone, weights).to(device)
-    reduced, full = decoders(backbone)
-    means = class_means(model, backbone.eval_transform, cfg.cifar_zip, cfg.per_class, device)
-    heads = {"imagenet1k": None} if means is None else {"cifar10": means, "imagenet1k": None}
-    counts = {f"{h}/{v}": 0 for h in heads for v in ("reduced", "requality")}
-    per_size: dict[str, dict[str, int]] = {}
-    worst: dict[str, float] = dict.fromkeys(heads, 0.0)
-    bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
-    log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
-    for i, (_, img) in enumerate(bases):
-        size = AGREEMENT_SIZES[i % len(AGREEMENT_SIZES)]
-        photo = upscale(img, size, cfg.seed + i)
-        data, requality = encode(photo, "JPEG"), encode(photo, "JPEG", quality=85)
-        feats = features(model, torch.stack([full(data), reduced(data), full(requality)]).to(device))
-        row = per_size.setdefault(f"{size[0]}x{size[1]}", {"images": 0, **dict.fromkeys(heads, 0)})
-        row["images"] += 1
-        for head, weight in heads.items():
-            if weight is None:
-                probs = model.get_classifier()(feats).softmax(-1)
-            else:
-                probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
-            top = probs.argmax(-1).tolist()
-            counts[f"{head}/reduced"] += top[1] == top[0]
-            counts[f"{head}/requality"] += top[2] == top[0]
-            row[head] += top[1] == top[0]
-            worst[head] = max(worst[head], float((probs[1] - probs[0]).abs().max()))
-        if (i + 1) % 50 == 0:
-            log(f"  {i + 1} images: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    total = len(bases)
-    return {
-        "benchmark": "photos-agreement",
-        "config": {**asdict(cfg), "weights": backbone.info.weights, "cifar": Path(cfg.cifar_zip).is_file()},
-        "machine": run_metadata(device, ["photos", *argv]),
-        "images": total,
-        "heads": list(heads),
-        "agreement": {k: v / max(1, total) for k, v in counts.items()},
-        "max_prob_diff": worst,
-        "per_size": per_size,
-    }
-
-
-def imagenet_classifier(name: str, weights: str) -> torch.nn.Module:
-    """The backbone with its own ImageNet-1k head (the weights file carries it), in eval mode."""
-    if weights.startswith("random:"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(weights.split(":", 1)[1]))
-            model = timm.create_model(name, pretrained=False)
-    else:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights})
-    return model.eval().requires_grad_(False)
-
-
 # ------------------------------------------------------------------------------------------------ output
-def _ok(flag: bool) -> str:
+def target_mark(flag: bool) -> str:
     return "ok" if flag else "MISS"
 
 
-def agreement_cell(report: dict[str, Any], head: str) -> str:
-    share = report["agreement"][f"{head}/reduced"]
-    return f"{share:.1%} ({_ok(share >= TARGET_AGREEMENT)} >= {TARGET_AGREEMENT:.0%})"
+def agreement_markdown(report: dict[str, Any]) -> str:
+    from bench.photos_agreement import markdown as agreement
+
+    return agreement(report)
 
 
 def markdown(report: dict[str, Any]) -> str:
     if report["benchmark"] == "photos-agreement":
-        heads = report["heads"]
-        lines = ["| photo size | images | " + " | ".join(f"same top-1, {h}" for h in heads) + " |"]
-        lines.append("|---|---:|" + "---:|" * len(heads))
-        for size, row in report["per_size"].items():
-            cells = " | ".join(f"{row[h] / row['images']:.1%}" for h in heads)
-            lines.append(f"| {size} | {row['images']} | {cells} |")
-        lines.append(f"| all | {report['images']} | " + " | ".join(agreement_cell(report, h) for h in heads) + " |")
-        lines.append(
-            "\nnoise floor (full decode of the photo saved at quality 85 against quality 90): "
-            + ", ".join(f"{h} {report['agreement'][h + '/requality']:.1%}" for h in heads)
-            + "; largest probability difference, reduced vs full: "
-            + ", ".join(f"{h} {report['max_prob_diff'][h]:.3f}" for h in heads)
-        )
-        return "\n".join(lines)
+        return agreement_markdown(report)
     lines = [
         "| kind | size | format | mean KB | img/s | vs small | mean batch | p50 ms | errors % | decode CPU ms "
         "| full-resolution decode CPU ms |",
@@ -372,9 +303,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {100 * row['error_rate']:.1f} "
             f"| {row['decode_cpu_ms']:.1f} | {row['full_decode_cpu_ms']:.1f} |"
         )
+    if "baseline" in report:
+        lines += ["", f"baseline server ({report['baseline']['repo']}), interleaved with the runs above:", ""]
+        lines += ["| kind | img/s | vs small | mean batch | p50 ms |", "|---|---:|---:|---:|---:|"]
+        for name, row in report["baseline"]["kinds"].items():
+            lines.append(
+                f"| {name} | {row['images_per_s']:.1f} | {row['vs_small']:.2f} | {row['mean_batch']:.1f} "
+                f"| {row['p50_ms']:.0f} |"
+            )
     if "12MP" in report["kinds"]:
         ratio = report["kinds"]["12MP"]["vs_small"]
-        lines.append(f"\n12 MP JPEG vs small images: {ratio:.2f} ({_ok(ratio >= TARGET_RATIO)} >= {TARGET_RATIO})")
+        mark = target_mark(ratio >= TARGET_RATIO)
+        lines.append(f"\n12 MP JPEG vs small images: {ratio:.2f} ({mark} >= {TARGET_RATIO})")
     return "\n".join(lines)
 
 
@@ -393,6 +333,7 @@ def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
     p.add_argument("--repeats", type=int, default=d.repeats, help="rounds over all kinds (start rotating)")
     p.add_argument("--decode-repeats", type=int, default=d.decode_repeats)
     p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--baseline-repo", type=Path, default=None, help="checkout of a baseline server to interleave")
     p.add_argument("--kinds", default=",".join(d.kinds), help="kinds to run (small always runs)")
     p.add_argument("--agreement", action="store_true", help="top-1 agreement of reduced and full decodes instead")
     p.add_argument("--count", type=int, default=d.count, help="images of the agreement run")
@@ -421,6 +362,7 @@ def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
         per_class=a.per_class,
         seed=a.seed,
         kinds=[k.strip() for k in a.kinds.split(",") if k.strip()],
+        baseline_repo=a.baseline_repo,
     )
     return cfg, a.json
 
