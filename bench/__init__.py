@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("bench.engine", "prompted forward throughput on one device: plain vs two-pass vs ours"),
     "accuracy": ("bench.accuracy", "CIFAR-10-LT with DeiT-Tiny: linear probe vs phase 1 (deep VPT) vs full LPT"),
     "http": ("bench.http_e2e", "end to end over HTTP: lpt-serve subprocess, closed-loop sweep, vs the engine"),
+    "photos": ("bench.photos", "camera-size JPEGs and a large PNG end to end vs small images; reduced-decode top-1"),
     "loading": ("bench.loading", "prompt-set cache-miss loads (Redis, embedded) and upload-to-first-served"),
     "memory": ("bench.memory", "device bytes per resident prompt set; how many fit in a budget"),
     "scaling": ("bench.scaling", "engine throughput vs distinct tasks per batch and registered tasks"),

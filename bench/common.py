@@ -206,9 +206,11 @@ class LptServe:
         opts: the flags.
         keys: tenant -> secret (sent as ``LPT_API_KEYS``).
         ready_timeout: seconds to wait for ``/readyz``.
+        repo: the checkout whose code the server runs (another one: a before/after comparison in one run).
     """
 
-    def __init__(self, opts: ServeOptions, keys: dict[str, str], ready_timeout: float = 300.0):
+    def __init__(self, opts: ServeOptions, keys: dict[str, str], ready_timeout: float = 300.0, repo: Path = REPO):
+        self.repo = Path(repo)
         self.opts = opts
         self.keys = keys
         self.ready_timeout = ready_timeout
@@ -233,11 +235,13 @@ class LptServe:
     def start(self) -> LptServe:
         env = dict(os.environ)
         env["LPT_API_KEYS"] = ",".join(f"{t}:{s}" for t, s in self.keys.items())
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
+        if self.repo != REPO:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
         if self.opts.threads:
             env["OMP_NUM_THREADS"] = str(self.opts.threads)
         log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:

@@ -24,6 +24,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from lpt.errors import BackboneError
+from lpt.images import EvalTransform
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Backbone:
 
     model: VisionTransformer
     info: BackboneInfo
-    eval_transform: Any
+    eval_transform: EvalTransform
 
     def to(self, device: torch.device | str) -> Backbone:
         self.model.to(device)
@@ -289,6 +290,7 @@ def load_backbone(name: str, weights: str = "hub", img_size: int | None = None) 
     return Backbone(model=model, info=info, eval_transform=eval_transform(cfg))
 
 
-def eval_transform(data_config: dict[str, Any]):
-    """timm's own eval transform for a data config (resize, centre crop, to tensor, normalise)."""
-    return timm.data.create_transform(**data_config, is_training=False)
+def eval_transform(data_config: dict[str, Any]) -> EvalTransform:
+    """timm's own eval transform for a data config (resize, centre crop, to tensor, normalise), knowing the
+    shorter side it resizes to, so decoders can stop at that size (``lpt.images``)."""
+    return EvalTransform(data_config)

@@ -1,23 +1,26 @@
 """Untrusted bytes -> checked, decoded, preprocessed image tensor. Runs in a worker thread.
 
 Checks happen in order of cost: size, format signature (Pillow restricted to an allow-list), declared
-dimensions from the header (before any pixel is decoded: image bombs stop here), then decode and the
-backbone's own timm eval transform.
+dimensions from the header (before any pixel is decoded: image bombs stop here), then the shared decoder
+``lpt.images.load_image`` (reduced JPEG decode, EXIF orientation, RGB; the trainer reads its data through it
+too) and the backbone's own timm eval transform.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from lpt.errors import LptError
+from lpt.images import decode_side, load_image, to_rgb
 from service.errors import BadImage
+
+__all__ = ["ALLOWED_CONTENT_TYPES", "ALLOWED_FORMATS", "MAX_ASPECT", "ImageDecoder", "check_content_type", "to_rgb"]
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 ALLOWED_CONTENT_TYPES = {
@@ -49,7 +52,8 @@ class ImageDecoder:
     """Decode and preprocess one image.
 
     Args:
-        transform: the backbone's eval transform (PIL RGB -> normalised ``[3, H, W]`` tensor).
+        transform: the backbone's eval transform (PIL RGB -> normalised ``[3, H, W]`` tensor); when it names the
+            shorter side it resizes to (``lpt.images.EvalTransform``), images are decoded only that large.
         max_bytes: largest accepted encoded image.
         max_pixels: largest accepted width * height, checked from the header before decoding.
     """
@@ -58,6 +62,7 @@ class ImageDecoder:
         self.transform = transform
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.min_side = decode_side(transform)
         # Pillow's own bomb guard as a second line: past this it raises instead of warning. The filter is set once,
         # process-wide: warnings.catch_warnings() per decode swaps the global filter list unsafely across threads.
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -89,10 +94,7 @@ class ImageDecoder:
         if len(data) > self.max_bytes:
             raise BadImage("image_too_large", f"image is {len(data)} bytes, limit {self.max_bytes}", 413)
         try:
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            self._check_header(image, data)
-            image.seek(0)  # animated GIF/WebP: the first frame
-            image.load()
+            return load_image(data, self.min_side, ALLOWED_FORMATS, check=partial(self._check_header, data=data))
         except BadImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -103,7 +105,6 @@ class ImageDecoder:
             ) from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
             raise BadImage("corrupt_image", f"cannot decode image: {exc}", 400) from exc
-        return to_rgb(image)
 
     def _check_header(self, image: Image.Image, data: bytes) -> None:
         width, height = image.size
@@ -114,7 +115,7 @@ class ImageDecoder:
         if max(width, height) > MAX_ASPECT * min(width, height):
             # A 100000x1 image is small in pixels but the resize to the model's input would not be.
             raise BadImage("bad_image_dimensions", f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT}:1", 422)
-        if image.format == "JPEG" and _has_trailing_archive(data):
+        if isinstance(image, JpegImagePlugin.JpegImageFile) and _has_trailing_archive(data):  # JPEG and MPO
             raise BadImage("polyglot_image", "the JPEG carries an archive after its end marker", 422)
 
 
@@ -122,17 +123,3 @@ def _has_trailing_archive(data: bytes) -> bool:
     end = data.rfind(b"\xff\xd9")
     tail = data[end + 2 :] if end >= 0 else b""
     return any(marker in tail for marker in _ZIP_MARKERS)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any accepted mode (CMYK, LA, P, RGBA, 16-bit, 1-bit) -> 8-bit RGB."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float32)
-        peak = float(arr.max()) if arr.size else 0.0
-        scale = 255.0 / (65535.0 if peak > 255 else max(peak, 1.0) if image.mode == "F" else 255.0)
-        image = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")

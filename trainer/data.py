@@ -22,6 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from lpt.images import decode_side, load_image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DATA_FORMATS = ("auto", "imagefolder", "list", "zip", "cifar", "synthetic")
 
@@ -32,7 +34,8 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- image sources
 class FileSource:
-    """Images as files on disk."""
+    """Images as files on disk, read by the service's decoder (``lpt.images.load_image``: EXIF orientation,
+    RGB, reduced decode when the transform allows it), so training and serving see the same pixels."""
 
     def __init__(self, paths: Sequence[str | Path]):
         self.paths = [str(p) for p in paths]
@@ -40,9 +43,8 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB")
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
+        return load_image(self.paths[index], min_side)
 
     def subset(self, indices: Sequence[int]) -> FileSource:
         return FileSource([self.paths[i] for i in indices])
@@ -66,11 +68,10 @@ class ZipSource:
     def __getstate__(self) -> dict[str, Any]:
         return {"archive": self.archive, "members": self.members, "_handle": None, "_pid": -1}
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
         if self._handle is None or self._pid != os.getpid():
             self._handle, self._pid = zipfile.ZipFile(self.archive), os.getpid()
-        with self._handle.open(self.members[index]) as fh, Image.open(fh) as img:
-            return img.convert("RGB")
+        return load_image(self._handle.read(self.members[index]), min_side)
 
     def subset(self, indices: Sequence[int]) -> ZipSource:
         return ZipSource(self.archive, [self.members[i] for i in indices])
@@ -85,8 +86,8 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.array)
 
-    def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.array[index])
+    def load(self, index: int, min_side: int | None = None) -> Image.Image:
+        return Image.fromarray(self.array[index])  # already decoded pixels: nothing to orient or reduce
 
     def subset(self, indices: Sequence[int]) -> ArraySource:
         return ArraySource(self.array[np.asarray(indices, dtype=np.int64)])
@@ -115,7 +116,8 @@ class ImageDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = self.source.load(index)
+        # An eval transform names the side it resizes to, so the decode can stop there; a training crop decodes fully.
+        img = self.source.load(index, decode_side(self.transform))
         return (self.transform(img) if self.transform else img), self.targets[index]
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:

@@ -1,0 +1,135 @@
+"""``python -m bench photos --agreement``: does the reduced decode change answers? (see ``bench.photos``)
+
+CIFAR-10 test images upscaled to photo sizes (0.3 / 2 / 12 MP in turn, plus noise), each decoded by the
+service's decoder (smallest DCT scale that covers the resize) and at full resolution, then classified by a
+CIFAR-10 cosine head (unit-length class means of DeiT features of CIFAR training images, the kind of head LPT
+puts on the backbone) and by DeiT's own ImageNet-1k head. Next to it the same share for a trivial change (the
+photo saved at JPEG quality 85 instead of 90): how stable each head's top-1 is on these images to begin with.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+
+from bench.common import default_weights, run_metadata
+from bench.photos import (
+    AGREEMENT_SIZES,
+    TARGET_AGREEMENT,
+    PhotosConfig,
+    base_images,
+    decoders,
+    encode,
+    target_mark,
+    upscale,
+)
+from lpt.backbone import load_backbone
+
+
+def class_means(model: torch.nn.Module, transform, cifar_zip: Path, per_class: int, device) -> torch.Tensor | None:
+    """``[10, D]`` unit-length mean DeiT features of ``per_class`` CIFAR-10 training JPEGs per class: a cosine
+    nearest-class-mean head for the ten classes the photos show (the shape of head LPT puts on the backbone)."""
+    if not Path(cifar_zip).is_file():
+        return None
+    with zipfile.ZipFile(cifar_zip) as zf:
+        names = sorted(n for n in zf.namelist() if n.startswith("train/") and n.endswith(".jpg"))
+        classes = sorted({n.split("/")[1] for n in names})
+        means = []
+        for c in classes:
+            members = [n for n in names if n.split("/")[1] == c][:per_class]
+            batch = torch.stack([transform(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in members])
+            means.append(torch.nn.functional.normalize(features(model, batch.to(device)), dim=-1).mean(0))
+    return torch.nn.functional.normalize(torch.stack(means), dim=-1)
+
+
+def features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.forward_head(model.forward_features(batch), pre_logits=True)
+
+
+def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
+    """Per image: the service's reduced decode, a full-resolution decode, and (the noise floor of the measure) a
+    full decode of the same photo saved at JPEG quality 85; top-1 under the CIFAR-10 head and DeiT's ImageNet head."""
+    device = torch.device(cfg.device)
+    weights = cfg.weights or default_weights(cfg.backbone)
+    backbone = load_backbone(cfg.backbone, weights)
+    model = imagenet_classifier(cfg.backbone, weights).to(device)
+    reduced, full = decoders(backbone)
+    means = class_means(model, backbone.eval_transform, cfg.cifar_zip, cfg.per_class, device)
+    heads = {"imagenet1k": None} if means is None else {"cifar10": means, "imagenet1k": None}
+    counts = {f"{h}/{v}": 0 for h in heads for v in ("reduced", "requality")}
+    per_size: dict[str, dict[str, int]] = {}
+    worst: dict[str, float] = dict.fromkeys(heads, 0.0)
+    bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
+    log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
+    for i, (_, img) in enumerate(bases):
+        size = AGREEMENT_SIZES[i % len(AGREEMENT_SIZES)]
+        photo = upscale(img, size, cfg.seed + i)
+        data, requality = encode(photo, "JPEG"), encode(photo, "JPEG", quality=85)
+        feats = features(model, torch.stack([full(data), reduced(data), full(requality)]).to(device))
+        row = per_size.setdefault(f"{size[0]}x{size[1]}", {"images": 0, **dict.fromkeys(heads, 0)})
+        row["images"] += 1
+        for head, weight in heads.items():
+            if weight is None:
+                probs = model.get_classifier()(feats).softmax(-1)
+            else:
+                probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
+            top = probs.argmax(-1).tolist()
+            counts[f"{head}/reduced"] += top[1] == top[0]
+            counts[f"{head}/requality"] += top[2] == top[0]
+            row[head] += top[1] == top[0]
+            worst[head] = max(worst[head], float((probs[1] - probs[0]).abs().max()))
+        if (i + 1) % 50 == 0:
+            log(f"  {i + 1} images: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    total = len(bases)
+    return {
+        "benchmark": "photos-agreement",
+        "config": {**asdict(cfg), "weights": backbone.info.weights, "cifar": Path(cfg.cifar_zip).is_file()},
+        "machine": run_metadata(device, ["photos", *argv]),
+        "images": total,
+        "heads": list(heads),
+        "agreement": {k: v / max(1, total) for k, v in counts.items()},
+        "max_prob_diff": worst,
+        "per_size": per_size,
+    }
+
+
+def imagenet_classifier(name: str, weights: str) -> torch.nn.Module:
+    """The backbone with its own ImageNet-1k head (the weights file carries it), in eval mode."""
+    if weights.startswith("random:"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(weights.split(":", 1)[1]))
+            model = timm.create_model(name, pretrained=False)
+    else:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights})
+    return model.eval().requires_grad_(False)
+
+
+def agreement_cell(report: dict[str, Any], head: str) -> str:
+    share = report["agreement"][f"{head}/reduced"]
+    return f"{share:.1%} ({target_mark(share >= TARGET_AGREEMENT)} >= {TARGET_AGREEMENT:.0%})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Agreement per photo size and head, then the noise floor and the largest probability change."""
+    heads = report["heads"]
+    lines = ["| photo size | images | " + " | ".join(f"same top-1, {h}" for h in heads) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(heads))
+    for size, row in report["per_size"].items():
+        cells = " | ".join(f"{row[h] / row['images']:.1%}" for h in heads)
+        lines.append(f"| {size} | {row['images']} | {cells} |")
+    lines.append(f"| all | {report['images']} | " + " | ".join(agreement_cell(report, h) for h in heads) + " |")
+    lines.append(
+        "\nnoise floor (full decode of the photo saved at quality 85 against quality 90): "
+        + ", ".join(f"{h} {report['agreement'][h + '/requality']:.1%}" for h in heads)
+        + "; largest probability difference, reduced vs full: "
+        + ", ".join(f"{h} {report['max_prob_diff'][h]:.3f}" for h in heads)
+    )
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""The photo benchmark's pure parts: deterministic photos of the promised sizes and formats, the per-repeat
+ratio to the small images, and the reduced and full decoders it compares."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from bench.photos import KINDS, base_images, decoders, make_kind, parse_args, summarise
+from lpt.backbone import load_backbone
+
+
+def test_photos_are_deterministic_and_of_the_promised_sizes(tmp_path):
+    bases = base_images(2, tmp_path / "absent.zip")  # no CIFAR zip: seeded noise pictures
+    assert [img.size for _, img in bases] == [(32, 32)] * 2
+    for kind in KINDS[:3]:
+        first, again = make_kind(kind, bases, seed=5), make_kind(kind, bases, seed=5)
+        assert first == again and len(first) == 2 and first[0] != first[1]
+        opened = Image.open(io.BytesIO(first[0]))
+        assert opened.format == kind.fmt and opened.size == (kind.size or (32, 32))
+
+
+def test_summary_is_the_median_of_per_repeat_ratios():
+    runs = {"small": [10.0, 20.0, 30.0], "12MP": [6.0, 10.0, 21.0]}
+    report = {"kinds": {k: {"runs": [{"images_per_s": v, "error_rate": 0.0} for v in vs]} for k, vs in runs.items()}}
+    summarise(report["kinds"])
+    assert report["kinds"]["12MP"]["images_per_s"] == 10.0
+    assert report["kinds"]["12MP"]["vs_small"] == pytest.approx(0.6)  # ratios 0.6, 0.5, 0.7
+    assert report["kinds"]["small"]["vs_small"] == 1.0
+
+
+def test_the_full_decoder_really_decodes_at_full_size():
+    backbone = load_backbone("test_vit", "random:0", img_size=32)
+    reduced, full = decoders(backbone)
+    assert reduced.min_side == backbone.eval_transform.resize_side and full.min_side is None
+    buf = io.BytesIO()
+    Image.new("RGB", (800, 600), (20, 40, 60)).save(buf, "JPEG")
+    assert reduced.decode(buf.getvalue()).size == (800 // 8, 600 // 8)
+    assert full.decode(buf.getvalue()).size == (800, 600)
+    assert reduced(buf.getvalue()).shape == full(buf.getvalue()).shape == (3, 32, 32)
+
+
+def test_unknown_kinds_are_refused():
+    assert parse_args(["--kinds", "12MP"])[0].kinds == ["12MP"]
+    with pytest.raises(SystemExit):
+        parse_args(["--kinds", "40MP"])
