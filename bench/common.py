@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from bench.engine import CheckFailed, default_weights, machine_info
+from bench.engine import CheckFailed, default_weights
+from bench.engine_report import machine_info
 from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
