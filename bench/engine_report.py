@@ -56,16 +56,20 @@ def summarise(batch: int, times: dict[str, list[float]]) -> dict[str, Any]:
     return {"batch": batch, "variants": variants, "ratios": derived}
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where the numbers come from: CPU model, cores, threads, versions, date."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's word for it elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the numbers come from: CPU model, cores, threads, versions, date."""
+    cpu = cpu_model()
     info = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
