@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bench.engine_report import cpu_model
 from bench.real_data import CIFAR_ZIP, DEIT_TINY, DEIT_WEIGHTS, missing
 from lpt.backbone import load_backbone
 from trainer.config import DistContext, TrainConfig
@@ -68,14 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), torch {torch.__version__} "

@@ -22,12 +22,14 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from bench.engine import CheckFailed, default_weights, machine_info
+from bench.engine import CheckFailed, default_weights
+from bench.engine_report import machine_info
+from bench.real_data import CIFAR_ZIP
 from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
-from service.prompt_cache import ResidentSet, single_bank, to_device
+from service.prompt_cache import ResidentSet, make_resident
 
 __all__ = [
     "CheckFailed",
@@ -46,7 +48,6 @@ __all__ = [
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_ZIP = REPO / ".." / "shared" / "data" / "cifar10-jpg.zip"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -131,14 +132,17 @@ def make_set(
 
 
 def resident(
-    tenant: str, task: str, version: int, ps: PromptSet, device: torch.device | str, dtype: torch.dtype
+    tenant: str,
+    task: str,
+    version: int,
+    ps: PromptSet,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    model: torch.nn.Module | None = None,
 ) -> ResidentSet:
-    """A resident entry exactly as ``PromptCache`` makes one (device copy + one-slot bank of views)."""
-    moved = to_device(ps, device, dtype)
+    """A resident entry exactly as ``PromptCache`` makes one (device copy, one-slot bank, keys/values with a model)."""
     info = StoredVersion(tenant, task, version, "", 0, 0.0)
-    return ResidentSet(
-        key=(tenant, task, version), info=info, prompt_set=moved, bank=single_bank(moved), nbytes=moved.nbytes
-    )
+    return make_resident((tenant, task, version), info, ps, device, dtype, model)
 
 
 def cifar_jpegs(count: int) -> list[bytes]:

@@ -5,12 +5,16 @@ Variants, all on the same images, the same backbone and the same device, in one 
 - ``plain``: timm's own forward of the backbone (``forward_features`` + pooling), no prompts: the one-pass limit;
 - ``two_pass``: the published LPT inference (query pass + full final pass), one task per batch
   (``tests.reference_lpt.two_pass_batched``);
-- ``ours_single``: ``lpt.forward.prompted_forward``, one task per batch;
+- ``append_single``: ``lpt.forward.prompted_forward`` with the prompt tokens appended in every block (the
+  layout before prompts entered attention as keys/values only), one task per batch;
+- ``ours_single``: ``prompted_forward`` (prompts as keys/values, shared keys/values precomputed per set as the
+  service keeps them resident), one task per batch;
 - ``ours_mixed``: ``prompted_forward`` on batches whose rows come from up to ``--tasks-per-batch`` distinct
   tasks drawn from ``--tasks`` registered ones; the bank is stacked from the batch's sets on every call,
   as the service does, and that time counts;
 - ``per_task``: the same mixed batches, but every task's rows run as their own forward (what a
-  model-multiplexing server does).
+  model-multiplexing server does);
+- ``vpt_single``: ``prompted_forward`` for the single task's set without its pool (deep VPT: one pass).
 
 Before anything is timed, every batch size is checked: the mixed-task rows must equal each task run
 alone, and ours must equal the published two-pass algorithm; the run fails loudly otherwise. Variants
@@ -21,11 +25,8 @@ ratios, so slow phases of a shared, noisy machine hit all variants alike.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import dataclasses
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,22 +34,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
+from bench.engine_report import machine_info, markdown, summarise
+from bench.real_data import DEIT_WEIGHTS
 from lpt.backbone import Backbone, load_backbone
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank, SharedKV, precompute_shared_kv, prompted_forward
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from tests.reference_lpt import two_pass_batched
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-SHARED_WEIGHTS = SHARED_DATA / "deit_tiny_patch16_224.in1k.safetensors"
+SHARED_WEIGHTS = DEIT_WEIGHTS
 # ``cpu`` counts only the CPU time this process used, so time spent descheduled by other processes on a shared
 # machine is left out. Use it with --threads 1 on CPU: with more threads, OpenMP spin-waits for a descheduled
 # sibling are counted as CPU time. Images/s are then per core; the ratios stay comparable.
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-TARGETS = {"ours_vs_two_pass": 1.25, "ours_vs_plain": 0.55, "mixed_vs_single": 0.95}
+
+KVs = dict[int, SharedKV]  # id(prompt set) -> its precomputed shared keys/values
 
 
 class CheckFailed(AssertionError):
@@ -154,8 +156,23 @@ def _to_device(ps: PromptSet, device: torch.device) -> PromptSet:
     return PromptSet(**moved)
 
 
+def precompute_kvs(model: torch.nn.Module, sets: Sequence[PromptSet]) -> KVs:
+    """Every set's shared keys/values, as the service computes them once when a set becomes resident."""
+    with torch.inference_mode():
+        return {id(ps): precompute_shared_kv(model, ps) for ps in sets}
+
+
+def without_pool(ps: PromptSet) -> PromptSet:
+    """The deep-VPT set of the same shared prompt and head (one pass, no group prompts)."""
+    return dataclasses.replace(ps, group_prompts=None, group_keys=None, top_k=1)
+
+
 def build_variants(
-    model: torch.nn.Module, images: torch.Tensor, single: PromptSet, registry: Sequence[PromptSet]
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    single: PromptSet,
+    registry: Sequence[PromptSet],
+    kvs: KVs | None = None,
 ) -> dict[str, Callable[[MixedDraw], Any]]:
     """One callable per variant; each takes the repeat's mixed draw (ignored by the one-task variants).
 
@@ -164,8 +181,14 @@ def build_variants(
         images: ``[B, 3, H, W]`` input batch.
         single: the set used by the one-task variants.
         registry: the registered sets the mixed variants draw from.
+        kvs: precomputed shared keys/values by set (``precompute_kvs``); ``None``: computed per forward.
     """
     device = images.device
+    vpt = without_pool(single)
+
+    def bank(sets: Sequence[PromptSet], kv_of: Sequence[PromptSet] | None = None) -> PromptBank:
+        kv = None if kvs is None else [kvs.get(id(ps)) for ps in (kv_of or sets)]
+        return PromptBank.stack(sets, device=device, shared_kv=kv)
 
     def plain(_: MixedDraw) -> torch.Tensor:
         return model.forward_head(model.forward_features(images), pre_logits=True)
@@ -173,26 +196,32 @@ def build_variants(
     def two_pass(_: MixedDraw) -> torch.Tensor:
         return two_pass_batched(model, images, single)
 
+    def append_single(_: MixedDraw) -> torch.Tensor:
+        return prompted_forward(model, images, PromptBank.stack([single], device=device), append_prompts=True).logits
+
     def ours_single(_: MixedDraw) -> torch.Tensor:
-        return prompted_forward(model, images, PromptBank.stack([single], device=device)).logits
+        return prompted_forward(model, images, bank([single])).logits
 
     def ours_mixed(draw: MixedDraw) -> torch.Tensor:
-        bank = PromptBank.stack([registry[t] for t in draw.task_ids], device=device)
-        return prompted_forward(model, images, bank, draw.slots.to(device)).logits
+        return prompted_forward(model, images, bank([registry[t] for t in draw.task_ids]), draw.slots.to(device)).logits
 
     def per_task(draw: MixedDraw) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         for tid, rows in draw.groups():
-            bank = PromptBank.stack([registry[tid]], device=device)
-            out.append((rows, prompted_forward(model, images[rows.to(device)], bank).logits))
+            out.append((rows, prompted_forward(model, images[rows.to(device)], bank([registry[tid]])).logits))
         return out
+
+    def vpt_single(_: MixedDraw) -> torch.Tensor:
+        return prompted_forward(model, images, bank([vpt], kv_of=[single])).logits
 
     return {
         "plain": plain,
         "two_pass": two_pass,
+        "append_single": append_single,
         "ours_single": ours_single,
         "ours_mixed": ours_mixed,
         "per_task": per_task,
+        "vpt_single": vpt_single,
     }
 
 
@@ -208,29 +237,37 @@ def check_batch(
     draw: MixedDraw,
     atol: float,
     autocast: Callable[[], Any],
+    kvs: KVs | None = None,
 ) -> dict[str, float]:
     """Fail loudly unless the variants compute the same logits; return the largest differences seen.
 
-    Checks: ours single-task == published two-pass; every mixed-task row == its task run alone (the
-    per-task variant), padding classes -inf; every task run alone == the two-pass algorithm on its rows.
+    Checks: ours single-task, the append layout and deep VPT == the published two-pass algorithm; every
+    mixed-task row == its task run alone (the per-task variant), padding classes -inf; every task run alone ==
+    the two-pass algorithm on its rows.
 
     Raises:
         CheckFailed: naming the variant, the task and the difference.
     """
-    fns = build_variants(model, images, single, registry)
+    fns = build_variants(model, images, single, registry, kvs)
     with torch.inference_mode(), autocast():
         ours = fns["ours_single"](draw)
         ref = two_pass_batched(model, images, single)
+        one_task = {
+            "append_vs_two_pass": _max_diff(fns["append_single"](draw), ref),
+            "vpt_vs_two_pass": _max_diff(
+                fns["vpt_single"](draw), two_pass_batched(model, images, without_pool(single))
+            ),
+        }
         mixed = fns["ours_mixed"](draw)
         grouped = fns["per_task"](draw)
         ref_tasks = [
             two_pass_batched(model, images[rows.to(images.device)], registry[tid]) for tid, rows in draw.groups()
         ]
-    diffs = {"ours_vs_two_pass": _max_diff(ours, ref), "mixed_vs_alone": 0.0, "alone_vs_two_pass": 0.0}
-    if not diffs["ours_vs_two_pass"] <= atol:
-        raise CheckFailed(
-            f"ours_single vs two-pass algorithm: max logit difference by {diffs['ours_vs_two_pass']:.3g} > {atol}"
-        )
+    diffs = {"ours_vs_two_pass": _max_diff(ours, ref), **one_task, "mixed_vs_alone": 0.0, "alone_vs_two_pass": 0.0}
+    for name in ("ours_vs_two_pass", *one_task):
+        if not diffs[name] <= atol:
+            variant = name.replace("_vs_two_pass", "")
+            raise CheckFailed(f"{variant} vs the two-pass algorithm: max logit difference {diffs[name]:.3g} > {atol}")
     for (tid, _), (rows, alone), task_ref in zip(draw.groups(), grouped, ref_tasks, strict=True):
         classes = registry[tid].num_classes
         rows = rows.to(mixed.device)
@@ -283,59 +320,6 @@ def time_round_robin(
     return times
 
 
-def summarise(batch: int, times: dict[str, list[float]]) -> dict[str, Any]:
-    """Medians, images/s and paired ratios (median over repeats of per-repeat time ratios)."""
-
-    def ratio(fast: str, slow: str) -> float:
-        # throughput ratio fast/slow within each repeat = time(slow)/time(fast)
-        return statistics.median(s / f for f, s in zip(times[fast], times[slow], strict=True))
-
-    variants = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
-        variants[name] = {
-            "median_ms": med * 1e3,
-            "iqr_pct": 100 * (q[2] - q[0]) / med,
-            "images_per_s": batch / med,
-            "vs_plain": ratio(name, "plain"),
-            "times_s": ts,
-        }
-    derived = {
-        "ours_vs_two_pass": ratio("ours_single", "two_pass"),
-        "ours_vs_plain": ratio("ours_single", "plain"),
-        "mixed_vs_single": ratio("ours_mixed", "ours_single"),
-        "mixed_vs_plain": ratio("ours_mixed", "plain"),
-        "per_task_vs_mixed": ratio("per_task", "ours_mixed"),
-    }
-    return {"batch": batch, "variants": variants, "ratios": derived}
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where the numbers come from: CPU model, cores, threads, versions, date."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Load, build the registry, check every batch size, then time all variants. Returns the JSON report.
 
@@ -354,6 +338,7 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     model = backbone.model.to(device)
     single, registry = make_registry(backbone, cfg)
     single, registry = _to_device(single, device), [_to_device(ps, device) for ps in registry]
+    kvs = precompute_kvs(model, [single, *registry])
     amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     atol = cfg.atol if cfg.atol is not None else (1e-4 if amp_dtype is None else 0.5)
 
@@ -381,8 +366,8 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     for batch in cfg.batch_sizes:
         images = torch.randn(batch, *image_shape, generator=gen).to(device)
         draws = [draw_mixed(batch, cfg.tasks, cfg.tasks_per_batch, gen) for _ in range(cfg.repeats)]
-        report["checks"][str(batch)] = check_batch(model, images, single, registry, draws[0], atol, autocast)
-        fns = build_variants(model, images, single, registry)
+        report["checks"][str(batch)] = check_batch(model, images, single, registry, draws[0], atol, autocast, kvs)
+        fns = build_variants(model, images, single, registry, kvs)
         with torch.inference_mode(), autocast():
             times = time_round_robin(fns, draws, cfg.warmup, sync, CLOCKS[cfg.clock])
         result = summarise(batch, times)
@@ -390,42 +375,6 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
         report["results"].append(result)
         log(f"  batch {batch}: " + ", ".join(f"{n} {v['images_per_s']:.1f}/s" for n, v in result["variants"].items()))
     return report
-
-
-def _mark(value: float, target: float) -> str:
-    return f"{value:.2f} {'ok' if value >= target else 'MISS'}"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """Two tables: per-variant throughput, then the issue's target ratios per batch size."""
-    cfg, machine = report["config"], report["machine"]
-    lines = [
-        f"{cfg['backbone']} ({cfg['weights']}), {cfg['dtype']}, {machine['device']} ({machine['cpu']}), "
-        f"{machine['torch_threads']} threads, clock {cfg['clock']}, median of {cfg['repeats']} repeats, "
-        f"{cfg['tasks']} tasks registered, {machine['date']}",
-        "",
-        "| batch | variant | tasks in batch | median ms | IQR % | images/s | x plain |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for res in report["results"]:
-        for name, v in res["variants"].items():
-            tasks = res["distinct_tasks"] if name in ("ours_mixed", "per_task") else 1
-            lines.append(
-                f"| {res['batch']} | {name} | {tasks} | {v['median_ms']:.1f} | {v['iqr_pct']:.0f} "
-                f"| {v['images_per_s']:.1f} | {v['vs_plain']:.2f} |"
-            )
-    lines += [
-        "",
-        "| batch | ours / two-pass (>= 1.25) | ours / plain (>= 0.55) | mixed / single (>= 0.95) "
-        "| mixed / plain | per-task / mixed |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for res in report["results"]:
-        r = res["ratios"]
-        marks = [_mark(r[name], target) for name, target in TARGETS.items()]
-        extra = [f"{r['mixed_vs_plain']:.2f}", f"{r['per_task_vs_mixed']:.2f}"]
-        lines.append("| " + " | ".join([str(res["batch"]), *marks, *extra]) + " |")
-    return "\n".join(lines)
 
 
 def _int_list(text: str) -> list[int]:

@@ -80,7 +80,7 @@ Rows = list[tuple[str, str]]
 
 def build_cache(store, backbone: Backbone, sets: list[PromptSet], device, dtype) -> PromptCache:
     """A cache with every set resident and active, as after uploads (the store is not read on hits)."""
-    cache = PromptCache(store, backbone.info, device, dtype, 1 << 50, ServiceMetrics())
+    cache = PromptCache(store, backbone.info, device, dtype, 1 << 50, ServiceMetrics(), model=backbone.model)
     for i, ps in enumerate(sets):
         cache.install(StoredVersion(TENANT, f"t{i:05d}", 1, "", 0, 0.0), ps)
     return cache
@@ -163,7 +163,7 @@ def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: t
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            PromptBank.stack([e.prompt_set for e in entries], device=device, dtype=dtype)
+            PromptBank.stack([e.prompt_set for e in entries], device, dtype, [e.shared_kv for e in entries])
             sync(device)
             times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)

@@ -11,6 +11,11 @@ Mixed-task batches: every row carries a slot index into a ``PromptBank`` of stac
 from sets with different class counts, pool sizes and top-k share one forward. All sets in one bank
 share the prompt length L and ``share_blocks`` S (token counts must agree inside a block); callers
 with several geometries run one forward per geometry.
+
+Inside a block, prompt tokens enter attention as keys and values only (``lpt.prompt_kv``): queries, the output
+projection and the MLP run on the real tokens. A bank may carry its sets' precomputed shared-prompt keys and
+values (``SharedKV``, computed once when a set becomes resident); without them (the trainer) they are computed
+per slot on the fly. Blocks that path does not support run with the prompt tokens appended, as the reference.
 """
 
 from __future__ import annotations
@@ -22,7 +27,21 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from lpt.prompt_kv import KV, SharedKV, kv_prompted_block, precompute_shared_kv, prompt_kv, uses_prompt_kv
 from lpt.prompt_set import PromptSet
+
+__all__ = [
+    "PromptBank",
+    "PromptedOutput",
+    "SharedKV",
+    "cosine_logits",
+    "embed",
+    "pool_features",
+    "precompute_shared_kv",
+    "prompted_block",
+    "prompted_forward",
+    "select_group_prompts",
+]
 
 
 @dataclass
@@ -40,6 +59,8 @@ class PromptBank:
         heads: per slot ``[C_i, D]`` raw cosine-head weights.
         pool_size, top_k, num_classes: ``[n]`` long; head_scale: ``[n]`` float.
         share_blocks: S, the same for every slot.
+        shared_kv: ``[n, depth, 2, heads, L, head_dim]`` precomputed shared-prompt keys and values
+            (``SharedKV``), or ``None``: computed from ``shared`` during the forward.
     """
 
     shared: torch.Tensor
@@ -51,6 +72,7 @@ class PromptBank:
     num_classes: torch.Tensor
     head_scale: torch.Tensor
     share_blocks: int
+    shared_kv: torch.Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -71,8 +93,12 @@ class PromptBank:
         keys: torch.Tensor | None = None,
         top_k: int = 1,
         head_scale: float = 20.0,
+        shared_kv: SharedKV | None = None,
     ) -> PromptBank:
-        """A one-slot bank over live tensors (e.g. the trainer's parameters); autograd flows through."""
+        """A one-slot bank over live tensors (e.g. the trainer's parameters); autograd flows through.
+
+        ``shared_kv``: the set's precomputed shared keys/values (frozen sets only: they carry no gradient).
+        """
         depth, length, dim = shared.shape
         if pool is None or pool.shape[0] == 0:
             pool = shared.new_zeros(0, depth - share_blocks, length, dim)
@@ -88,14 +114,26 @@ class PromptBank:
             num_classes=torch.tensor([head.shape[0]], device=dev),
             head_scale=torch.tensor([float(head_scale)], device=dev),
             share_blocks=share_blocks,
+            shared_kv=_stack_kv([shared_kv], shared.device, None),
         )
 
     @classmethod
     def stack(
-        cls, sets: Sequence[PromptSet], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls,
+        sets: Sequence[PromptSet],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        shared_kv: Sequence[SharedKV | None] | None = None,
     ) -> PromptBank:
         """A bank over prompt sets of one geometry (pools and heads are referenced, not copied,
-        when already on ``device`` in ``dtype``)."""
+        when already on ``device`` in ``dtype``).
+
+        Args:
+            sets: the slots' prompt sets, in slot order.
+            device: where the bank lives.
+            dtype: prompt dtype (default float32).
+            shared_kv: each set's precomputed ``SharedKV`` (same order); used only when every set has one.
+        """
         if not sets:
             raise ValueError("cannot stack zero prompt sets")
         geometries = {(ps.prompt_length, ps.share_blocks) for ps in sets}
@@ -124,7 +162,16 @@ class PromptBank:
             num_classes=torch.tensor([ps.num_classes for ps in sets], device=device),
             head_scale=torch.tensor([float(ps.head_scale) for ps in sets], device=device, dtype=torch.float32),
             share_blocks=share,
+            shared_kv=_stack_kv(shared_kv or [None], device, dtype),
         )
+
+
+def _stack_kv(kvs: Sequence[SharedKV | None], device: torch.device | str | None, dtype: torch.dtype | None):
+    if any(kv is None or kv.kv.numel() == 0 for kv in kvs):
+        return None
+    if len(kvs) == 1:
+        return kvs[0].kv.to(device=device, dtype=dtype).unsqueeze(0)  # a view when already in place
+    return torch.stack([kv.kv for kv in kvs]).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -245,8 +292,46 @@ def cosine_logits(bank: PromptBank, slots: torch.Tensor, features: torch.Tensor)
     return logits * bank.head_scale[slots][:, None]
 
 
+class _BlockRunner:
+    """Runs block ``i`` for rows of given slots with the shared (and optionally a group) prompt.
+
+    Shared keys/values per slot are taken from the bank when precomputed, else computed once per block and
+    forward (the query and final half-passes share them); rows gather their slot's with one index op.
+    """
+
+    def __init__(self, blocks: torch.nn.ModuleList, bank: PromptBank, append: bool):
+        self.blocks, self.bank = blocks, bank
+        self.fast = [not append and uses_prompt_kv(b) for b in blocks]
+        self._slot_kv: dict[int, torch.Tensor] = {}
+
+    def _shared_kv(self, i: int, slots: torch.Tensor) -> KV:
+        kv = self._slot_kv.get(i)
+        if kv is None:
+            if self.bank.shared_kv is not None:
+                kv = self.bank.shared_kv[:, i]
+            else:
+                kv = torch.stack(prompt_kv(self.blocks[i], self.bank.shared[:, i]), dim=1)
+            self._slot_kv[i] = kv  # [n, 2, heads, L, head_dim]
+        rows = _per_row(kv, slots)
+        return rows[:, 0], rows[:, 1]
+
+    def __call__(self, i: int, x: torch.Tensor, slots: torch.Tensor, group: torch.Tensor | None = None):
+        block = self.blocks[i]
+        if not self.fast[i]:
+            prompts = [_per_row(self.bank.shared[:, i], slots)]
+            return prompted_block(block, x, prompts if group is None else [*prompts, group])
+        kvs = [self._shared_kv(i, slots)]
+        if group is not None:
+            kvs.append(prompt_kv(block, group.to(x.dtype)))
+        return kv_prompted_block(block, x, kvs)
+
+
 def prompted_forward(
-    model: VisionTransformer, images: torch.Tensor, bank: PromptBank, slots: torch.Tensor | None = None
+    model: VisionTransformer,
+    images: torch.Tensor,
+    bank: PromptBank,
+    slots: torch.Tensor | None = None,
+    append_prompts: bool = False,
 ) -> PromptedOutput:
     """LPT inference (and training forward) for a batch whose rows may belong to different tasks.
 
@@ -255,20 +340,23 @@ def prompted_forward(
         images: ``[B, 3, H, W]`` preprocessed images.
         bank: stacked prompt tensors of one geometry.
         slots: ``[B]`` slot index per row; ``None`` means slot 0 for every row.
+        append_prompts: run every block with the prompt tokens appended (the reference layout) instead of
+            prompts as keys/values only; the result is the same up to float rounding.
     """
     batch = images.shape[0]
     if slots is None:
         slots = torch.zeros(batch, dtype=torch.long, device=images.device)
     share = bank.share_blocks
-    blocks = model.blocks
+    depth = len(model.blocks)
+    run_block = _BlockRunner(model.blocks, bank, append_prompts)
 
     x = embed(model, images)
     for i in range(share):
-        x = prompted_block(blocks[i], x, [_per_row(bank.shared[:, i], slots)])
+        x = run_block(i, x, slots)
     prefix = x  # blocks 0..S-1 are identical in the query and final pass: computed once.
 
-    for i in range(share, len(blocks)):
-        x = prompted_block(blocks[i], x, [_per_row(bank.shared[:, i], slots)])
+    for i in range(share, depth):
+        x = run_block(i, x, slots)
     query = pool_features(model, x)
 
     features = query
@@ -282,8 +370,8 @@ def prompted_forward(
         r_query = query if rows is None else query[rows]
         group, r_sim, r_sel = select_group_prompts(bank, r_slots, r_query)
         x = prefix if rows is None else prefix[rows]
-        for i in range(share, len(blocks)):
-            x = prompted_block(blocks[i], x, [_per_row(bank.shared[:, i], r_slots), group[:, i - share]])
+        for i in range(share, depth):
+            x = run_block(i, x, r_slots, group[:, i - share])
         r_features = pool_features(model, x)
         if rows is None:
             features, key_sim, selected = r_features, r_sim, r_sel

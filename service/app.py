@@ -59,7 +59,9 @@ def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptS
     if store is None:
         store = open_store(config.store, max_bytes=config.max_prompt_bytes, timeout_s=config.store_timeout)
     limits = ValidationLimits(max_classes=config.max_classes)
-    cache = PromptCache(store, backbone.info, config.device, dtype, config.cache_bytes, metrics, limits)
+    cache = PromptCache(
+        store, backbone.info, config.device, dtype, config.cache_bytes, metrics, limits, model=backbone.model
+    )
     queue = FairQueue(config.queue_size, config.tenant_queue_size)
     engine = Engine(backbone, config.device, dtype)
     worker = EngineWorker(engine, queue, metrics, config.max_batch_size, config.max_wait_ms / 1000.0)

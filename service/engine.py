@@ -74,7 +74,9 @@ class Engine:
         if len(distinct) == 1:
             bank = distinct[0].bank  # views over the resident tensors: nothing to copy
         else:
-            bank = PromptBank.stack([e.prompt_set for e in distinct], device=self.device, dtype=self.dtype)
+            bank = PromptBank.stack(
+                [e.prompt_set for e in distinct], self.device, self.dtype, [e.shared_kv for e in distinct]
+            )
         slots = torch.tensor([slot_of[e.key] for e in entries], device=self.device)
         with torch.inference_mode(), self._autocast():
             out = prompted_forward(self.backbone.model, images, bank, slots)

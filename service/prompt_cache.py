@@ -23,7 +23,7 @@ import torch
 
 from lpt.backbone import BackboneInfo
 from lpt.errors import StoreUnavailable
-from lpt.forward import PromptBank
+from lpt.forward import PromptBank, SharedKV, precompute_shared_kv
 from lpt.prompt_set import PromptSet, ValidationLimits, load_and_validate
 from prompts_store.base import ChangeEvent, PromptStore, StoredVersion
 from service.metrics import ServiceMetrics
@@ -36,7 +36,7 @@ SWAP_RETRY_MAX_S = 5.0  # longest wait between retries of a failed hot swap
 
 @dataclass(eq=False)
 class ResidentSet:
-    """One immutable prompt-set version on the device."""
+    """One immutable prompt-set version on the device (``nbytes`` counts its shared keys/values too)."""
 
     key: Key
     info: StoredVersion
@@ -45,6 +45,7 @@ class ResidentSet:
     nbytes: int
     pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    shared_kv: SharedKV | None = None
 
     @property
     def geometry(self) -> tuple[int, int]:
@@ -70,11 +71,39 @@ def to_device(ps: PromptSet, device: torch.device | str, dtype: torch.dtype) -> 
     )
 
 
-def single_bank(ps: PromptSet) -> PromptBank:
-    """A one-slot bank of views over the set's own tensors: no extra device memory."""
+def single_bank(ps: PromptSet, shared_kv: SharedKV | None = None) -> PromptBank:
+    """A one-slot bank of views over the set's own tensors (and its shared keys/values): no extra device memory."""
     return PromptBank.from_tensors(
-        ps.shared_prompt, ps.head_weight, ps.share_blocks, ps.group_prompts, ps.group_keys, ps.top_k, ps.head_scale
-    )
+        ps.shared_prompt, ps.head_weight, ps.share_blocks, ps.group_prompts, ps.group_keys, ps.top_k, ps.head_scale,
+        shared_kv,
+    )  # fmt: skip
+
+
+def make_resident(
+    key: Key,
+    info: StoredVersion,
+    ps: PromptSet,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    model: torch.nn.Module | None = None,
+) -> ResidentSet:
+    """The device copy of a set, its one-slot bank and, given the backbone, its shared keys/values.
+
+    Args:
+        key: (tenant, task, version).
+        info: the stored version's metadata.
+        ps: the validated set (any device).
+        device: where it becomes resident.
+        dtype: resident dtype.
+        model: the backbone the shared keys/values are computed with once here; ``None``: per forward.
+    """
+    moved = to_device(ps, device, dtype)
+    kv = None
+    if model is not None:
+        with torch.inference_mode():
+            kv = precompute_shared_kv(model, moved)
+    nbytes = moved.nbytes + (kv.nbytes if kv is not None else 0)
+    return ResidentSet(key=key, info=info, prompt_set=moved, bank=single_bank(moved, kv), nbytes=nbytes, shared_kv=kv)
 
 
 class PromptCache:
@@ -89,6 +118,8 @@ class PromptCache:
         metrics: counters and gauges to update.
         limits: prompt-set validation limits.
         loaders: threads for store reads and device copies.
+        model: the backbone; given, every resident set carries its shared-prompt keys/values (counted in the
+            budget) and forwards skip recomputing them.
     """
 
     def __init__(
@@ -101,6 +132,7 @@ class PromptCache:
         metrics: ServiceMetrics,
         limits: ValidationLimits | None = None,
         loaders: int = 4,
+        model: torch.nn.Module | None = None,
     ):
         self.store = store
         self.backbone = backbone
@@ -109,6 +141,7 @@ class PromptCache:
         self.budget_bytes = budget_bytes
         self.metrics = metrics
         self.limits = limits or ValidationLimits()
+        self.model = model
         self._lock = threading.Lock()
         self._entries: OrderedDict[Key, ResidentSet] = OrderedDict()
         self._bytes = 0
@@ -189,11 +222,8 @@ class PromptCache:
         return entry
 
     def _insert(self, info: StoredVersion, ps: PromptSet) -> ResidentSet:
-        device_ps = to_device(ps, self.device, self.dtype)
         key = (info.tenant, info.task, info.version)
-        entry = ResidentSet(
-            key=key, info=info, prompt_set=device_ps, bank=single_bank(device_ps), nbytes=device_ps.nbytes
-        )
+        entry = make_resident(key, info, ps, self.device, self.dtype, self.model)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:

@@ -8,6 +8,7 @@ import anyio
 import httpx
 import pytest
 
+from lpt.forward import precompute_shared_kv
 from prompts_store import open_store
 from service.app import create_app
 from tests.integration.service_helpers import (
@@ -180,7 +181,8 @@ async def test_a_cold_task_under_100_concurrent_requests_is_read_from_the_store_
 async def test_eviction_under_a_small_cache_budget_then_reload_gives_identical_results(backbone, tmp_path):
     info = backbone.info
     sets = {name: set_bytes(info, classes=5, pool=3, seed=seed) for name, seed in (("a", 1), ("b", 2))}
-    one_set = sets["a"][0].nbytes  # float32 on the CPU: the resident size
+    # float32 on the CPU: the resident size is the set's tensors plus its shared-prompt keys/values
+    one_set = sets["a"][0].nbytes + precompute_shared_kv(backbone.model, sets["a"][0]).nbytes
     config = make_config(tmp_path, cache_bytes=one_set + one_set // 2)  # room for one set, not two
     async with serve(config, backbone) as (app, c):
         cache = state_of(app).cache

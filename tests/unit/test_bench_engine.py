@@ -49,7 +49,9 @@ def test_correctness_check_passes(setup) -> None:
     images = torch.randn(9, 3, 32, 32)
     draw = engine.draw_mixed(9, 12, 5, torch.Generator().manual_seed(1))
     diffs = engine.check_batch(backbone.model, images, single, registry, draw, 1e-4, no_autocast)
-    assert set(diffs) == {"ours_vs_two_pass", "mixed_vs_alone", "alone_vs_two_pass"}
+    assert set(diffs) == {
+        "ours_vs_two_pass", "append_vs_two_pass", "vpt_vs_two_pass", "mixed_vs_alone", "alone_vs_two_pass"
+    }  # fmt: skip
     assert max(diffs.values()) <= 1e-4
 
 
@@ -57,11 +59,11 @@ def test_correctness_check_catches_a_wrong_mixed_forward(setup, monkeypatch: pyt
     backbone, single, registry = setup
     real = engine.prompted_forward
 
-    def swapped_slots(model, images, bank, slots=None):
+    def swapped_slots(model, images, bank, slots=None, **kw):
         # a plausible bug: rows gather their neighbour's prompts
         if slots is not None and bank.num_slots > 1:
             slots = slots.roll(1)
-        return real(model, images, bank, slots)
+        return real(model, images, bank, slots, **kw)
 
     monkeypatch.setattr(engine, "prompted_forward", swapped_slots)
     images = torch.randn(9, 3, 32, 32)
@@ -74,8 +76,8 @@ def test_correctness_check_catches_ours_differing_from_two_pass(setup, monkeypat
     backbone, single, registry = setup
     real = engine.prompted_forward
 
-    def off_by_a_bit(model, images, bank, slots=None):
-        out = real(model, images, bank, slots)
+    def off_by_a_bit(model, images, bank, slots=None, **kw):
+        out = real(model, images, bank, slots, **kw)
         out.logits = out.logits + 1e-3
         return out
 
@@ -107,7 +109,10 @@ def test_tiny_run_through_the_cli_writes_table_and_json(tmp_path: Path, capsys) 
     assert report["machine"]["torch"] == torch.__version__
     assert set(report["checks"]) == {"1", "4"}
     for res in report["results"]:
-        assert set(res["variants"]) == {"plain", "two_pass", "ours_single", "ours_mixed", "per_task"}
+        assert set(res["variants"]) == {
+            "plain", "two_pass", "append_single", "ours_single", "ours_mixed", "per_task", "vpt_single"
+        }  # fmt: skip
+        assert {"ours_vs_plain", "vpt_vs_plain", "ours_vs_append"} <= set(res["ratios"])
         assert all(len(v["times_s"]) == 2 and v["images_per_s"] > 0 for v in res["variants"].values())
         assert res["variants"]["plain"]["vs_plain"] == 1.0
     assert report["results"][1]["distinct_tasks"] == 3

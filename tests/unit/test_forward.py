@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lpt.backbone import Backbone, load_backbone
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank, precompute_shared_kv, prompted_forward
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from tests.reference_lpt import two_pass_batched, two_pass_reference
@@ -129,23 +129,40 @@ def test_shared_prompt_only_sets(backbone: Backbone, images: torch.Tensor) -> No
             torch.testing.assert_close(out.logits[row, : sets[slot].num_classes], ref, atol=ATOL, rtol=0)
 
 
-def _count_block_calls(backbone: Backbone, images: torch.Tensor, bank: PromptBank) -> int:
-    calls = []
-    handles = [b.register_forward_hook(lambda *_: calls.append(1)) for b in backbone.model.blocks]
+def _count_block_runs(backbone: Backbone, images: torch.Tensor, bank: PromptBank) -> tuple[int, set[int]]:
+    """Block runs (MLP calls: hooks on a block itself would send it down the append path) and tokens seen."""
+    tokens: list[int] = []
+    mlps = [b.mlp for b in backbone.model.blocks]
+    handles = [m.register_forward_hook(lambda _m, args, _o: tokens.append(args[0].shape[1])) for m in mlps]
     try:
         run(backbone, images, bank)
     finally:
         for h in handles:
             h.remove()
-    return len(calls)
+    return len(tokens), set(tokens)
 
 
 def test_prefix_blocks_run_once_and_pool_free_sets_take_one_pass(backbone: Backbone, images: torch.Tensor) -> None:
     depth = len(backbone.model.blocks)
+    real_tokens = backbone.info.num_patches + backbone.info.num_prefix_tokens
     pooled = make_set(backbone, classes=3, pool=4, top_k=2, seed=4)
     plain = make_set(backbone, classes=3, pool=0, top_k=1, seed=4)
-    assert _count_block_calls(backbone, images, PromptBank.stack([pooled])) == depth + (depth - S)
-    assert _count_block_calls(backbone, images, PromptBank.stack([plain])) == depth
+    # prompts enter as keys/values only: the MLPs see the real tokens and nothing else
+    assert _count_block_runs(backbone, images, PromptBank.stack([pooled])) == (depth + (depth - S), {real_tokens})
+    assert _count_block_runs(backbone, images, PromptBank.stack([plain])) == (depth, {real_tokens})
+
+
+def test_append_path_equals_keys_values_path_with_and_without_precomputed_kv(
+    backbone: Backbone, images: torch.Tensor, mixed_sets: list[PromptSet]
+) -> None:
+    slots = torch.arange(len(images)) % len(mixed_sets)
+    kvs = [precompute_shared_kv(backbone.model, ps) for ps in mixed_sets]
+    with torch.inference_mode():
+        appended = prompted_forward(backbone.model, images, PromptBank.stack(mixed_sets), slots, append_prompts=True)
+        for bank in (PromptBank.stack(mixed_sets), PromptBank.stack(mixed_sets, shared_kv=kvs)):
+            fast = prompted_forward(backbone.model, images, bank, slots)
+            torch.testing.assert_close(fast.logits, appended.logits, atol=ATOL, rtol=0)
+            assert torch.equal(fast.selected, appended.selected)
 
 
 def test_inference_mode_equals_no_grad(backbone: Backbone, images: torch.Tensor, mixed_sets: list[PromptSet]) -> None:
@@ -175,6 +192,24 @@ def test_gradients_reach_every_trainable_part_and_not_the_backbone(backbone: Bac
     unused = [i for i in range(5) if i not in used.tolist()]
     assert all(pool.grad[i].abs().sum() == 0 for i in unused)
     assert all(p.grad is None for p in backbone.model.parameters())
+
+
+def test_trainer_gradients_equal_on_keys_values_and_append_paths(backbone: Backbone, images: torch.Tensor) -> None:
+    ps = make_set(backbone, classes=4, pool=5, top_k=2, seed=9)
+    labels = torch.arange(len(images)) % 4
+    grads = []
+    for append in (False, True):
+        tensors = (ps.shared_prompt, ps.group_prompts, ps.group_keys, ps.head_weight)
+        params = [t.clone().requires_grad_() for t in tensors]
+        shared, pool, keys, head = params
+        out = prompted_forward(
+            backbone.model, images, PromptBank.from_tensors(shared, head, S, pool, keys, top_k=2), append_prompts=append
+        )
+        (F.cross_entropy(out.logits, labels) - 0.5 * out.key_sim.mean()).backward()  # the trainer's loss
+        grads.append([p.grad for p in params])
+    for name, fast, ref in zip(("shared", "pool", "keys", "head"), *grads, strict=True):
+        assert ref.abs().sum() > 0, name
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_float32(
