@@ -1,7 +1,7 @@
 """Helpers shared by the service-level benchmarks (http, loading, memory, scaling).
 
 Latency summaries, run metadata (machine, versions, load average), prompt sets of a given shape, resident
-entries built the way ``service.prompt_cache`` builds them, and a real ``lpt-serve`` subprocess.
+entries built the way ``service.resident`` builds them, and a real ``lpt-serve`` subprocess.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
-from service.prompt_cache import ResidentSet, single_bank, to_device
+from service.resident import ResidentSet, make_resident
 
 __all__ = [
     "CheckFailed",
@@ -134,11 +134,7 @@ def resident(
     tenant: str, task: str, version: int, ps: PromptSet, device: torch.device | str, dtype: torch.dtype
 ) -> ResidentSet:
     """A resident entry exactly as ``PromptCache`` makes one (device copy + one-slot bank of views)."""
-    moved = to_device(ps, device, dtype)
-    info = StoredVersion(tenant, task, version, "", 0, 0.0)
-    return ResidentSet(
-        key=(tenant, task, version), info=info, prompt_set=moved, bank=single_bank(moved), nbytes=moved.nbytes
-    )
+    return make_resident(StoredVersion(tenant, task, version, "", 0, 0.0), ps, device, dtype)
 
 
 def cifar_jpegs(count: int) -> list[bytes]:

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hardening.conftest import KEYS, auth
 from tests.redis_server import free_port
+from tests.service_harness import KEYS, auth
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,17 +9,8 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.service_helpers import (
-    assert_matches,
-    classify,
-    image_bytes,
-    make_config,
-    reference_probs,
-    serve,
-    set_bytes,
-    upload,
-    wait_until,
-)
+from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
+from tests.service_harness import image_bytes, make_config, serve, set_bytes, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

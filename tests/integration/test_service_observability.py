@@ -10,18 +10,8 @@ import anyio
 import pytest
 
 from service.app import ENDPOINTS
-from tests.integration.service_helpers import (
-    GatedInfer,
-    classify,
-    image_bytes,
-    make_config,
-    metrics,
-    serve,
-    set_bytes,
-    state_of,
-    upload,
-    wait_until,
-)
+from tests.integration.service_helpers import GatedInfer, classify, upload
+from tests.service_harness import image_bytes, make_config, metrics, serve, set_bytes, state_of, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -9,18 +9,8 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.service_helpers import (
-    assert_matches,
-    classify,
-    error_code,
-    image_bytes,
-    make_config,
-    metrics,
-    reference_probs,
-    serve,
-    set_bytes,
-    upload,
-)
+from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
+from tests.service_harness import error_code, image_bytes, make_config, metrics, serve, set_bytes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120), pytest.mark.redis]
 
