@@ -60,6 +60,8 @@ class ServiceMetrics:
             ["stage"],
             registry=r,
         )
+        for stage in ("forward", "loop"):  # exported at 0 from the start, so rates and alerts need no special case
+            self.batch_failures.labels(stage)
         self.device_memory = Gauge(
             "lpt_device_memory_bytes", "Device memory allocated by this process (CUDA)", registry=r
         )

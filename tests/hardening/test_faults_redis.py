@@ -1,4 +1,4 @@
-"""Issue 8.6: Redis faults under a running service (a real redis-server with a password, AOF on).
+"""Redis faults under a running service (a real redis-server with a password, AOF on).
 
 For each fault (kill -9, SIGSTOP, CLIENT PAUSE): classify of cached tasks keeps answering 200; uploads answer 503
 with Retry-After within the configured store timeout (plus a small scheduling margin); /readyz reports the store

@@ -1,4 +1,4 @@
-"""Issue 8.3: hostile identifiers, oversize bodies and malformed multipart, through the real app.
+"""Hostile identifiers, oversize bodies and malformed multipart, through the real app.
 
 Bad task ids answer 422 (query and path forms) and touch nothing; oversize bodies answer 413 without the body
 being read; many parts, huge part headers and malformed Content-Types answer 4xx quickly. Installed versions

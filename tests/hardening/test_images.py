@@ -1,4 +1,4 @@
-"""Issue 8.1: hostile and unusual images through the real app. Every bad one is a 4xx with a code; the valid
+"""Hostile and unusual images through the real app. Every bad one is a 4xx with a code; the valid
 variants (CMYK, LA, 16-bit, palette, animated GIF) answer 200; the server keeps answering normal requests."""
 
 from __future__ import annotations

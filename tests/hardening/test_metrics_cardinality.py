@@ -1,4 +1,4 @@
-"""Issue 8.8: the number of series in /metrics does not grow with the number of tasks (1 -> 1,000)."""
+"""The number of series in /metrics does not grow with the number of tasks (1 -> 1,000)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8.2: hostile prompt-set uploads. Each is a 422 with a code, and nothing is stored: the task list, the
+"""Hostile prompt-set uploads. Each is a 422 with a code, and nothing is stored: the task list, the
 versions and the active version are exactly as before. A pickle payload never runs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 8.4: schemathesis against the OpenAPI schema the app serves, through the real app (ASGI, lifespan on).
+"""Schemathesis against the OpenAPI schema the app serves, through the real app (ASGI, lifespan on).
 
 No response is a 5xx and every response conforms to the schema (status code, content type, headers, body).
 Bounded: a few examples per operation, no deadline, so the whole run stays well under a minute.

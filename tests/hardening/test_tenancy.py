@@ -1,4 +1,4 @@
-"""Issue 8.5: two tenants. Every endpoint tried across tenants answers exactly as for a task that does not exist
+"""Two tenants. Every endpoint tried across tenants answers exactly as for a task that does not exist
 (404) and changes nothing of the owner's; missing or wrong keys answer 401; secrets never reach logs, metrics or
 error bodies."""
 

@@ -109,7 +109,7 @@ class GatedInfer:
 
     def __call__(self, images: torch.Tensor, entries: list) -> list[torch.Tensor]:
         self.calls += 1
-        self.batches.append([entry.key[0] for entry in entries])
+        self.batches.append([entry.key.tenant for entry in entries])
         self.entered.set()
         self.release.wait(self.wait_s)
         if self.fail_next:
