@@ -1,4 +1,4 @@
-"""``create_app(config)``: the lifespan wires backbone, store, cache, engine and batcher; routes only here."""
+"""``create_app(config)``: the lifespan wires backbone, store, cache, queue, engine and worker; routes only here."""
 
 from __future__ import annotations
 
