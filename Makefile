@@ -4,8 +4,11 @@ PY ?= python3
 
 # The README's run command: install, then serve a demo task offline (embedded store, seeded backbone).
 run:
-	$(PY) -m pip install -q -e .
-	lpt-serve --demo
+	@echo "make run: installing lpt-serve and its dependencies into $$($(PY) -c 'import sys; print(sys.prefix)')."
+	@echo "  PyTorch is most of it: from PyPI on Linux the CUDA build, about 5.5 GB installed; on a machine without"
+	@echo "  an NVIDIA GPU install the CPU build first (about 0.7 GB, see README.md). Already installed: skipped."
+	$(PY) -m pip install --progress-bar on -e .
+	$(PY) -m service.cli --demo
 
 # The README's test command: install everything the tests need, then run the whole suite.
 test: deps

@@ -23,35 +23,42 @@ from typing import Any
 
 import torch
 
+from bench.real_data import CIFAR_ZIP, DEIT_TINY, DEIT_WEIGHTS, missing
 from lpt.backbone import load_backbone
 from trainer.config import DistContext, TrainConfig
 from trainer.data import load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import accuracy_report, summary
 from trainer.loop import Trainer
-from trainer.probe import extract_features, fit_linear_probe, probe_counts
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BACKBONE = "deit_tiny_patch16_224"
+from trainer.probe import extract_features, fit_linear_probe, fit_logit_adjusted_probe, probe_counts
+from trainer.prompt_init import HEAD_INITS, PROMPT_INITS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m bench accuracy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--zip", default=str(DATA / "cifar10-jpg.zip"), help="CIFAR-10 as JPEGs (train/ and test/)")
-    p.add_argument("--weights", default=str(DATA / f"{BACKBONE}.in1k.safetensors"), help="DeiT-Tiny weights")
-    p.add_argument("--img-size", type=int, default=64, help="backbone input size (224 is the model's own)")
+    p.add_argument("--zip", default=str(CIFAR_ZIP), help="CIFAR-10 as JPEGs (train/ and test/)")
+    p.add_argument("--weights", default=str(DEIT_WEIGHTS), help="DeiT-Tiny weights")
+    p.add_argument("--img-size", type=int, default=224, help="backbone input size (224: the model's own)")
     p.add_argument("--n-max", type=int, default=500)
     p.add_argument("--imbalance-ratio", type=float, default=100.0)
+    p.add_argument(
+        "--split-seed",
+        type=int,
+        help="another long-tailed split: seeded class order (head vs tail) and a seeded choice of images",
+    )
     p.add_argument("--val-max-per-class", type=int, help="evaluate on this many test images per class (default all)")
-    p.add_argument("--epochs1", type=int, default=6)
-    p.add_argument("--epochs2", type=int, default=6)
+    p.add_argument("--epochs1", type=int, default=5)
+    p.add_argument("--epochs2", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="default 0.02 * B / 256 (the method note)")
-    p.add_argument("--prompt-length", type=int, default=10)
-    p.add_argument("--pool-size", type=int, default=20)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--share-blocks", type=int, default=6)
-    p.add_argument("--min-crop-scale", type=float, default=0.08)
-    p.add_argument("--prompt-init", default="data", help="vpt or data (see trainer.prompt_init)")
+    p.add_argument("--lr", type=float, help="the trainer's default unless given")
+    p.add_argument("--prompt-length", type=int, default=d.prompt_length)
+    p.add_argument("--pool-size", type=int, default=d.pool_size)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--share-blocks", type=int, default=d.share_blocks)
+    p.add_argument("--min-crop-scale", type=float, default=d.min_crop_scale)
+    p.add_argument("--prompt-init", choices=PROMPT_INITS, default=d.prompt_init)
+    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init)
+    p.add_argument("--head-dropout", type=float, default=d.head_dropout)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -91,12 +98,13 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    for path in (args.zip, args.weights):
-        if not Path(path).is_file():
-            raise SystemExit(f"bench accuracy: {path} not found (see ../shared/data/README.md)")
+    if reason := missing(Path(args.zip), Path(args.weights)):
+        raise SystemExit(f"bench accuracy: {reason}")
     torch.manual_seed(args.seed)
-    backbone = load_backbone(BACKBONE, args.weights, img_size=args.img_size)
-    train = long_tailed_subset(load_dataset(f"{args.zip}/train", "train"), args.imbalance_ratio, args.n_max)
+    backbone = load_backbone(DEIT_TINY, args.weights, img_size=args.img_size)
+    train = long_tailed_subset(
+        load_dataset(f"{args.zip}/train", "train"), args.imbalance_ratio, args.n_max, seed=args.split_seed
+    )
     val = load_dataset(f"{args.zip}/test", "val")
     if args.val_max_per_class:
         val = per_class_subset(val, args.val_max_per_class)
@@ -107,8 +115,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     feats, targets = extract_features(backbone, train, args.device)
     probe = fit_linear_probe(feats, targets, num_classes)
+    la_probe = fit_logit_adjusted_probe(feats, targets, num_classes)
     val_feats, val_targets = extract_features(backbone, val, args.device)
     probe_report = accuracy_report(probe_counts(probe, val_feats, val_targets, num_classes), counts, names)
+    la_report = accuracy_report(probe_counts(la_probe, val_feats, val_targets, num_classes), counts, names)
     probe_s = time.perf_counter() - t0
 
     cfg = TrainConfig(
@@ -122,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         share_blocks=args.share_blocks,
         min_crop_scale=args.min_crop_scale,
         prompt_init=args.prompt_init,
+        head_init=args.head_init,
+        head_dropout=args.head_dropout,
         seed=args.seed,
         workers=args.workers,
         progress=False,
@@ -136,6 +148,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "linear probe (frozen features)",
             {**summary(probe_report), "params": probe.weight.numel() + probe.bias.numel()},
         ),
+        (
+            "logit-adjusted linear probe (frozen features)",
+            {**summary(la_report), "params": la_probe.weight.numel()},
+        ),
         ("phase 1: shared prompt (deep VPT)", {**summary(result.report["phase1"]), "params": phase1_params}),
         ("LPT: phase 1 + phase 2", {**summary(result.report), "params": result.prompt_set.num_params}),
     ]
@@ -147,6 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_images": len(val),
         "lr": cfg.base_lr,
         "seconds": {"probe": round(probe_s, 1), "train_and_eval": round(train_s, 1)},
+        "phase2": result.report.get("phase2"),
+        "warnings": result.report.get("warnings", []),
         "machine": machine(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -167,11 +185,20 @@ many > 100, medium 20-100, few < 20 (classes: {result["train_counts"]}).
 
 - Data: `cifar10-jpg.zip`, class i keeps its first int({s["n_max"]} * (1/{s["imbalance_ratio"]:g}) ** (i / 9)) training
   images ({sum(result["train_counts"]):,} in all).
-- Backbone: DeiT-Tiny/16 (ImageNet-1k weights from `../shared/data`), frozen, built for {s["img_size"]} px.
+- Backbone: DeiT-Tiny/16 (ImageNet-1k weights, `deit_tiny_patch16_224.in1k.safetensors`), frozen, built for
+  {s["img_size"]} px.
 - Linear probe: logistic regression on the frozen, prompt-free class-token features (L-BFGS).
+- Logit-adjusted probe (the long-tail baseline, Menon et al. 2021): a cosine classifier on the same features,
+  trained with cross-entropy on `s * cos + log prior` and evaluated on the cosine logits alone.
 - Phase 1 and LPT: one `trainer` run, {s["epochs1"]} + {s["epochs2"]} epochs, B = {s["batch_size"]},
   lr = {result["lr"]:g}, L = {s["prompt_length"]}, P = {s["pool_size"]}, top-k = {s["top_k"]}, S = {s["share_blocks"]},
-  prompt init `{s["prompt_init"]}`, A-GCL with dual sampling as in `../shared/lpt-method.md`.
+  prompt init `{s["prompt_init"]}`, head init `{s["head_init"]}`, head dropout {s["head_dropout"]}, A-GCL with dual
+  sampling ([method.md](method.md)); split {
+        "the first images of each class"
+        if s.get("split_seed") is None
+        else f"seed {s['split_seed']} (seeded class order and images)"
+    }.
+- Phase 2 on the test set: {_phase2_line(result.get("phase2"))}.
 - Machine: {result["machine"]}.
 - Date: {result["date"]}; wall time: probe {result["seconds"]["probe"]} s, training + evaluation
   {result["seconds"]["train_and_eval"]} s.
@@ -182,6 +209,17 @@ Command:
 {command}
 ```
 """
+
+
+def _phase2_line(phase2: dict[str, Any] | None) -> str:
+    if not phase2:
+        return "no pool"
+    ent = ", ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
+    return (
+        f"{phase2['pool_used']} of {phase2['pool_size']} pool entries used; selection entropy per class (bits, max "
+        f"{phase2['max_entropy_bits']:.2f}): {ent}; keys turned {phase2['key_angle_deg']['mean']:.1f} degrees on "
+        "average from their init"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,11 @@ Weights come from one of three sources (``weights`` argument):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +96,7 @@ def _create(name: str, weights: str, img_size: int | None) -> VisionTransformer:
                 torch.manual_seed(seed)
                 return timm.create_model(name, pretrained=False, **kwargs)
         if weights == "hub":
-            return timm.create_model(name, pretrained=True, **kwargs)
+            return _create_from_hub(name, kwargs)
         path = Path(weights).expanduser()
         if not path.is_file():
             raise BackboneError("weights_not_found", f"weights file not found: {path}", "backbone_weights")
@@ -110,6 +113,53 @@ def _create(name: str, weights: str, img_size: int | None) -> VisionTransformer:
         raise BackboneError("backbone_load_failed", f"{name} with weights {weights!r}: {exc}", "backbone") from exc
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host answers a TCP connect (seconds, instead of a minute of retries)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode for one call: the local cache only, no network retries."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _create_from_hub(name: str, kwargs: dict[str, Any]) -> VisionTransformer:
+    """timm's pretrained weights: from the hub when it is reachable, else from the local cache, else one clear
+    error (not a minute of retried requests)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and _hub_reachable():
+        return timm.create_model(name, pretrained=True, **kwargs)
+    with _hub_offline():
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise BackboneError(
+                "weights_unavailable",
+                f"cannot get {name}'s pretrained weights: the Hugging Face hub is not reachable from this machine "
+                "and they are not in the local cache; pass a local weights file instead (--backbone-weights "
+                "PATH, .safetensors, .pth or .npz)",
+                "backbone_weights",
+            ) from exc
+
+
 def fingerprint(name: str, model: torch.nn.Module) -> str:
     """A stable sha256 hex digest of the model name and every parameter/buffer value.
 
@@ -123,6 +173,70 @@ def fingerprint(name: str, model: torch.nn.Module) -> str:
         h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# What makes a prompt set servable on a backbone, in the order a mismatch is reported: the model's name,
+# then the input size it was built for (it changes the position embeddings), then its weights. The
+# fingerprint covers all three; the other two say which one differs.
+IDENTITY_FIELDS = ("name", "input_size", "fingerprint")
+
+
+def mismatched_field(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str | None:
+    """The first of ``name``, ``input_size``, ``fingerprint`` that differs between two backbones; None if they match.
+
+    Args:
+        expected: a ``BackboneInfo.to_dict()`` (or ``GET /v1/backbone``) of the backbone that will run the set.
+        got: the same keys for the other side; a missing ``input_size`` (older prompt sets) is not compared.
+    """
+    if expected.get("fingerprint") == got.get("fingerprint"):
+        return None
+    for key in IDENTITY_FIELDS:
+        mine, theirs = expected.get(key), got.get(key)
+        if key == "input_size" and (mine is None or theirs is None):
+            continue
+        if _normalised(mine) != _normalised(theirs):
+            return key
+    return "fingerprint"
+
+
+def describe_mismatch(
+    expected: Mapping[str, Any], got: Mapping[str, Any], expected_is: str = "expected", got_is: str = "got"
+) -> str:
+    """One sentence naming what differs between two backbones (name, input size or weights); "" when they match.
+
+    Args:
+        expected: ``BackboneInfo.to_dict()`` or ``GET /v1/backbone`` of the backbone that will run the set.
+        got: the same keys of the backbone the set was (or will be) trained on.
+        expected_is: how the message names the expected side, e.g. "the service runs".
+        got_is: how the message names the other side, e.g. "the prompt set was trained on".
+    """
+    key = mismatched_field(expected, got)
+    if key is None:
+        return ""
+    if key == "name":
+        return f"backbone name differs: {expected_is} {expected.get('name')}, {got_is} {got.get('name')}"
+    if key == "input_size":
+        return (
+            f"backbone input size differs: {expected_is} {_size(expected)}, {got_is} {_size(got)} "
+            f"(both {expected.get('name')})"
+        )
+    sizes_known = bool(expected.get("input_size") and got.get("input_size"))
+    what, same = ("weights differ", "name and input size") if sizes_known else ("weights or input size differ", "name")
+    spec = ""
+    if expected.get("weights") and got.get("weights"):
+        spec = f"; weights {expected['weights']!r} vs {got['weights']!r}"
+    return (
+        f"backbone {what} (same {same}, {expected.get('name')}): {expected_is} fingerprint "
+        f"{str(expected.get('fingerprint'))[:16]}..., {got_is} {str(got.get('fingerprint'))[:16]}...{spec}"
+    )
+
+
+def _normalised(value: Any) -> Any:
+    return tuple(int(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _size(info: Mapping[str, Any]) -> str:
+    return "x".join(str(v) for v in info["input_size"])
 
 
 def _data_config(model: VisionTransformer) -> dict[str, Any]:

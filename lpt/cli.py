@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import httpx
 
+import lpt
 from lpt.client import ApiError, LptClient
 
 
@@ -55,11 +57,26 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        results = c.classify(args.task, [Path(p).read_bytes() for p in args.images], args.top_k, args.version)
+        try:
+            results = c.classify(args.task, [Path(p).read_bytes() for p in args.images], args.top_k, args.version)
+        except ApiError as exc:
+            culprit = _failed_image(exc, args.images)
+            if culprit is None:
+                raise
+            print(f"error {exc.status} {exc.code}: {culprit}: {exc.message}", file=sys.stderr)
+            return 1
     for path, result in zip(args.images, results, strict=True):
         top = ", ".join(f"{p['label']} {p['score']:.3f}" for p in result["predictions"])
         print(f"{path}\tv{result['version']}\t{top}")
     return 0
+
+
+def _failed_image(exc: ApiError, paths: list[str]) -> str | None:
+    """The file an image error is about: the service names a part ``image[i]`` when a request carries several."""
+    match = re.fullmatch(r"image\[(\d+)\]", exc.field or "")
+    if match and int(match.group(1)) < len(paths):
+        return paths[int(match.group(1))]
+    return paths[0] if exc.field == "image" and len(paths) == 1 else None
 
 
 def cmd_backbone(args: argparse.Namespace) -> int:
@@ -70,6 +87,7 @@ def cmd_backbone(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lpt", description="Manage and query an lpt-serve service.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lpt.__version__}")
     parser.add_argument("--url", default=os.environ.get("LPT_URL", "http://127.0.0.1:8000"), help="or LPT_URL")
     parser.add_argument("--api-key", default=os.environ.get("LPT_API_KEY"), help="or LPT_API_KEY")
     sub = parser.add_subparsers(dest="command", required=True)

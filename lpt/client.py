@@ -15,8 +15,8 @@ class ApiError(LptError):
 
     code = "api_error"
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(code, message)
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(code, message, field)
         self.status = status
 
 
@@ -54,7 +54,7 @@ class LptClient:
         if response.status_code >= 400:
             try:
                 err = response.json()["error"]
-                raise ApiError(response.status_code, err.get("code", "error"), err.get("message", ""))
+                raise ApiError(response.status_code, err.get("code", "error"), err.get("message", ""), err.get("field"))
             except (ValueError, KeyError, TypeError):
                 raise ApiError(response.status_code, "http_error", response.text[:200]) from None
         return response.json()

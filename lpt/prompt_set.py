@@ -7,7 +7,8 @@ Tensors (float32; float16 and bfloat16 accepted):
 - ``head.weight`` ``[C, D]``
 
 Metadata: ``format``, ``backbone``, ``backbone_fingerprint``, ``share_blocks``, ``top_k``, ``head_scale``,
-``class_names`` (JSON list); any other key is kept verbatim in ``PromptSet.extra``.
+``class_names`` (JSON list); optionally ``backbone_input_size`` (JSON list ``[3, H, W]``, so a mismatch can be
+named); any other key is kept verbatim in ``PromptSet.extra``.
 
 Decoding never unpickles: the 8-byte header length and the JSON header are checked by hand before
 safetensors touches the bytes, so pickles, zips, truncated files and header bombs fail fast with a code.
@@ -25,12 +26,13 @@ import safetensors.torch
 import torch
 from safetensors.torch import load as parse_safetensors  # parses a JSON header + raw buffers; never unpickles
 
-from lpt.backbone import BackboneInfo
+from lpt.backbone import BackboneInfo, describe_mismatch, mismatched_field
 from lpt.errors import PromptSetInvalid
 
 FORMAT = "lpt-prompt-set/1"
 TENSOR_NAMES = ("shared_prompt", "group_prompts", "group_keys", "head.weight")
 REQUIRED_META = ("format", "backbone", "backbone_fingerprint", "share_blocks", "top_k", "head_scale", "class_names")
+OPTIONAL_META = ("backbone_input_size",)
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HEADER_LIMIT = 16 * 1024 * 1024
 
@@ -60,6 +62,7 @@ class PromptSet:
     group_prompts: torch.Tensor | None = None
     group_keys: torch.Tensor | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    backbone_input_size: tuple[int, ...] | None = None
 
     @property
     def depth(self) -> int:
@@ -107,7 +110,14 @@ class PromptSet:
             head_scale=repr(float(self.head_scale)),
             class_names=json.dumps(list(self.class_names), ensure_ascii=False),
         )
+        if self.backbone_input_size is not None:
+            meta["backbone_input_size"] = json.dumps([int(v) for v in self.backbone_input_size])
         return meta
+
+    def backbone_identity(self) -> dict[str, object]:
+        """The backbone the set was trained on, in ``BackboneInfo.to_dict()`` keys (for ``describe_mismatch``)."""
+        size = list(self.backbone_input_size) if self.backbone_input_size is not None else None
+        return {"name": self.backbone, "fingerprint": self.backbone_fingerprint, "input_size": size}
 
 
 def encode(prompt_set: PromptSet) -> bytes:
@@ -133,15 +143,57 @@ def _bad(code: str, message: str, field_name: str | None = None) -> PromptSetInv
     return PromptSetInvalid(code, message, field_name)
 
 
+# Signatures of what people upload by mistake, so the answer says what was received.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (torch.save checkpoints are ZIP archives)"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"\x80", "a Python pickle"),
+    (b"{", "a JSON document"),
+    (b"<", "an HTML or XML document"),
+)
+
+
+def sniff(data: bytes) -> str | None:
+    """What bytes that are not safetensors look like (e.g. "a JPEG image"), when a signature tells; else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "a WebP image"
+    for magic, what in _SIGNATURES:
+        if data.startswith(magic):
+            return what
+    head = data[:64]
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "a text file"
+    return None
+
+
+def _not_safetensors(data: bytes, detail: str) -> PromptSetInvalid:
+    """Says what the bytes look like when it can tell; asked only once the container check has failed, so a
+    real safetensors file whose header length happens to begin like a signature is never misjudged."""
+    what = sniff(data)
+    if what is not None:
+        return _bad("not_safetensors", f"this looks like {what}, not a safetensors prompt set ({FORMAT})")
+    return _bad("not_safetensors", f"not a safetensors file: {detail}")
+
+
 def _read_header(data: bytes) -> dict:
     if len(data) < 8:
-        raise _bad("not_safetensors", f"{len(data)} bytes is too short for a safetensors file")
+        raise _not_safetensors(data, f"{len(data)} bytes is too short")
     (n,) = struct.unpack("<Q", data[:8])
     if n > _HEADER_LIMIT or n > len(data) - 8:
-        raise _bad("not_safetensors", f"header length {n} exceeds the file ({len(data)} bytes) or {_HEADER_LIMIT}")
+        raise _not_safetensors(
+            data,
+            f"its first 8 bytes declare a {n}-byte header, but the file has {len(data)} bytes "
+            f"(and a header is at most {_HEADER_LIMIT})",
+        )
     raw = data[8 : 8 + n]
     if not raw.lstrip().startswith(b"{"):
-        raise _bad("not_safetensors", "the header is not a JSON object (pickle, zip or another format?)")
+        raise _not_safetensors(data, "the header is not a JSON object (pickle, zip or another format?)")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -200,6 +252,7 @@ def decode(data: bytes) -> PromptSet:
         head_scale = float(meta["head_scale"])
     except ValueError as exc:
         raise _bad("bad_metadata", f"head_scale must be a number, got {meta['head_scale']!r}", "head_scale") from exc
+    input_size = _input_size_meta(meta)
     pool = tensors.get("group_prompts")
     if pool is not None and pool.ndim >= 1 and pool.shape[0] == 0:
         pool = None
@@ -214,8 +267,23 @@ def decode(data: bytes) -> PromptSet:
         head_scale=head_scale,
         group_prompts=pool,
         group_keys=tensors["group_keys"] if pool is not None else None,
-        extra={k: v for k, v in meta.items() if k not in REQUIRED_META},
+        extra={k: v for k, v in meta.items() if k not in REQUIRED_META + OPTIONAL_META},
+        backbone_input_size=input_size,
     )
+
+
+def _input_size_meta(meta: dict[str, str]) -> tuple[int, ...] | None:
+    raw = meta.get("backbone_input_size")
+    if raw is None:
+        return None
+    try:
+        size = json.loads(raw)
+    except json.JSONDecodeError:
+        size = None
+    if not (isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size)):
+        message = f"backbone_input_size must be a JSON list [C, H, W], got {raw!r}"
+        raise _bad("bad_metadata", message, "backbone_input_size")
+    return tuple(size)
 
 
 def _shape(t: torch.Tensor, name: str, ndim: int) -> None:
@@ -241,13 +309,13 @@ def validate(ps: PromptSet, backbone: BackboneInfo, limits: ValidationLimits | N
         )
     if not 1 <= length <= limits.max_prompt_length:
         raise _bad("bad_shape", f"prompt length {length} not in [1, {limits.max_prompt_length}]", "shared_prompt")
-    if ps.backbone_fingerprint != backbone.fingerprint:
-        raise _bad(
-            "fingerprint_mismatch",
-            f"trained on backbone {ps.backbone} ({ps.backbone_fingerprint[:16]}...), "
-            f"this service runs {backbone.name} ({backbone.fingerprint[:16]}...)",
-            "backbone_fingerprint",
+    differs = mismatched_field(backbone.to_dict(), ps.backbone_identity())
+    if differs is not None:
+        message = describe_mismatch(
+            backbone.to_dict(), ps.backbone_identity(), "this backbone is", "the prompt set was trained on"
         )
+        field_name = {"name": "backbone", "input_size": "backbone_input_size"}.get(differs, "backbone_fingerprint")
+        raise _bad("fingerprint_mismatch", message, field_name)
     if not 0 <= ps.share_blocks < depth:
         raise _bad("bad_share_blocks", f"share_blocks {ps.share_blocks} not in [0, {depth})", "share_blocks")
     if not (math.isfinite(ps.head_scale) and ps.head_scale > 0):

@@ -10,7 +10,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -108,9 +108,8 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         if config.demo:
             await run_in_threadpool(install_demo, state)
         state.subscription = state.store.subscribe(state.cache.on_change, config.reconcile_s)
-        log.info(
-            "lpt-serve ready: backbone %s on %s (%s)", state.backbone.info.name, config.device, config.compute_dtype
-        )
+        # "ready" is logged by the server once its socket accepts connections (service/cli.py), not here.
+        log.debug("application started: backbone %s on %s", state.backbone.info.name, config.device)
         try:
             yield
         finally:
@@ -127,6 +126,7 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         version=lpt.__version__,
         lifespan=lifespan,
         docs_url=None,
+        redoc_url=None,
         description="Multi-tenant Long-tailed Prompt Tuning inference on one frozen ViT.",
     )
     app.include_router(router)
@@ -150,7 +150,11 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
 
 
 def _install_offline_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from the packaged swagger-ui-bundle assets: FastAPI's default pulls them from a CDN."""
+    """Swagger UI at /docs from the packaged swagger-ui-bundle assets: FastAPI's default pulls them from a CDN.
+
+    ReDoc ships no installable offline bundle, so ``/redoc`` redirects to the offline Swagger UI instead of
+    serving a page that stays blank without the internet.
+    """
     from swagger_ui_bundle import swagger_ui_path
 
     app.mount("/docs-static", StaticFiles(directory=swagger_ui_path), name="docs-static")
@@ -164,6 +168,10 @@ def _install_offline_docs(app: FastAPI) -> None:
             swagger_css_url="/docs-static/swagger-ui.css",
             swagger_favicon_url="/docs-static/favicon-32x32.png",
         )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> RedirectResponse:
+        return RedirectResponse("/docs", status_code=308)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -1,73 +1,151 @@
-"""``lpt-serve``: flags mirror ``LPT_*`` environment variables; flags win."""
+"""``lpt-serve``: one flag per setting, generated from ``ServiceSettings``; each is also an ``LPT_*`` variable."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
-import os
+import socket
+import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from service.settings import ServiceSettings
+import pydantic
+import uvicorn
+from pydantic.fields import FieldInfo
 
-DEMO_BACKBONE = ("deit_tiny_patch16_224", "random:0")
+import lpt
+from service.settings import ServiceConfig, ServiceSettings, env_name
+
+log = logging.getLogger("service.cli")  # not __name__: it is "__main__" under python -m
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lpt-serve", description="Serve LPT prompt sets on one frozen timm ViT.")
-    add = p.add_argument
-    add("--host", help="bind address (default 127.0.0.1)")
-    add("--port", type=int, help="port (default 8000)")
-    add("--backbone", help="timm model name (default vit_base_patch16_224.augreg_in21k)")
-    add("--backbone-weights", help="'hub', a weights file path, or 'random:SEED'")
-    add("--img-size", type=int, help="input size, when not the model's default")
-    add("--store", help="redis://... or rediss://... URL, or a path for the embedded store (default: DATA_DIR/store)")
-    add("--data-dir", type=Path, help="directory for the embedded store and demo files (default ./data)")
-    add("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    add("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (auto: bf16 on cuda)")
-    add("--max-batch-size", type=int, help="images per forward (default 32)")
-    add("--max-wait-ms", type=float, help="how long a batch stays open after its first image (default 5)")
-    add("--queue-size", type=int, help="images waiting at most before 429 (default 1024)")
-    add("--tenant-queue-share", type=float, help="share of the queue one tenant may fill with keys (default 0.5)")
-    add("--cache-bytes", type=int, help="device bytes for resident prompt sets (default 2 GiB)")
-    add("--request-timeout", type=float, help="seconds before a classify answers 504 (default 10)")
-    add("--max-image-bytes", type=int, help="largest encoded image (default 10 MiB)")
-    add("--max-image-pixels", type=int, help="largest width*height (default 40M)")
-    add("--max-classes", type=int, help="largest class count a prompt set may have (default 8192)")
-    add("--max-prompt-bytes", type=int, help="largest prompt set upload (default 64 MiB)")
-    add("--api-keys-file", type=Path, help="file of 'tenant:secret' lines (or LPT_API_KEYS=t1:s1,t2:s2)")
-    add("--insecure", action="store_true", default=None, help="allow a non-loopback address without API keys")
-    add("--demo", action="store_true", default=None, help="install a demo task; offline demo backbone by default")
-    add("--shutdown-timeout", type=float, help="seconds to finish in-flight work on SIGTERM (default 20)")
-    add("--log-level", help="debug, info, warning, error")
+    """The flags of every setting, with help, default and variable taken from the field."""
+    p = argparse.ArgumentParser(
+        prog="lpt-serve",
+        description="Serve LPT prompt sets on one frozen timm ViT. Every flag is also an environment variable "
+        "(shown with it); a flag wins over its variable.",
+        argument_default=argparse.SUPPRESS,  # only what was given reaches the settings, so env and defaults apply
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {lpt.__version__}")
+    for name, info in ServiceSettings.model_fields.items():
+        p.add_argument(flag_name(name), dest=name, help=_help(name, info), **_argparse_kind(info.annotation))
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def _help(name: str, info: FieldInfo) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    default = info.default
+    if default is None:
+        shown = extra.get("unset", "unset")
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = str(default)
+    # argparse treats '%' in help as a format directive.
+    return f"{info.description} (default: {shown}; env {env_name(name)})".replace("%", "%%")
+
+
+def _argparse_kind(annotation: Any) -> dict[str, Any]:
+    """argparse's type/choices/action for a field's annotation (``X | None`` is treated as ``X``)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if annotation in (int, float, str, Path):
+        return {"type": annotation}
+    raise TypeError(f"no flag type for setting annotation {annotation!r}")
+
+
+def load_settings(argv: list[str] | None = None) -> ServiceSettings:
+    """Flags over ``LPT_*`` variables over defaults, validated (exits with a message on bad values)."""
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    demo = overrides.get("demo") or os.environ.get("LPT_DEMO", "").lower() in ("1", "true", "yes")
-    # The demo must run offline: a seeded DeiT-Tiny unless a backbone was chosen explicitly.
-    if demo and "backbone" not in overrides and "LPT_BACKBONE" not in os.environ:
-        overrides["backbone"] = DEMO_BACKBONE[0]
-        if "backbone_weights" not in overrides and "LPT_BACKBONE_WEIGHTS" not in os.environ:
-            overrides["backbone_weights"] = DEMO_BACKBONE[1]
-    config = ServiceSettings(**overrides).freeze()
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config.check_exposure()
+    try:
+        return ServiceSettings(**vars(args))
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{flag_name(str(e['loc'][0]))} / {env_name(str(e['loc'][0]))}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
+        raise SystemExit(f"lpt-serve: invalid setting: {problems}") from None
 
-    import uvicorn
 
-    from service.app import create_app
+def load_config(argv: list[str] | None = None) -> ServiceConfig:
+    """The frozen config of a command line (and the environment)."""
+    return load_settings(argv).freeze()
 
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level.lower(),
-        timeout_graceful_shutdown=config.shutdown_timeout,
-        access_log=False,
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before anything slow starts, so a taken port fails at once and clearly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the address is already in use (another lpt-serve?); choose another --port / LPT_PORT"
+        else:
+            reason = exc.strerror or str(exc)
+        raise SystemExit(f"lpt-serve: cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def ready_line(config: ServiceConfig, app: Any, sock: socket.socket) -> str:
+    """What the service runs and where: enough to train a set it accepts (name, input size, fingerprint)."""
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    info = app.state.lpt.backbone.info
+    size = "x".join(str(v) for v in info.input_size)
+    return (
+        f"lpt-serve ready on http://{host}:{port}: backbone {info.name} (input {size}, weights {info.weights}, "
+        f"fingerprint {info.fingerprint[:16]}) on {config.device} ({config.compute_dtype})"
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, logging "ready" once the app has started and the socket accepts connections."""
+
+    def __init__(self, uv_config: uvicorn.Config, config: ServiceConfig, sock: socket.socket):
+        super().__init__(uv_config)
+        self.service_config = config
+        self.sock = sock
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log.info(ready_line(self.service_config, self.config.app, self.sock))
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = load_settings(argv)
+    config = settings.freeze()
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.check_exposure()
+    sock = bind(config.host, config.port)
+    if config.port == 0:  # any free port: the config (and the default replica id) names the one bound
+        config = settings.model_copy(update={"port": sock.getsockname()[1]}).freeze()
+
+    from service.app import create_app
+
+    uv_config = uvicorn.Config(
+        create_app(config),
+        log_level=config.log_level.lower(),
+        timeout_graceful_shutdown=config.shutdown_timeout,
+        access_log=config.access_log,
+    )
+    _Server(uv_config, config, sock).run(sockets=[sock])
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lpt.errors import LptError
 from service.errors import BadImage, ImageRejected, ImageTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -63,6 +65,23 @@ class ImageDecoder:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(self.decode(data))
+
+    def decode_all(self, blobs: Sequence[bytes]) -> list[torch.Tensor]:
+        """Every image of a request, in order; with several, an error names its part (field ``image[i]``, from 0).
+
+        Args:
+            blobs: the encoded images (one raw body, or the multipart ``image`` parts).
+        """
+        out = []
+        for i, data in enumerate(blobs):
+            try:
+                out.append(self(data))
+            except LptError as exc:
+                if len(blobs) > 1:  # a client sending several files needs to know which one was refused
+                    exc.field = f"image[{i}]"
+                    exc.message = f"image {i + 1} of {len(blobs)}: {exc.message}"
+                raise
+        return out
 
     def decode(self, data: bytes) -> Image.Image:
         if not data:

@@ -1,99 +1,116 @@
-"""Configuration: the environment (``LPT_*``) and flags are read here, once, into a frozen ServiceConfig."""
+"""Configuration: every setting of ``lpt-serve`` is declared once, in ``ServiceSettings``.
+
+From that one declaration come the ``LPT_*`` environment variables (pydantic-settings), the command-line
+flags with their help and defaults (``service/cli.py`` generates them from the fields) and the frozen
+``ServiceConfig`` that flows inward (generated below from the same fields). Nothing below the edge reads
+the environment.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lpt.ids import check_tenant_id
 
 DEFAULT_TENANT = "default"
+ENV_PREFIX = "LPT_"
+# The demo runs offline: a seeded DeiT-Tiny unless a backbone is chosen explicitly.
+DEMO_BACKBONE = ("deit_tiny_patch16_224", "random:0")
+
+
+def setting(default: Any, help: str, unset: str | None = None) -> Any:
+    """A setting's default and help; ``unset`` says what a ``None`` default resolves to (shown by ``--help``)."""
+    return Field(default, description=help, json_schema_extra={"unset": unset} if unset else None)
 
 
 class ServiceSettings(BaseSettings):
-    """Every knob of ``lpt-serve``; each is also a flag of the same name (``--max-batch-size``)."""
+    """Every knob of ``lpt-serve``: flag ``--max-batch-size`` and variable ``LPT_MAX_BATCH_SIZE``; a flag wins."""
 
-    model_config = SettingsConfigDict(env_prefix="LPT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backbone: str = "vit_base_patch16_224.augreg_in21k"
-    backbone_weights: str = "hub"
-    img_size: int | None = None
-    store: str | None = None
-    data_dir: Path = Path("data")
-    device: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    queue_size: int = 1024
-    tenant_queue_share: float = 0.5
-    cache_bytes: int = 2 * 1024**3
-    request_timeout: float = 10.0
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_prompt_bytes: int = 64 * 1024 * 1024
-    max_classes: int = 8192
-    api_keys: str | None = None
-    api_keys_file: Path | None = None
-    insecure: bool = False
-    demo: bool = False
-    log_level: str = "info"
-    store_timeout: float = 0.5
-    reconcile_s: float = 2.0
-    shutdown_timeout: float = 20.0
-    replica_id: str | None = None
+    host: str = setting("127.0.0.1", "bind address")
+    port: int = setting(8000, "TCP port (0: any free port)")
+    backbone: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name")
+    backbone_weights: str = setting("hub", "'hub', a weights file path, or 'random:SEED'")
+    img_size: int | None = setting(None, "input size, when not the model's default", unset="the model's own")
+    store: str | None = setting(
+        None, "redis://... or rediss://... URL, or a path for the embedded store", unset="DATA_DIR/store"
+    )
+    data_dir: Path = setting(Path("data"), "directory for the embedded store and the demo files")
+    device: str | None = setting(None, "cuda, cuda:N or cpu", unset="cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "compute dtype (auto: bfloat16 on cuda, float32 on cpu)"
+    )
+    max_batch_size: int = setting(32, "images per forward")
+    max_wait_ms: float = setting(5.0, "milliseconds a batch stays open after its first image")
+    queue_size: int = setting(1024, "images waiting at most before 429")
+    tenant_queue_share: float = setting(0.5, "share of the queue one tenant may fill (with API keys)")
+    cache_bytes: int = setting(2 * 1024**3, "device bytes for resident prompt sets")
+    request_timeout: float = setting(10.0, "seconds before a classify answers 504")
+    max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image in bytes")
+    max_image_pixels: int = setting(40_000_000, "largest width*height of an image")
+    max_prompt_bytes: int = setting(64 * 1024 * 1024, "largest prompt set upload in bytes")
+    max_classes: int = setting(8192, "largest class count a prompt set may have")
+    api_keys: str | None = setting(
+        None,
+        "'tenant:secret' pairs, comma-separated; prefer the variable or a file (a flag shows in ps)",
+        unset="none: single-tenant",
+    )
+    api_keys_file: Path | None = setting(None, "file of 'tenant:secret' lines ('#' comments)", unset="none")
+    insecure: bool = setting(False, "allow a non-loopback address without API keys")
+    demo: bool = setting(
+        False, f"install a demo task; backbone {DEMO_BACKBONE[0]} with {DEMO_BACKBONE[1]} weights unless one is chosen"
+    )
+    access_log: bool = setting(False, "log one line per HTTP request (on by default with --demo)")
+    log_level: str = setting("info", "debug, info, warning or error")
+    store_timeout: float = setting(0.5, "seconds a store call may take before the store counts as unavailable")
+    reconcile_s: float = setting(2.0, "seconds between re-reads of the store's state (recovers missed notices)")
+    shutdown_timeout: float = setting(20.0, "seconds to finish in-flight work on SIGTERM")
+    replica_id: str | None = setting(None, "this replica's name in the X-LPT-Replica header", unset="HOST:PORT")
+
+    @model_validator(mode="after")
+    def _demo_defaults(self) -> ServiceSettings:
+        """``--demo`` changes the defaults of what was not set: the offline backbone and the access log."""
+        if not self.demo:
+            return self
+        chosen = self.model_fields_set
+        if "backbone" not in chosen:
+            self.backbone = DEMO_BACKBONE[0]
+            if "backbone_weights" not in chosen:
+                self.backbone_weights = DEMO_BACKBONE[1]
+        if "access_log" not in chosen:
+            self.access_log = True
+        return self
 
     def freeze(self) -> ServiceConfig:
-        """Copy every setting the config shares by name, then resolve the few that need work."""
-        shared = {f.name: getattr(self, f.name) for f in fields(ServiceConfig) if f.name in type(self).model_fields}
-        return ServiceConfig(
-            **shared
-            | {
-                "store": self.store or str(self.data_dir / "store"),
-                "device": self.device or _default_device(),
-                "api_keys": _parse_keys(self.api_keys, self.api_keys_file),
-                "replica_id": self.replica_id or f"{self.host}:{self.port}",
-            }
-        )
+        """The frozen config: the same values, with the API keys parsed (inline and file together)."""
+        values = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
 
 
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Frozen configuration that flows inward; nothing below the edge reads the environment."""
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting (``max_batch_size`` -> ``LPT_MAX_BATCH_SIZE``)."""
+    return ENV_PREFIX + field_name.upper()
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backbone: str = "vit_base_patch16_224.augreg_in21k"
-    backbone_weights: str = "hub"
-    img_size: int | None = None
-    store: str = "data/store"
-    data_dir: Path = Path("data")
-    device: str = "cpu"
-    dtype: str = "auto"
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    queue_size: int = 1024
-    tenant_queue_share: float = 0.5
-    tenant_queue_share: float = 0.5
-    cache_bytes: int = 2 * 1024**3
-    request_timeout: float = 10.0
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_prompt_bytes: int = 64 * 1024 * 1024
-    max_classes: int = 8192
-    api_keys: dict[str, str] = field(default_factory=dict)
-    insecure: bool = False
-    demo: bool = False
-    log_level: str = "info"
-    store_timeout: float = 0.5
-    reconcile_s: float = 2.0
-    shutdown_timeout: float = 20.0
-    replica_id: str = "local"
+
+class _ConfigBehaviour:
+    """What ``ServiceConfig`` adds to the settings' values: resolving the unset ones, and derived properties."""
+
+    def __post_init__(self) -> None:
+        # Resolved here, so a config built directly (tests, benchmarks) means what the same settings mean to lpt-serve.
+        resolved = {
+            "store": self.store or str(Path(self.data_dir) / "store"),
+            "device": self.device or _default_device(),
+            "replica_id": self.replica_id or f"{self.host}:{self.port}",
+        }
+        for name, value in resolved.items():
+            object.__setattr__(self, name, value)
 
     @property
     def single_tenant(self) -> bool:
@@ -120,6 +137,28 @@ class ServiceConfig:
             f"refusing to listen on {self.host} without API keys: set LPT_API_KEYS / --api-keys-file, "
             "bind to 127.0.0.1, or pass --insecure"
         )
+
+
+def _config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """Every setting as a dataclass field with the settings' own default; the keys arrive parsed."""
+    out = []
+    for name, info in ServiceSettings.model_fields.items():
+        if name == "api_keys_file":  # read into api_keys by freeze()
+            continue
+        if name == "api_keys":
+            out.append((name, dict[str, str], dataclasses.field(default_factory=dict, repr=False)))  # secrets
+        else:
+            out.append((name, info.annotation, dataclasses.field(default=info.default)))
+    return out
+
+
+ServiceConfig = dataclasses.make_dataclass("ServiceConfig", _config_fields(), bases=(_ConfigBehaviour,), frozen=True)
+ServiceConfig.__module__ = __name__  # make_dataclass names its own module before Python 3.12; pickle needs ours
+ServiceConfig.__doc__ = (
+    "Frozen configuration that flows inward: the fields of ServiceSettings (their defaults), with store, device "
+    "and replica_id resolved when unset and api_keys as a parsed {tenant: secret} dict."
+)
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceConfig))
 
 
 def _is_loopback(host: str) -> bool:

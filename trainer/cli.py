@@ -16,17 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 import torch.distributed as dist
 
-from lpt.backbone import load_backbone
+from lpt import __version__
+from lpt.backbone import describe_mismatch, load_backbone
 from lpt.errors import LptError
 from lpt.prompt_set import encode, sha256, validate
 from trainer.config import DistContext, TrainConfig
 from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import plot_report, summary
 from trainer.loop import Trainer
-from trainer.prompt_init import PROMPT_INITS
+from trainer.prompt_init import HEAD_INITS, PROMPT_INITS
 
 log = logging.getLogger("lpt-train")
 REQUIRED = ("train", "val", "backbone", "backbone_weights", "out", "report")
@@ -37,14 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="lpt-train",
-        description="Train an LPT prompt set (phase 1: shared prompt; phase 2: group prompt pool) on a frozen ViT.",
+        description="Train an LPT prompt set (phase 1: shared prompt; phase 2: group prompt pool) on a frozen ViT. "
+        f"Required, as flags or in --config: {', '.join(_flag(k) for k in REQUIRED)}.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     io = p.add_argument_group("data and output")
     io.add_argument("--config", help="JSON or YAML file with any of these options (flags override it)")
     io.add_argument(
-        "--train", help="training data: folder, list file, archive.zip/inner/folder, CIFAR root, synthetic:C:N:IR"
+        "--train",
+        help="[required] training data: folder, list file, archive.zip/inner/folder, CIFAR root, synthetic:C:N:IR",
     )
-    io.add_argument("--val", help="evaluation data (same forms as --train)")
+    io.add_argument("--val", help="[required] evaluation data (same forms as --train)")
     io.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="how to read --train/--val")
     io.add_argument("--data-root", help="image root for list files (default: the list file's folder)")
     io.add_argument("--val-data-root", help="image root for the --val list file (default: --data-root)")
@@ -52,22 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--imbalance-ratio", type=float, help="cut a long-tailed subset from --train (CIFAR-LT: 100)")
     io.add_argument("--max-per-class", type=int, help="n_max of the long-tailed cut (default: smallest class size)")
     io.add_argument("--val-max-per-class", type=int, help="evaluate on at most this many images per class")
-    io.add_argument("--out", help="output prompt set (.safetensors, lpt-prompt-set/1)")
-    io.add_argument("--report", help="output evaluation report (.json)")
+    io.add_argument("--out", help="[required] output prompt set (.safetensors, lpt-prompt-set/1)")
+    io.add_argument("--report", help="[required] output evaluation report (.json)")
     io.add_argument("--plot", help="output PNG: training curves and per-class accuracy vs training count")
-    io.add_argument("--checkpoint", help="checkpoint file (default: OUT with suffix .ckpt.safetensors)")
+    io.add_argument(
+        "--checkpoint", help="checkpoint file (default: OUT with its suffix replaced, e.g. my-task.ckpt.safetensors)"
+    )
     io.add_argument("--resume", nargs="?", const="auto", help="resume from the checkpoint (or this file) if present")
 
     model = p.add_argument_group("backbone and prompts")
-    model.add_argument("--backbone", help=f"timm ViT name (paper: {PAPER_BACKBONE})")
-    model.add_argument("--backbone-weights", help="hub | PATH | random:SEED")
+    model.add_argument("--backbone", help=f"[required] timm ViT name (paper: {PAPER_BACKBONE})")
+    model.add_argument(
+        "--backbone-weights", help="[required] hub (timm's pretrained weights) | PATH (local file) | random:SEED"
+    )
     model.add_argument("--img-size", type=int, help="build the backbone for this input size")
     model.add_argument("--prompt-length", type=int, default=d.prompt_length, help="L, prompt tokens per block")
     model.add_argument("--pool-size", type=int, default=d.pool_size, help="P, group prompts (0: deep VPT only)")
     model.add_argument("--top-k", type=int, default=d.top_k, help="group prompts averaged per image")
     model.add_argument("--share-blocks", type=int, default=d.share_blocks, help="S, blocks with the shared prompt only")
     model.add_argument(
-        "--prompt-init", choices=PROMPT_INITS, default=d.prompt_init, help="vpt (random) or data (mean patch tokens)"
+        "--prompt-init",
+        choices=PROMPT_INITS,
+        default=d.prompt_init,
+        help="data (mean patch tokens + noise), normal (std 0.02, the authors') or vpt (uniform)",
+    )
+    model.add_argument(
+        "--head-init",
+        choices=HEAD_INITS,
+        default=d.head_init,
+        help="class-mean (each row at its class's mean feature) or random (unit-norm rows)",
+    )
+    model.add_argument(
+        "--head-dropout", type=float, default=d.head_dropout, help="dropout before the head while training"
     )
     model.add_argument("--head-scale", type=float, default=d.head_scale, help="s of the cosine head")
 
@@ -98,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag(dest: str) -> str:
+    return f"--{dest.replace('_', '-')}"
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML config; keys may use dashes or underscores."""
     text = Path(path).read_text()
@@ -123,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown keys in {first.config}: {', '.join(unknown)}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
-    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if getattr(args, k) in (None, "")]
+    missing = [_flag(k) for k in REQUIRED if getattr(args, k) in (None, "")]
     if missing:
         parser.error(f"required (as flags or in --config): {', '.join(missing)}")
     if args.push and not args.task:
@@ -147,6 +172,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         head_scale=args.head_scale,
         min_crop_scale=args.min_crop_scale,
         prompt_init=args.prompt_init,
+        head_init=args.head_init,
+        head_dropout=args.head_dropout,
         steps_per_epoch=args.steps_per_epoch,
         seed=args.seed,
         workers=args.workers,
@@ -198,16 +225,51 @@ def metadata(args: argparse.Namespace, cfg: TrainConfig, report: dict[str, Any])
     return {"evaluation": json.dumps(evaluation), "training": json.dumps(trained)}
 
 
+class PushTargetError(Exception):
+    """The ``--push`` service cannot take this run's prompt set (found before training)."""
+
+
+def check_push_target(url: str, api_key: str | None, local: dict[str, Any]) -> None:
+    """Before training: the service answers, accepts the key, and runs this run's backbone.
+
+    Raises:
+        PushTargetError: in plain words, naming what to change.
+    """
+    from lpt.client import ApiError, LptClient  # imported late: only --push needs the HTTP client
+
+    try:
+        with LptClient(url, api_key=api_key, timeout=10.0) as client:
+            remote = client.backbone()
+            client.tasks()  # an authenticated call: a wrong or missing key fails here, not after training
+    except ApiError as exc:
+        raise PushTargetError(f"--push {url}: the service refused ({exc.status} {exc.code}: {exc})") from None
+    except httpx.HTTPError as exc:
+        raise PushTargetError(
+            f"--push {url}: the service does not answer ({exc}); is lpt-serve running there?"
+        ) from None
+    if problem := describe_mismatch(remote, local, "the service runs", "this run trains for"):
+        raise PushTargetError(
+            f"--push {url}: {problem}. Train with the service's --backbone, --backbone-weights and --img-size "
+            f"(GET {url.rstrip('/')}/v1/backbone shows them)"
+        )
+
+
 def push(url: str, task: str, api_key: str | None, data: bytes) -> dict[str, Any]:
     from lpt.client import LptClient  # imported late: only --push needs the HTTP client
 
     return LptClient(url, api_key=api_key).push_prompt_set(task, data)
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("LPT_API_KEY")
+
+
 def run(args: argparse.Namespace) -> int:
     ctx = setup_distributed(args.device)
     try:
         backbone = load_backbone(args.backbone, args.backbone_weights, args.img_size)
+        if args.push and ctx.is_main:
+            check_push_target(args.push, api_key(args), backbone.info.to_dict())
         train, val = load_data(args, backbone.info.input_size[-1])
         cfg = train_config(args)
         checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt.safetensors"))
@@ -242,7 +304,7 @@ def write_outputs(args: argparse.Namespace, cfg: TrainConfig, info, result) -> N
     if args.plot:
         log.info("wrote %s", plot_report(report, args.plot))
     if args.push:
-        answer = push(args.push, args.task, args.api_key or os.environ.get("LPT_API_KEY"), data)
+        answer = push(args.push, args.task, api_key(args), data)
         log.info("pushed to %s task %s: %s", args.push, args.task, answer)
 
 
@@ -251,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         return run(args)
-    except (LptError, DataError, ValueError, FileNotFoundError) as exc:
+    except (LptError, DataError, PushTargetError, ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -39,7 +39,11 @@ class TrainConfig:
         noise_mul: A-GCL cloud multiplier.
         label_smoothing: A-GCL label smoothing.
         min_crop_scale: RandomResizedCrop's lower area bound.
-        prompt_init: ``vpt`` (random, the default) or ``data`` (mean patch tokens; see ``trainer.prompt_init``).
+        prompt_init: ``data`` (mean patch tokens plus the authors' noise), ``normal`` (the authors' truncated
+            normal, std 0.02) or ``vpt`` (VPT's uniform init); see ``trainer.prompt_init``.
+        head_init: ``class-mean`` (each head row starts at its class's mean feature under the starting
+            prompt) or ``random`` (unit-norm random rows, the authors').
+        head_dropout: dropout on the feature before the cosine head while training (the authors': 0.1).
         steps_per_epoch: ``None`` gives ``ceil(len(train) / batch_size)``.
         seed: seeds the init, the samplers, the augmentation and the A-GCL noise.
         workers: DataLoader workers per process.
@@ -49,7 +53,7 @@ class TrainConfig:
     """
 
     epochs1: int = 40
-    epochs2: int = 40
+    epochs2: int = 90
     batch_size: int = 256
     lr: float | None = None
     momentum: float = 0.9
@@ -68,7 +72,9 @@ class TrainConfig:
     noise_mul: float = 0.5
     label_smoothing: float = 0.1
     min_crop_scale: float = 0.08
-    prompt_init: str = "vpt"
+    prompt_init: str = "data"
+    head_init: str = "class-mean"
+    head_dropout: float = 0.1
     steps_per_epoch: int | None = None
     seed: int = 0
     workers: int = 0

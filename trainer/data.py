@@ -275,18 +275,34 @@ def long_tail_counts(num_classes: int, n_max: int, imbalance_ratio: float) -> li
     return [max(1, int(n_max * (1.0 / imbalance_ratio) ** (i / (num_classes - 1)))) for i in range(num_classes)]
 
 
-def long_tailed_subset(dataset: ImageDataset, imbalance_ratio: float, n_max: int | None = None) -> ImageDataset:
+def long_tailed_subset(
+    dataset: ImageDataset, imbalance_ratio: float, n_max: int | None = None, seed: int | None = None
+) -> ImageDataset:
     """Keep the first ``long_tail_counts(...)[i]`` images of class ``i`` (dataset order, so it is reproducible).
 
     Args:
         dataset: a (usually balanced) dataset.
         imbalance_ratio: IR.
-        n_max: images kept for class 0 (default: the smallest class size, so every class can fill its quota).
+        n_max: images kept for the largest class (default: the smallest class size, so every class can fill
+            its quota).
+        seed: another split: the quotas go to the classes in a seeded random order (which classes are the
+            head and which the tail) and each class keeps a seeded random choice of its images.
     """
     counts = dataset.class_counts()
     n_max = n_max or min(c for c in counts if c > 0)
     keep = long_tail_counts(len(counts), n_max, imbalance_ratio)
-    return per_class_subset(dataset, keep)
+    if seed is None:
+        return per_class_subset(dataset, keep)
+    gen = torch.Generator().manual_seed(seed)
+    keep = [keep[i] for i in torch.argsort(torch.randperm(len(keep), generator=gen)).tolist()]
+    order = torch.randperm(len(dataset), generator=gen).tolist()
+    taken, indices = [0] * len(keep), []
+    for i in order:
+        t = dataset.targets[i]
+        if taken[t] < keep[t]:
+            taken[t] += 1
+            indices.append(i)
+    return dataset.subset(sorted(indices))
 
 
 def per_class_subset(dataset: ImageDataset, keep: Sequence[int] | int) -> ImageDataset:

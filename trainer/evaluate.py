@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank, PromptedOutput, prompted_forward
 
 MANY, FEW = 100, 20
 GROUPS = ("many", "medium", "few")
@@ -40,6 +40,7 @@ class EvalCounts:
     total: torch.Tensor
     predictions: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
+    selection: torch.Tensor | None = None  # [C, P] times each pool entry was selected, by true class
 
     @property
     def overall(self) -> float:
@@ -91,7 +92,7 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
 
 @torch.inference_mode()
 def evaluate(
-    predict: Callable[[torch.Tensor], torch.Tensor],
+    predict: Callable[[torch.Tensor], torch.Tensor | PromptedOutput],
     dataset: Dataset,
     num_classes: int,
     device: torch.device,
@@ -103,7 +104,8 @@ def evaluate(
     """Top-1 counts of ``predict`` (images -> logits) over ``dataset``, split across data-parallel ranks.
 
     Args:
-        predict: maps a preprocessed image batch to ``[B, C]`` logits.
+        predict: maps a preprocessed image batch to ``[B, C]`` logits, or to a ``PromptedOutput`` (whose
+            group-prompt selections are then counted per class in ``EvalCounts.selection``).
         dataset: yields (tensor, target) with the eval transform applied.
         num_classes: C.
         device: where the batches go.
@@ -119,9 +121,13 @@ def evaluate(
     total = torch.zeros(num_classes, dtype=torch.long)
     predictions: list[int] = []
     targets: list[int] = []
+    selection: torch.Tensor | None = None
     for images, target in _bar(loader, progress, "eval"):
         with autocast(device, amp):
-            logits = predict(images.to(device, non_blocking=True))
+            out = predict(images.to(device, non_blocking=True))
+        logits = out.logits if isinstance(out, PromptedOutput) else out
+        if isinstance(out, PromptedOutput) and out.selected.numel():
+            selection = _count_selection(selection, out.selected.cpu(), target, num_classes)
         pred = logits.float().argmax(dim=1).cpu()
         total += torch.bincount(target, minlength=num_classes)
         correct += torch.bincount(target[pred == target], minlength=num_classes)
@@ -132,12 +138,70 @@ def evaluate(
         dist.all_reduce(stacked)
         correct, total = stacked[0], stacked[1]
         predictions, targets = [], []  # per-image order is only meaningful on one process
-    return EvalCounts(correct=correct, total=total, predictions=predictions, targets=targets)
+        if selection is not None:
+            dist.all_reduce(selection)
+    return EvalCounts(correct=correct, total=total, predictions=predictions, targets=targets, selection=selection)
 
 
-def prompt_predictor(model: torch.nn.Module, bank: PromptBank) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images -> logits through the served forward."""
-    return lambda images: prompted_forward(model, images, bank).logits
+def _count_selection(
+    selection: torch.Tensor | None, selected: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Add a batch's ``[B, k]`` selected pool indices (``-1``: none) to the ``[C, P]`` per-class counts."""
+    pool = int(selected.max()) + 1
+    if selection is None or selection.shape[1] < pool:
+        grown = torch.zeros(num_classes, pool, dtype=torch.long)
+        if selection is not None:
+            grown[:, : selection.shape[1]] = selection
+        selection = grown
+    valid = selected >= 0
+    rows = target[:, None].expand_as(selected)[valid]
+    selection.index_put_((rows, selected[valid]), torch.ones_like(rows), accumulate=True)
+    return selection
+
+
+def selection_report(
+    selection: torch.Tensor, pool_size: int, train_counts: Sequence[int], keys_start: torch.Tensor, keys: torch.Tensor
+) -> dict[str, Any]:
+    """How phase 2's pool is used on the evaluation set, and how far its keys moved from their init.
+
+    Returns ``pool_used`` (entries selected at least once), ``pool_size``, ``entropy_bits`` per class group
+    (mean over the group's classes of the entropy of that class's selection distribution; 0 when every
+    image of a class picks the same entries, log2(P) when spread evenly), ``per_class_entries`` (distinct
+    entries each class uses), ``key_angle_deg`` (mean and max angle between each key and its start) and
+    ``key_cosine_to_start`` (mean cosine).
+
+    Args:
+        selection: ``[C, P']`` selection counts by true class.
+        pool_size: P.
+        train_counts: training images per class (for the groups).
+        keys_start: ``[P, D]`` keys at the start of phase 2.
+        keys: ``[P, D]`` keys at the end.
+    """
+    counts = torch.zeros(selection.shape[0], pool_size, dtype=torch.float64)
+    counts[:, : selection.shape[1]] = selection.double()
+    probs = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log2()).sum(1)
+    by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
+    for c, n in enumerate(train_counts):
+        if counts[c].sum() > 0:
+            by_group[group_of(int(n))].append(float(entropy[c]))
+    cos = torch.nn.functional.cosine_similarity(keys_start.double(), keys.double(), dim=1).clamp(-1, 1)
+    angles = torch.rad2deg(torch.arccos(cos))
+    return {
+        "pool_size": pool_size,
+        "pool_used": int((counts.sum(0) > 0).sum()),
+        "entropy_bits": {g: (sum(v) / len(v) if v else None) for g, v in by_group.items()},
+        "max_entropy_bits": float(torch.log2(torch.tensor(float(pool_size)))),
+        "per_class_entries": [int(v) for v in (counts > 0).sum(1)],
+        "selection_counts": counts.long().tolist(),
+        "key_angle_deg": {"mean": float(angles.mean()), "max": float(angles.max())},
+        "key_cosine_to_start": float(cos.mean()),
+    }
+
+
+def prompt_predictor(model: torch.nn.Module, bank: PromptBank) -> Callable[[torch.Tensor], PromptedOutput]:
+    """images -> the served forward's output (logits, features and the group-prompt selection)."""
+    return lambda images: prompted_forward(model, images, bank)
 
 
 def _bar(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
@@ -146,6 +210,24 @@ def _bar(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _plot_selection(ax, phase2: dict[str, Any], per_class: list[dict[str, Any]]) -> None:
+    """Which pool entries each class selects on the evaluation set (rows: classes, most images first)."""
+    counts = torch.tensor(phase2["selection_counts"], dtype=torch.float64)
+    order = sorted(range(len(per_class)), key=lambda c: -per_class[c]["train_count"])
+    share = counts[order] / counts[order].sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("pool entry")
+    ax.set_ylabel("class (most training images at the top)")
+    if len(order) <= 30:
+        ax.set_yticks(range(len(order)), [f"{per_class[c]['class']} ({per_class[c]['train_count']})" for c in order])
+    ent = ", ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
+    ax.set_title(
+        f"phase 2: {phase2['pool_used']}/{phase2['pool_size']} entries used; entropy {ent} bits; "
+        f"keys turned {phase2['key_angle_deg']['mean']:.0f} deg",
+        fontsize=9,
+    )
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -160,7 +242,9 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_cls) = plt.subplots(1, 2, figsize=(12, 4.5))
+    phase2 = report.get("phase2")
+    fig, axes = plt.subplots(1, 3 if phase2 else 2, figsize=(18 if phase2 else 12, 4.5))
+    ax_loss, ax_cls = axes[0], axes[1]
     history = report.get("history", [])
     x = [h["global_epoch"] for h in history]
     ax_loss.plot(x, [h["loss"] for h in history], marker="o", label="train loss")
@@ -192,6 +276,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax_cls.set_ylabel("test top-1 (%)")
     ax_cls.set_title(f"per-class accuracy (overall {report['overall']:.1f}%)")
     ax_cls.legend()
+    if phase2:
+        _plot_selection(axes[2], phase2, report["per_class"])
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

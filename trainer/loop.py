@@ -27,19 +27,29 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lpt.backbone import Backbone
-from lpt.forward import PromptBank
+from lpt.forward import PromptBank, prompted_forward
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import DistContext, TrainConfig, TrainResult, deterministic, ib_weight_at, lr_at
 from trainer.data import ImageDataset, train_transform
-from trainer.evaluate import accuracy_report, autocast, evaluate, prompt_predictor, summary
+from trainer.evaluate import accuracy_report, autocast, evaluate, prompt_predictor, selection_report, summary
 from trainer.losses import AGCL, CB_GAMMAS, IB_GAMMAS
-from trainer.prompt_init import PROMPT_INITS, mean_patch_tokens, sample_images
+from trainer.prompt_init import (
+    HEAD_INITS,
+    PROMPT_INITS,
+    class_mean_head,
+    mean_patch_tokens,
+    per_class_sample,
+    sample_images,
+)
 from trainer.prompt_module import PromptModule
 from trainer.samplers import ClassBalancedBatchSampler, InstanceBalancedBatchSampler, stream_seed
 
 PHASE_PARAMS = {1: ("shared_prompt", "head_weight"), 2: ("group_prompts", "group_keys", "head_weight")}
+HEAD_INIT_IMAGES_PER_CLASS = 64  # enough for a class mean; bounds the start-up pass on large data sets
+COLLAPSE_COSINE = 0.98  # mean pairwise feature cosine above which a cosine head barely separates images
+CHANCE_FACTOR = 1.5  # batch top-1 below 1.5x chance after the first epoch: not learning
 
 
 class Trainer:
@@ -76,6 +86,8 @@ class Trainer:
         self.val_set.transform = backbone.eval_transform
         if config.prompt_init not in PROMPT_INITS:
             raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {config.prompt_init!r}")
+        if config.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {config.head_init!r}")
         self.class_names = list(train_set.class_names)
         self.class_counts = train_set.class_counts()
         if min(self.class_counts) < 1:
@@ -90,6 +102,7 @@ class Trainer:
             top_k=config.top_k,
             head_scale=config.head_scale,
             seed=config.seed,
+            style="vpt" if config.prompt_init == "vpt" else "normal",
         )
         self.per_rank_batch = max(1, config.batch_size // self.ctx.world)
         self.steps = config.steps_per_epoch or max(1, math.ceil(len(train_set) / config.batch_size))
@@ -116,7 +129,60 @@ class Trainer:
         if self.cfg.prompt_init == "data":
             means = self._mean_tokens(shared=None)  # [depth, D] of the plain backbone
             params["shared_prompt"] = t.shared_prompt + means[:, None, :]
-        return Checkpoint(params=params, state={"history": [], "phase1": None})
+        state: dict[str, Any] = {"history": [], "phase1": None, "warnings": []}
+        if self.cfg.head_init == "class-mean":
+            indices = per_class_sample(self.train_set.targets, HEAD_INIT_IMAGES_PER_CLASS, self.cfg.seed)
+            features = self._features(params["shared_prompt"], indices)
+            targets = torch.tensor([self.train_set.targets[i] for i in indices])
+            params["head_weight"] = class_mean_head(features, targets, len(self.class_names), t.head_weight)
+        else:
+            features = self._features(params["shared_prompt"], per_class_sample(self.train_set.targets, 8, 0))
+        self._check_collapse(features, state)
+        return Checkpoint(params=params, state=state)
+
+    @torch.no_grad()
+    def _features(self, shared: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """``[N, D]`` features of training images ``indices`` (eval transform) under ``shared`` alone."""
+        device, out = self.ctx.device, []
+        head = self.template.head_weight.to(device)
+        bank = PromptBank.from_tensors(shared.to(device), head, self.template.share_blocks)
+        for start in range(0, len(indices), self.cfg.eval_batch_size):
+            chunk = indices[start : start + self.cfg.eval_batch_size]
+            images = torch.stack([self.backbone.eval_transform(self.train_set.source.load(i)) for i in chunk])
+            with autocast(device, self.cfg.amp):
+                out.append(prompted_forward(self.backbone.model, images.to(device), bank).features.float().cpu())
+        return torch.cat(out)
+
+    def _warn(self, state: dict[str, Any], message: str) -> None:
+        state.setdefault("warnings", []).append(message)
+        self.log(f"WARNING: {message}")
+
+    def _check_collapse(self, features: torch.Tensor, state: dict[str, Any]) -> None:
+        """Warn when the prompted features of different images are nearly identical (a cosine head cannot
+        separate classes from there)."""
+        f = torch.nn.functional.normalize(features.float(), dim=1)
+        n = f.shape[0]
+        if n < 2:
+            return
+        mean_cos = float(((f @ f.t()).sum() - n) / (n * (n - 1)))
+        state["start_feature_cosine"] = round(mean_cos, 4)
+        if mean_cos > COLLAPSE_COSINE:
+            self._warn(
+                state,
+                f"the starting prompt makes the features of different images nearly identical (mean pairwise "
+                f"cosine {mean_cos:.3f}); training may not learn. Try --prompt-init data, or a larger --img-size.",
+            )
+
+    def _check_learning(self, ckpt: Checkpoint, row: dict[str, Any]) -> None:
+        """After the first epoch: warn when the training batches are still classified at chance."""
+        chance = 100.0 / len(self.class_names)
+        if row["phase"] == 1 and row["epoch"] == 1 and row["train_acc"] < CHANCE_FACTOR * chance:
+            self._warn(
+                ckpt.state,
+                f"after the first epoch the training batches are classified at chance ({row['train_acc']:.1f}% "
+                f"with {len(self.class_names)} classes, chance {chance:.1f}%): this run is not learning. Try "
+                f"--prompt-init data and --head-init class-mean (the defaults), a larger --lr, or more epochs.",
+            )
 
     def _mean_tokens(self, shared: torch.Tensor | None) -> torch.Tensor:
         images = sample_images(self.train_set, self.backbone.eval_transform, 256, self.cfg.seed).to(self.ctx.device)
@@ -176,6 +242,7 @@ class Trainer:
                 return TrainResult(finished=False)
             phase1 = self._evaluate(ckpt.params, with_pool=False, what="phase 1")
             phase1.pop("predictions")
+            phase1.pop("selection")
             ckpt.state["phase1"] = phase1
             ckpt.phase, ckpt.epoch, ckpt.momentum = (2 if self.has_pool else 3), 0, {}
             if self.has_pool:
@@ -188,11 +255,30 @@ class Trainer:
             self._save(ckpt)
         final = self._evaluate(ckpt.params, with_pool=self.has_pool, what="final")
         predictions = final.pop("predictions")
+        selection = final.pop("selection")
+        phase2 = None
+        if self.has_pool and selection is not None:
+            phase2 = selection_report(
+                selection,
+                self.template.pool_size,
+                self.class_counts,
+                self.template.group_keys,
+                ckpt.params["group_keys"],
+            )
+            ent = " ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
+            self.log(
+                f"[phase 2] pool entries used {phase2['pool_used']}/{phase2['pool_size']}, selection entropy "
+                f"(bits, max {phase2['max_entropy_bits']:.2f}) {ent}; keys moved {phase2['key_angle_deg']['mean']:.1f} "
+                f"deg on average"
+            )
         report = {
             **summary(final),
             "phase1": ckpt.state["phase1"],
             "per_class": final["per_class"],
             "history": ckpt.state["history"],
+            "phase2": phase2,
+            "warnings": ckpt.state.get("warnings", []),
+            "start_feature_cosine": ckpt.state.get("start_feature_cosine"),
             "train": {"images": len(self.train_set), "class_counts": self.class_counts},
             "val": {"images": len(self.val_set)},
         }
@@ -213,6 +299,7 @@ class Trainer:
             class_names=self.class_names,
             backbone=self.backbone.info.name,
             backbone_fingerprint=self.backbone.info.fingerprint,
+            backbone_input_size=self.backbone.info.input_size,
             share_blocks=t.share_blocks,
             top_k=t.top_k if with_pool else 1,
             head_scale=t.head_scale,
@@ -235,6 +322,7 @@ class Trainer:
         )
         report = accuracy_report(counts, self.class_counts, self.class_names)
         report["predictions"] = counts.predictions
+        report["selection"] = counts.selection
         groups = " ".join(f"{g} {report[g]:.2f}" for g in ("many", "medium", "few") if report[g] is not None)
         self.log(f"[{what}] top-1 {report['overall']:.2f}% ({groups})")
         return report
@@ -251,6 +339,7 @@ class Trainer:
             self.template.share_blocks,
             self.template.top_k,
             self.template.head_scale,
+            head_dropout=self.cfg.head_dropout,
         )
         cfg = self.cfg
         optimizer = torch.optim.SGD(
@@ -275,6 +364,7 @@ class Trainer:
                 if "momentum_buffer" in optimizer.state[p]
             }
             ckpt.state["history"].append(stats)
+            self._check_learning(ckpt, stats)
             self._save(ckpt)
             budget[0] -= 1
         return True

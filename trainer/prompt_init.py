@@ -1,4 +1,4 @@
-"""Data-informed prompt initialisation (``--prompt-init data``), an option next to VPT's random init.
+"""Where training starts: data-informed prompts (``--prompt-init data``) and class-mean head rows.
 
 Why: appending prompt tokens with VPT's small random init (or zeros) to every block can collapse the
 features of some backbones. Measured on DeiT-Tiny at 64 px over 100 CIFAR-10 images: the mean pairwise
@@ -7,7 +7,12 @@ block and 0.998 with L = 10 VPT-initialised tokens, so every image starts out lo
 cosine head. Starting each block's prompt tokens at the mean patch token entering that block (plus the
 VPT random values, so tokens differ) keeps the features where they were (0.75 at L = 10), and training
 starts from the frozen backbone's own representation. The method note does not fix the init; VPT's
-remains the default.
+is the trainer's measured default (docs/trainer.md).
+
+Class-mean head (``--head-init class-mean``): each cosine-head row starts at the mean of its class's
+normalised features under the starting prompt. The head then starts as a nearest-class-mean classifier,
+balanced by construction (every class one mean, however few its images), and the short budgets of small
+data sets go into the prompts instead of into first finding the classes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from lpt.forward import embed, prompted_block
 from trainer.data import ImageDataset
 from trainer.samplers import stream_seed
 
-PROMPT_INITS = ("vpt", "data")
+PROMPT_INITS = ("data", "normal", "vpt")
+HEAD_INITS = ("class-mean", "random")
 
 
 def sample_images(dataset: ImageDataset, transform, count: int, seed: int) -> torch.Tensor:
@@ -54,3 +60,34 @@ def mean_patch_tokens(
         total = batch if total is None else total + batch
     assert total is not None and total.shape[0] == depth
     return total / len(images)
+
+
+@torch.no_grad()
+def class_mean_head(
+    features: torch.Tensor, targets: torch.Tensor, num_classes: int, fallback: torch.Tensor
+) -> torch.Tensor:
+    """``[C, D]`` unit rows: the mean of each class's unit-normalised features (``fallback`` rows for classes
+    without images).
+
+    Args:
+        features: ``[N, D]`` features.
+        targets: ``[N]`` class indices.
+        num_classes: C.
+        fallback: ``[C, D]`` rows to keep where a class has no features.
+    """
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    sums = torch.zeros(num_classes, f.shape[1]).index_add_(0, targets, f)
+    counts = torch.bincount(targets, minlength=num_classes)
+    head = torch.where((counts > 0)[:, None], sums, fallback.float())
+    return torch.nn.functional.normalize(head, dim=1)
+
+
+def per_class_sample(targets: list[int], per_class: int, seed: int) -> list[int]:
+    """Dataset indices: at most ``per_class`` of each class, a seeded choice (the same on every rank)."""
+    gen = torch.Generator().manual_seed(stream_seed(seed, 98))
+    by_class: dict[int, list[int]] = {}
+    for i in torch.randperm(len(targets), generator=gen).tolist():
+        members = by_class.setdefault(int(targets[i]), [])
+        if len(members) < per_class:
+            members.append(i)
+    return sorted(i for members in by_class.values() for i in members)

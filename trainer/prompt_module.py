@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank, cosine_logits, prompted_forward
 
 
 class PromptModule(nn.Module):
@@ -21,6 +22,7 @@ class PromptModule(nn.Module):
         share_blocks: S.
         top_k: k.
         head_scale: s.
+        head_dropout: dropout on the feature before the cosine head in training mode.
     """
 
     def __init__(
@@ -31,12 +33,14 @@ class PromptModule(nn.Module):
         share_blocks: int,
         top_k: int,
         head_scale: float,
+        head_dropout: float = 0.0,
     ):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)
         self.prompts = nn.ParameterDict({k: nn.Parameter(tensors[k].detach().clone()) for k in trainable})
         self.frozen = {k: v.detach() for k, v in tensors.items() if k not in trainable}
         self.share_blocks, self.top_k, self.head_scale = share_blocks, top_k, head_scale
+        self.head_dropout = head_dropout
 
     def tensor(self, name: str) -> torch.Tensor | None:
         return self.prompts[name] if name in self.prompts else self.frozen.get(name)
@@ -53,8 +57,13 @@ class PromptModule(nn.Module):
         )
 
     def forward(self, images: torch.Tensor, with_pool: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        out = prompted_forward(self.backbone, images, self.bank(with_pool))
-        return out.logits, out.key_sim
+        bank = self.bank(with_pool)
+        out = prompted_forward(self.backbone, images, bank)
+        if not (self.training and self.head_dropout > 0):
+            return out.logits, out.key_sim
+        features = F.dropout(out.features, self.head_dropout, training=True)
+        slots = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        return cosine_logits(bank, slots, features), out.key_sim
 
     def all_tensors(self) -> dict[str, torch.Tensor]:
         out = {k: v.detach() for k, v in self.frozen.items()}

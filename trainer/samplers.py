@@ -48,11 +48,34 @@ class _EpochSampler:
         return self.steps
 
 
-class ClassBalancedBatchSampler(_EpochSampler):
-    """Sample a class uniformly, then ``per_class`` images of it; repeat until the batch is full.
+class _Cycle:
+    """Endless walk over ``items`` in a fresh seeded shuffle per pass (the authors' ``RandomCycleIter``)."""
 
-    Images of a class are drawn without replacement while the class has enough of them, with
-    replacement for classes smaller than ``per_class``.
+    def __init__(self, items: torch.Tensor, gen: torch.Generator):
+        self.items, self.gen = items, gen
+        self.order, self.pos = items[torch.randperm(len(items), generator=gen)], 0
+
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` items; distinct when there are at least ``n`` (a new pass starting mid-take puts
+        the items already taken last)."""
+        out: list[int] = []
+        while len(out) < n:
+            if self.pos == len(self.order):
+                order = self.items[torch.randperm(len(self.items), generator=self.gen)].tolist()
+                self.order = torch.tensor(sorted(order, key=lambda i: i in out), dtype=self.items.dtype)
+                self.pos = 0
+            out.append(int(self.order[self.pos]))
+            self.pos += 1
+        return out
+
+
+class ClassBalancedBatchSampler(_EpochSampler):
+    """Cycle through the classes in shuffled order, taking ``per_class`` images of each; repeat until full.
+
+    Every class is visited equally often (to within one visit per epoch), however long its tail, and a
+    class's images are themselves cycled in shuffled order, so a five-image class shows all five before
+    any repeats: the authors' class-aware sampler. Drawing classes independently at random instead gives
+    some classes twice as many visits as others in a short epoch.
 
     Args:
         targets: class index per dataset item.
@@ -60,7 +83,7 @@ class ClassBalancedBatchSampler(_EpochSampler):
         steps: batches per epoch.
         seed: run seed.
         rank: data-parallel rank (its stream differs from the other ranks').
-        per_class: images per sampled class (4 in the method note).
+        per_class: images per visited class (4 in the method note).
     """
 
     def __init__(
@@ -76,16 +99,13 @@ class ClassBalancedBatchSampler(_EpochSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = self._generator()
+        classes = _Cycle(torch.arange(len(self.classes)), gen)
+        members = [_Cycle(m, gen) for m in self.by_class]
         groups = -(-self.batch_size // self.per_class)
         for _ in range(self.steps):
             batch: list[int] = []
-            for c in torch.randint(len(self.classes), (groups,), generator=gen).tolist():
-                members = self.by_class[c]
-                if len(members) >= self.per_class:
-                    pick = torch.randperm(len(members), generator=gen)[: self.per_class]
-                else:
-                    pick = torch.randint(len(members), (self.per_class,), generator=gen)
-                batch.extend(members[pick].tolist())
+            for c in classes.take(groups):
+                batch.extend(members[c].take(self.per_class))
             yield batch[: self.batch_size]
 
 

@@ -191,6 +191,16 @@ def test_python_client(server, prompt_files):
         assert err.value.status == 404 and err.value.code == "not_found"
 
 
+def test_cli_classify_names_the_file_that_was_refused(server, tmp_path):
+    img, bad = server.data_dir / "demo.jpg", tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    r = lpt(server.url, "classify", str(img), str(bad), str(img), "--task", "demo")
+    assert r.returncode == 1 and f"error 415 unsupported_image: {bad}: image 2 of 3: " in r.stderr, r.stderr
+    r = lpt(server.url, "classify", str(bad), "--task", "demo")
+    assert r.returncode == 1 and f"error 415 unsupported_image: {bad}: not an image" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_sigterm_during_traffic_finishes_in_flight_requests_and_exits(server):
     """Last in this module: it stops the shared server."""
     img = (server.data_dir / "demo.jpg").read_bytes()

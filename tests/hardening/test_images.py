@@ -241,3 +241,18 @@ def test_concurrent_decodes_leave_the_warning_filters_alone(served):
     responses = served.gather(calls)
     assert [r.status_code for r in responses] == [200] * 64
     assert warnings.filters == before
+
+
+def test_a_refused_part_of_a_multi_image_request_is_named(served):
+    files = [
+        ("image", ("a.png", png_bytes())),
+        ("image", ("b.txt", b"not an image")),
+        ("image", ("c.png", png_bytes())),
+    ]
+    r = served.post(URL, files=files)
+    assert r.status_code == 415 and error_code(r) == "unsupported_image", r.text
+    error = r.json()["error"]
+    assert error["field"] == "image[1]" and error["message"].startswith("image 2 of 3: not an image"), error
+    r, _ = classify(served, b"not an image")  # a single image needs no index
+    assert r.status_code == 415 and r.json()["error"]["field"] == "image", r.text
+    assert_still_serving(served)

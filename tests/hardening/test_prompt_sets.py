@@ -15,8 +15,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from lpt.backbone import describe_mismatch, load_backbone, mismatched_field
 from lpt.prompt_set import encode
-from tests.service_harness import error_code, make_config, make_set, prompt_bytes, serve_in_thread
+from tests.service_harness import error_code, jpeg_bytes, make_config, make_set, prompt_bytes, serve_in_thread
 
 KEEP = "keep"  # a task that exists: uploads over it must not change it
 FRESH = "fresh"  # a task that does not exist: a failed upload must not create it
@@ -231,3 +232,45 @@ def test_a_valid_upload_still_works_afterwards(served, backbone):
     r = served.post(f"/v1/prompts?task={KEEP}", content=prompt_bytes(backbone.info, seed=99))
     assert r.status_code == 201, r.text
     assert r.json()["version"] == before["active"][KEEP] + 1
+
+
+# -- what was received, what differs ------------------------------------------------------------------------
+def rejection(served, data: bytes) -> dict:
+    r = served.post(f"/v1/prompts?task={FRESH}", content=data, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 422, r.text
+    return r.json()["error"]
+
+
+def test_a_jpeg_upload_is_named_as_a_jpeg(served):
+    data = jpeg_bytes()
+    upload_rejected(served, data, "not_safetensors")
+    error = rejection(served, data)
+    assert error["message"] == "this looks like a JPEG image, not a safetensors prompt set (lpt-prompt-set/1)"
+
+
+@pytest.mark.parametrize(
+    ("weights", "img_size", "field", "says"),
+    [
+        ("random:0", 48, "backbone_input_size", "input size differs: this backbone is 3x32x32, the prompt set was "
+         "trained on 3x48x48"),
+        ("random:1", 32, "backbone_fingerprint", "weights differ (same name and input size, test_vit)"),
+    ],
+)  # fmt: skip
+def test_a_backbone_mismatch_names_the_field_that_differs(served, weights, img_size, field, says):
+    data = prompt_bytes(load_backbone("test_vit", weights, img_size=img_size).info, seed=3)
+    upload_rejected(served, data, "fingerprint_mismatch")
+    error = rejection(served, data)
+    assert error["field"] == field and says in error["message"], error
+
+
+def test_the_backbone_endpoint_gives_what_a_trainer_compares(served, backbone):
+    """name, fingerprint and input size from GET /v1/backbone: enough to check a backbone before training."""
+    served_info = served.get("/v1/backbone").json()
+    assert {k: served_info[k] for k in ("name", "fingerprint", "input_size")} == {
+        "name": "test_vit",
+        "fingerprint": backbone.info.fingerprint,
+        "input_size": [3, 32, 32],
+    }
+    assert describe_mismatch(served_info, backbone.info.to_dict()) == ""
+    other = load_backbone("test_vit", "random:0", img_size=48).info.to_dict()
+    assert mismatched_field(served_info, other) == "input_size"

@@ -15,7 +15,7 @@ from tests.service_harness import image_bytes, make_config, metrics, serve, set_
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
-# The metric names are a contract for dashboards; counters carry the exposition's ``_total``.
+# Metric names are a contract for dashboards; counters carry the exposition's ``_total``.
 CONTRACT_METRICS = [
     "lpt_requests_total",
     "lpt_request_duration_seconds",
@@ -122,3 +122,13 @@ async def test_openapi_schema_is_served_offline(backbone, tmp_path):
         for asset in assets:
             got = await c.get(asset)
             assert got.status_code == 200 and len(got.content) > 100, asset
+
+
+async def test_redoc_leads_to_the_offline_docs(backbone, tmp_path):
+    """ReDoc would load its script and fonts from CDNs; /redoc sends readers to the offline Swagger UI instead."""
+    async with serve(make_config(tmp_path), backbone) as (_app, c):
+        r = await c.get("/redoc")
+        assert r.status_code == 308 and r.headers["location"] == "/docs", r.text
+        page = (await c.get("/redoc", follow_redirects=True)).text
+        assert "/docs-static/swagger-ui-bundle.js" in page
+        assert not re.search(r"https?://", page), "the docs page must not load anything from another host"

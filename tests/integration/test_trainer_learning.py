@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.real_data import CIFAR_ZIP as ZIP
+from bench.real_data import DEIT_WEIGHTS as WEIGHTS
+from bench.real_data import missing
 from lpt.backbone import load_backbone
 from lpt.prompt_set import decode, encode, validate
 from trainer.config import TrainConfig
@@ -22,18 +25,11 @@ from trainer.evaluate import accuracy_report, summary
 from trainer.loop import Trainer
 from trainer.probe import extract_features, fit_linear_probe, probe_counts
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ZIP = DATA / "cifar10-jpg.zip"
-WEIGHTS = DATA / "deit_tiny_patch16_224.in1k.safetensors"
-
 pytestmark = [
     pytest.mark.slow,
     # about 4 minutes on an idle 2-core CPU; generous, because shared CI machines can be several times slower
     pytest.mark.timeout(1800),
-    pytest.mark.skipif(
-        not (ZIP.is_file() and WEIGHTS.is_file()),
-        reason=f"real data not found: needs {ZIP.name} and {WEIGHTS.name} in {DATA} (see shared/data/README.md)",
-    ),
+    pytest.mark.skipif(missing(ZIP, WEIGHTS) is not None, reason=missing(ZIP, WEIGHTS) or ""),
 ]
 SIZE = 96  # at 64 px the margin over the probe was within seed noise (measured: -0.2 to +3.4 points)
 # Few epochs on CPU: a larger lr than 0.02 * B / 256 and the data-informed prompt init (trainer.prompt_init
@@ -88,7 +84,7 @@ def _raw_images(dataset) -> list[bytes]:
 def _serve_top1(backbone, data: bytes, images: list[bytes], tmp_path: Path) -> list[int]:
     import anyio
 
-    from tests.integration.service_helpers import make_config, serve
+    from tests.service_harness import make_config, serve
 
     config = make_config(
         tmp_path, backbone="deit_tiny_patch16_224", backbone_weights=str(WEIGHTS), img_size=SIZE, max_batch_size=8

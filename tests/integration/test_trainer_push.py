@@ -109,3 +109,37 @@ def test_trainer_push_uploads_the_written_file(tmp_path: Path, service_url: str)
 def _first_image(root: Path) -> tuple[str, str]:
     path = sorted(p for p in root.rglob("*") if p.is_file())[0]
     return path.parent.name, path.name
+
+
+def _argv(tmp_path: Path, url: str, key: str, img_size: int = 32) -> list[str]:
+    train = synthetic_long_tailed(num_classes=3, n_max=6, imbalance_ratio=2, img_size=32, seed=0)
+    write_image_folder(train, tmp_path / "train")
+    return [
+        *("--train", str(tmp_path / "train"), "--val", str(tmp_path / "train")),
+        *("--backbone", "test_vit", "--backbone-weights", "random:0", "--img-size", str(img_size)),
+        *("--out", str(tmp_path / "ps.safetensors"), "--report", str(tmp_path / "r.json")),
+        *("--epochs1", "1", "--epochs2", "1", "--batch-size", "4", "--prompt-length", "2", "--pool-size", "2"),
+        *("--share-blocks", "2", "--device", "cpu", "--no-progress"),
+        *("--push", url, "--task", "t", "--api-key", key),
+    ]
+
+
+def _refused_before_training(tmp_path: Path, argv: list[str], caplog, expected: str) -> None:
+    assert cli.main(argv) == 2
+    assert not (tmp_path / "ps.ckpt.safetensors").exists()  # not one epoch was trained
+    assert not (tmp_path / "ps.safetensors").exists()
+    assert expected in caplog.text
+
+
+def test_push_to_a_service_that_is_down_fails_before_training(tmp_path: Path, caplog) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    _refused_before_training(tmp_path, _argv(tmp_path, url, KEY), caplog, "does not answer")
+
+
+def test_push_with_a_wrong_key_fails_before_training(tmp_path: Path, service_url: str, caplog) -> None:
+    _refused_before_training(tmp_path, _argv(tmp_path, service_url, "wrong-key-123"), caplog, "refused (401")
+
+
+def test_push_for_another_input_size_names_the_field_before_training(tmp_path: Path, service_url: str, caplog) -> None:
+    argv = _argv(tmp_path, service_url, KEY, img_size=48)
+    _refused_before_training(tmp_path, argv, caplog, "backbone input size differs")

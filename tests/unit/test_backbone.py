@@ -11,17 +11,16 @@ import timm
 import torch
 from PIL import Image
 
-from lpt.backbone import Backbone, fingerprint, load_backbone
+from bench.real_data import DEIT_WEIGHTS as DEIT_FILE
+from bench.real_data import missing
+from lpt.backbone import Backbone, describe_mismatch, fingerprint, load_backbone, mismatched_field
 from lpt.errors import BackboneError
 
-DEIT_FILE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "deit_tiny_patch16_224.in1k.safetensors"
 # sha256 over the model name and every state-dict tensor (sorted keys, little-endian bytes): the same on every
 # machine for these weights. It changes only if the file, the digest recipe or timm's module layout changes.
 DEIT_FINGERPRINT = "379e414fdead9e2d563b12f95990964def9a22aa70a8f5a409cd9caf3be5ad6b"
 
-needs_deit = pytest.mark.skipif(
-    not DEIT_FILE.is_file(), reason=f"real DeiT-Tiny weights not found at {DEIT_FILE} (shared/ beside the repo)"
-)
+needs_deit = pytest.mark.skipif(missing(DEIT_FILE) is not None, reason=missing(DEIT_FILE) or "")
 
 
 def tiny(weights: str = "random:0", img_size: int = 32) -> Backbone:
@@ -30,8 +29,8 @@ def tiny(weights: str = "random:0", img_size: int = 32) -> Backbone:
 
 @pytest.fixture(scope="module")
 def deit() -> Backbone:
-    if not DEIT_FILE.is_file():
-        pytest.skip(f"real DeiT-Tiny weights not found at {DEIT_FILE}")
+    if reason := missing(DEIT_FILE):
+        pytest.skip(reason)
     return load_backbone("deit_tiny_patch16_224", weights=str(DEIT_FILE))
 
 
@@ -168,3 +167,25 @@ def test_frozen_and_in_eval_mode() -> None:
     assert not any(p.requires_grad for p in model.parameters())
     out = model(torch.randn(2, 3, 32, 32))
     assert not out.requires_grad
+
+
+def test_describe_mismatch_names_the_field_that_differs() -> None:
+    base = tiny().info.to_dict()
+    other_size = tiny(img_size=48).info.to_dict()
+    other_weights = tiny("random:1").info.to_dict()
+    other_name = {**base, "name": "vit_small_patch16_224", "fingerprint": "f" * 64}
+    assert mismatched_field(base, base) is None and describe_mismatch(base, base) == ""
+    assert mismatched_field(base, other_size) == "input_size"
+    assert describe_mismatch(base, other_size, "the service runs", "you trained on") == (
+        "backbone input size differs: the service runs 3x32x32, you trained on 3x48x48 (both test_vit)"
+    )
+    assert mismatched_field(base, other_weights) == "fingerprint"
+    message = describe_mismatch(base, other_weights)
+    assert message.startswith("backbone weights differ (same name and input size, test_vit): expected fingerprint")
+    assert "weights 'random:0' vs 'random:1'" in message
+    assert mismatched_field(base, other_name) == "name"
+    assert describe_mismatch(base, other_name) == "backbone name differs: expected test_vit, got vit_small_patch16_224"
+    # A side without an input size (an older prompt set) is compared on name and fingerprint only.
+    no_size = {k: v for k, v in other_size.items() if k != "input_size"}
+    assert mismatched_field(base, no_size) == "fingerprint"
+    assert describe_mismatch(base, no_size).startswith("backbone weights or input size differ (same name, test_vit)")

@@ -139,7 +139,37 @@ def test_fingerprint_mismatch(ps: PromptSet, info: BackboneInfo) -> None:
 
 def test_fingerprint_of_another_seed_is_rejected(ps: PromptSet) -> None:
     other = load_backbone("test_vit", weights="random:1", img_size=32).info
-    expect("fingerprint_mismatch", "backbone_fingerprint", lambda: validate(ps, other))
+    err = expect("fingerprint_mismatch", "backbone_fingerprint", lambda: validate(ps, other))
+    assert err.message.startswith("backbone weights differ (same name and input size, test_vit)"), err.message
+
+
+def test_another_input_size_is_named_as_the_difference(ps: PromptSet) -> None:
+    other = load_backbone("test_vit", weights="random:0", img_size=48).info
+    err = expect("fingerprint_mismatch", "backbone_input_size", lambda: validate(ps, other))
+    assert "input size differs: this backbone is 3x48x48, the prompt set was trained on 3x32x32" in err.message
+
+
+def test_another_model_name_is_named_as_the_difference(ps: PromptSet, info: BackboneInfo) -> None:
+    ps.backbone, ps.backbone_fingerprint = "other_vit", "1" * 64
+    err = expect("fingerprint_mismatch", "backbone", lambda: validate(ps, info))
+    assert "name differs: this backbone is test_vit, the prompt set was trained on other_vit" in err.message
+
+
+def test_backbone_input_size_round_trips_and_older_sets_without_it_still_load(ps: PromptSet, info) -> None:
+    assert decode(encode(ps)).backbone_input_size == (3, 32, 32)
+    assert "backbone_input_size" not in decode(encode(ps)).extra
+    ps.backbone_input_size = None
+    old = decode(encode(ps))
+    assert old.backbone_input_size is None
+    validate(old, info)
+    old.backbone_fingerprint = "2" * 64  # without the size, a mismatch can only say "weights"
+    expect("fingerprint_mismatch", "backbone_fingerprint", lambda: validate(old, info))
+
+
+@pytest.mark.parametrize("bad", ["[3, 32]", "[3, 32, -1]", "[3.0, 32, 32]", "224", "not json"])
+def test_malformed_backbone_input_size(ps: PromptSet, bad: str) -> None:
+    meta = {**ps.metadata(), "backbone_input_size": bad}
+    expect("bad_metadata", "backbone_input_size", lambda: decode(raw_file(tensors_of(ps), meta)))
 
 
 SHAPE_CASES = {
@@ -371,6 +401,41 @@ def _torch_save_bytes(obj: object) -> bytes:
 def test_not_safetensors_inputs(ps: PromptSet, info: BackboneInfo, case: str) -> None:
     data = NOT_SAFETENSORS[case](ps)
     expect("not_safetensors", None, lambda: load_and_validate(data, info))
+
+
+WHAT_IT_LOOKS_LIKE = {
+    "a JPEG image": lambda ps: _image_bytes("JPEG"),
+    "a PNG image": lambda ps: _image_bytes("PNG"),
+    "a WebP image": lambda ps: _image_bytes("WEBP"),
+    "a ZIP archive": lambda ps: _torch_save_bytes(tensors_of(ps)),
+    "a Python pickle": lambda ps: pickle.dumps(tensors_of(ps)),
+    "a text file": lambda ps: b"shared_prompt = [[0.1, 0.2]]\n" * 4,
+}
+
+
+def _image_bytes(fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("what", list(WHAT_IT_LOOKS_LIKE))
+def test_a_non_safetensors_upload_is_named_by_what_it_looks_like(ps: PromptSet, info: BackboneInfo, what: str):
+    err = expect("not_safetensors", None, lambda: load_and_validate(WHAT_IT_LOOKS_LIKE[what](ps), info))
+    assert err.message.startswith(f"this looks like {what}"), err.message
+    assert "header length" not in err.message
+
+
+def test_a_real_file_is_never_sniffed_as_something_else(info: BackboneInfo) -> None:
+    """A header of 128 bytes begins with 0x80, a pickle's first byte: the signature is asked only after failing."""
+    for names in (["a", "b"], ["cat", "dog", "emu"], ["x" * 40, "y"]):
+        for pad in range(16):
+            ps = init_prompt_set(info, names, prompt_length=L, pool_size=0, share_blocks=S)
+            ps.extra = {"pad": "p" * pad}
+            data = encode(ps)
+            assert decode(data).class_names == names
 
 
 def test_decoding_never_unpickles(ps: PromptSet, info: BackboneInfo) -> None:
