@@ -1,7 +1,7 @@
 """Helpers shared by the service-level benchmarks (http, loading, memory, scaling).
 
 Latency summaries, run metadata (machine, versions, load average), prompt sets of a given shape, resident
-entries built the way ``service.prompt_cache`` builds them, and a real ``lpt-serve`` subprocess.
+entries built the way ``service.resident`` builds them, and a real ``lpt-serve`` subprocess.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
-from service.prompt_cache import ResidentSet, make_resident
+from service.resident import ResidentSet, make_resident
 
 __all__ = [
     "CheckFailed",
@@ -141,8 +141,7 @@ def resident(
     model: torch.nn.Module | None = None,
 ) -> ResidentSet:
     """A resident entry exactly as ``PromptCache`` makes one (device copy, one-slot bank, keys/values with a model)."""
-    info = StoredVersion(tenant, task, version, "", 0, 0.0)
-    return make_resident((tenant, task, version), info, ps, device, dtype, model)
+    return make_resident(StoredVersion(tenant, task, version, "", 0, 0.0), ps, device, dtype, model)
 
 
 def cifar_jpegs(count: int) -> list[bytes]:

@@ -50,7 +50,7 @@ from lpt.backbone import load_backbone
 from lpt.prompt_set import encode
 from service.engine import Engine
 from service.images import ImageDecoder
-from service.prompt_cache import ResidentSet
+from service.resident import ResidentSet
 
 TARGET_RATIO = 0.75
 

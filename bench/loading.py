@@ -48,7 +48,8 @@ from prompts_store.base import PromptStore
 from service.engine import Engine
 from service.images import ImageDecoder
 from service.metrics import ServiceMetrics
-from service.prompt_cache import PromptCache, to_device
+from service.prompt_cache import PromptCache
+from service.resident import to_device
 
 TARGET_REDIS_P99_MS = 20.0
 TENANT = "bench"
@@ -133,14 +134,12 @@ def cache_miss_loads(cfg: LoadingConfig, info: BackboneInfo, stores: Stores, log
                 store.put(TENANT, task, blob, {"num_classes": str(cfg.classes)})
         for kind, cache in caches.items():  # correctness before timing
             for task, ps in zip(tasks, sets, strict=True):
-                entry = cache.acquire(TENANT, task)
-                try:
+                with cache.acquire(TENANT, task) as lease:
+                    entry = lease.entry
                     if not same_set(entry.prompt_set, ps, dtype):
                         raise CheckFailed(f"{kind}: the loaded {task} differs from the uploaded set")
                     if entry.prompt_set.shared_prompt.device.type != device.type:
                         raise CheckFailed(f"{kind}: {task} is resident on {entry.prompt_set.shared_prompt.device}")
-                finally:
-                    cache.release(entry)
             for task in tasks:
                 cache.drop_task(TENANT, task)
         kinds = list(caches)
@@ -154,10 +153,10 @@ def cache_miss_loads(cfg: LoadingConfig, info: BackboneInfo, stores: Stores, log
                 if len(cache) != 0:
                     raise CheckFailed(f"{kind}: {len(cache)} sets resident after a drop (the load is not a miss)")
                 start = time.perf_counter()
-                entry = cache.acquire(TENANT, task)
+                lease = cache.acquire(TENANT, task)
                 sync(device)
                 totals[kind].append(time.perf_counter() - start)
-                cache.release(entry)
+                lease.release()
                 cache.drop_task(TENANT, task)
         for i in range(max(20, cfg.loads // 4)):
             task = tasks[i % len(tasks)]

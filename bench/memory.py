@@ -35,7 +35,8 @@ from lpt.forward import PromptBank
 from lpt.prompt_set import encode
 from prompts_store import open_store
 from service.metrics import ServiceMetrics
-from service.prompt_cache import PromptCache, ResidentSet
+from service.prompt_cache import PromptCache
+from service.resident import ResidentSet
 
 TARGET_RATIO = 1.1
 TENANT = "bench"
@@ -117,7 +118,7 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
         tensor_bytes = sets[0].nbytes * dtype.itemsize // 4 + kv_bytes
         # Warm the load path once (allocator, imports, thread pool) so the deltas measure only resident sets.
         warm = PromptCache(store, info, device, dtype, 1 << 40, ServiceMetrics(), model=model)
-        warm.release(warm.acquire(TENANT, tasks[0]))
+        warm.acquire(TENANT, tasks[0]).release()
         warm.close()
         del warm
 
@@ -125,9 +126,8 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
         before = device_bytes(device)
         entries = []
         for task in tasks:
-            entry = cache.acquire(TENANT, task)
-            cache.release(entry)  # unpinned but resident (budget is huge)
-            entries.append(entry)
+            with cache.acquire(TENANT, task) as lease:  # released, but resident (the budget is huge)
+                entries.append(lease.entry)
         untrimmed = rss_bytes()  # before malloc_trim: includes heap pages the load temporaries left free
         after = device_bytes(device)
         if len(cache) != cfg.sets or cache.resident_bytes != cfg.sets * tensor_bytes:
@@ -156,7 +156,7 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
         budget = int((n_fit + 0.5) * tensor_bytes)
         small = PromptCache(store, info, device, dtype, budget, ServiceMetrics(), model=model)
         for task in tasks:
-            small.release(small.acquire(TENANT, task))
+            small.acquire(TENANT, task).release()
         if len(small) != n_fit:
             raise CheckFailed(f"a budget for {n_fit} sets keeps {len(small)} resident")
         budget_check = {"budget_sets": n_fit, "resident": len(small), "evictions": cfg.sets - len(small)}

@@ -95,13 +95,13 @@ def draw_rows(batch: int, registered: int, distinct: int, gen: torch.Generator) 
 
 
 def service_step(cache: PromptCache, engine: Engine, images: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
-    """One batch as the service runs it: pin every row's set, infer, unpin."""
-    entries = [cache.acquire(t, k) for t, k in rows]
+    """One batch as the service runs it: lease every row's set, infer, release."""
+    leases = [cache.acquire(t, k) for t, k in rows]
     try:
-        return engine.infer(images, entries)
+        return engine.infer(images, [lease.entry for lease in leases])
     finally:
-        for e in entries:
-            cache.release(e)
+        for lease in leases:
+            lease.release()
 
 
 def check_rows(
@@ -156,7 +156,8 @@ def summarise(batch: int, times: dict[str, list[float]], baseline: str) -> dict[
 
 def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
     """Median time to stack the bank of one batch's distinct sets (part of every mixed ``Engine.infer``)."""
-    entries = list({k: cache.acquire(t, k) for t, k in rows}.values())
+    leases = list({k: cache.acquire(t, k) for t, k in rows}.values())
+    entries = [lease.entry for lease in leases]
     try:
         if len(entries) == 1:
             return 0.0
@@ -168,8 +169,8 @@ def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: t
             times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)
     finally:
-        for e in entries:
-            cache.release(e)
+        for lease in leases:
+            lease.release()
 
 
 def run_scaling(cfg: ScalingConfig, argv: list[str], log=print) -> dict[str, Any]:

@@ -65,3 +65,9 @@ class StoreUnavailable(LptError):
     """The prompt store cannot be reached (timeout, connection refused, paused)."""
 
     code = "store_unavailable"
+
+
+class StoreCorrupt(LptError):
+    """Stored bytes fail their sha256/size check: the store holds a damaged blob. Retrying cannot help."""
+
+    code = "store_corrupt"

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from lpt.errors import InvalidTaskId, StoreUnavailable, TooLarge
+from lpt.errors import InvalidTaskId, StoreCorrupt, TooLarge
 from lpt.ids import check_task_id, check_tenant_id
 from prompts_store.base import ChangeEvent, StoredVersion
 
@@ -75,7 +75,7 @@ def decode_info(tenant: str, task: str, version: int, raw: str | bytes) -> Store
 def verify_blob(info: StoredVersion, data: bytes) -> None:
     """Refuse to hand out bytes whose checksum does not match: a torn or corrupted blob must never load."""
     if len(data) != info.size or sha256_hex(data) != info.sha256:
-        raise StoreUnavailable(
+        raise StoreCorrupt(
             "store_corrupt", f"blob of {info.tenant}/{info.task} v{info.version} fails its sha256 check", "data"
         )
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from lpt.errors import LptError, NotFound, StoreUnavailable, TooLarge
+from lpt.errors import LptError, NotFound, StoreCorrupt, StoreUnavailable, TooLarge
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -21,6 +21,7 @@ __all__ = [
     "ChangeEvent",
     "NotFound",
     "PromptStore",
+    "StoreCorrupt",
     "StoreUnavailable",
     "StoredBlob",
     "StoredVersion",
@@ -43,6 +44,8 @@ class StoredVersion:
         size: byte length.
         created: unix time (seconds) the version was written.
         meta: small string metadata given at put time (e.g. num_classes), returned as-is.
+        new: True only on the answer of the ``put`` that wrote this version (False for an idempotent hit and on
+            every read); not part of equality.
     """
 
     tenant: str
@@ -52,6 +55,7 @@ class StoredVersion:
     size: int
     created: float
     meta: dict[str, str] = field(default_factory=dict)
+    new: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class PromptStore(Protocol):
     max_bytes: int
 
     def put(self, tenant: str, task: str, data: bytes, meta: dict[str, str] | None = None) -> StoredVersion:
-        """Store ``data`` as a new version and activate it; bytes equal to the active version return it."""
+        """Store ``data`` as a new version and activate it (``new`` set); bytes equal to the active one return it."""
         ...
 
     def get(self, tenant: str, task: str, version: int | None = None) -> StoredBlob:

@@ -200,7 +200,7 @@ class RedisPromptStore:
                             self._upload_blob(tenant, task, sha, data)
                             continue
                         version = int(p.get(sk) or 0) + 1
-                        info = StoredVersion(tenant, task, version, sha, len(data), time.time(), meta)
+                        info = StoredVersion(tenant, task, version, sha, len(data), time.time(), meta, new=True)
                         p.multi()
                         p.set(sk, version)
                         encoded = encode_info(sha, len(data), info.created, meta)

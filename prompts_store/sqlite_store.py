@@ -172,7 +172,8 @@ class SqlitePromptStore:
                 if row is not None and row[1] == sha:
                     return _row_info(tenant, task, row)
                 last = conn.execute("SELECT last FROM seqs WHERE tenant = ? AND task = ?", (tenant, task)).fetchone()
-                info = StoredVersion(tenant, task, (last[0] if last else 0) + 1, sha, len(data), time.time(), meta)
+                version = (last[0] if last else 0) + 1
+                info = StoredVersion(tenant, task, version, sha, len(data), time.time(), meta, new=True)
                 self._write_version(conn, tenant, task, info, data, info.version)
                 conn.execute(
                     "INSERT INTO tasks VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET active = excluded.active",

@@ -1,4 +1,4 @@
-"""``create_app(config)``: the lifespan wires backbone, store, cache, engine and batcher; routes only here."""
+"""``create_app(config)``: the lifespan wires backbone, store, cache, queue, engine and worker; routes only here."""
 
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ from prompts_store import open_store
 from prompts_store.base import PromptStore
 from service.api.routes import error_response, router
 from service.auth import Authenticator
-from service.batcher import FairQueue
 from service.demo import install_demo
-from service.engine import DTYPES, Engine, EngineWorker
+from service.engine import DTYPES, Engine
 from service.images import ImageDecoder
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
+from service.queue import FairQueue
 from service.settings import ServiceConfig
 from service.state import ServiceState
+from service.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 

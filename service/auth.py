@@ -70,7 +70,7 @@ class Authenticator:
             return DEFAULT_TENANT
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("unauthorized", "missing or malformed 'Authorization: Bearer <key>' header")
+            raise Unauthorized("missing or malformed 'Authorization: Bearer <key>' header")
         presented = hashlib.sha256(token.strip().encode()).digest()
         found = None
         # Compare against every key, without an early exit, so timing says nothing about which matched.
@@ -78,5 +78,5 @@ class Authenticator:
             if hmac.compare_digest(presented, digest):
                 found = tenant
         if found is None:
-            raise Unauthorized("unauthorized", "invalid API key")
+            raise Unauthorized("invalid API key")
         return found

@@ -1,38 +1,19 @@
-"""The inference worker: batch -> prompt bank + slot index -> one LPT forward -> futures resolved.
+"""The forward of one batch: resident sets -> prompt bank + per-row slot index -> ``lpt.forward`` -> probabilities.
 
-A batch that fails fails every request in it; nothing is left hanging. The worker runs in its own
-thread so model code never runs on the event loop, and its heartbeat backs ``/healthz``.
+Plain model code with no queue and no futures; the batch loop that calls it is ``worker.py``.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections import defaultdict
-from concurrent.futures import InvalidStateError
-from dataclasses import dataclass
 
 import torch
 
 from lpt.backbone import Backbone
 from lpt.forward import PromptBank, prompted_forward
-from service.batcher import FairQueue, WorkItem, collect_batch
-from service.errors import BatchFailed, ShuttingDown
-from service.metrics import ServiceMetrics
-from service.prompt_cache import ResidentSet
-
-log = logging.getLogger(__name__)
+from service.resident import ResidentSet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class RowResult:
-    """Class probabilities of one image (``[C]`` float32, CPU) and the version that produced them."""
-
-    probs: torch.Tensor
-    entry: ResidentSet
 
 
 class Engine:
@@ -86,86 +67,3 @@ class Engine:
         if self.dtype == torch.float32:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-class EngineWorker:
-    """The batching loop in a thread: collect a batch, run it, resolve or fail every future.
-
-    Args:
-        engine: what runs the forward.
-        queue: where requests wait.
-        metrics: batch and latency metrics.
-        max_batch_size: images per forward at most.
-        max_wait_s: how long a batch stays open after its first image.
-    """
-
-    def __init__(
-        self, engine: Engine, queue: FairQueue, metrics: ServiceMetrics, max_batch_size: int, max_wait_s: float
-    ):
-        self.engine = engine
-        self.queue = queue
-        self.metrics = metrics
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.heartbeat = time.monotonic()
-        self.batches = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lpt-engine", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        """Finish what is queued (bounded by ``timeout``), then stop; whatever is left fails."""
-        self.queue.close()
-        deadline = time.monotonic() + timeout
-        while len(self.queue) and time.monotonic() < deadline and self._thread.is_alive():
-            time.sleep(0.02)
-        self._stop.set()
-        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
-        self.queue.fail_all(ShuttingDown("shutting_down", "the service stopped before this request ran"))
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
-            batch = collect_batch(self.queue, self.max_batch_size, self.max_wait_s)
-            self.metrics.queue_depth.set(len(self.queue))
-            if batch:
-                self.run_batch(batch)
-                self.heartbeat = time.monotonic()
-
-    def run_batch(self, batch: list[WorkItem]) -> None:
-        started = time.monotonic()
-        for item in batch:
-            self.metrics.queue_wait.observe(started - item.enqueued)
-        entries = [item.payload for item in batch]
-        try:
-            images = torch.stack([item.image for item in batch])
-            probs = self.engine.infer(images, entries)
-        except Exception as exc:
-            log.exception("batch of %d images failed", len(batch))
-            error = BatchFailed("batch_failed", f"inference failed for this batch: {type(exc).__name__}")
-            for item in batch:
-                _settle(item, error=error)
-            return
-        self.batches += 1
-        self.metrics.inference_duration.observe(time.monotonic() - started)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tasks.observe(len({e.key[:2] for e in entries}))
-        for item, p in zip(batch, probs, strict=True):
-            _settle(item, result=RowResult(probs=p, entry=item.payload))
-
-
-def _settle(item: WorkItem, result: RowResult | None = None, error: Exception | None = None) -> None:
-    # The caller may have given up (deadline) and cancelled; a settled future must not raise here.
-    try:
-        if error is not None:
-            item.future.set_exception(error)
-        else:
-            item.future.set_result(result)
-    except InvalidStateError:
-        pass

@@ -18,7 +18,7 @@ from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from lpt.errors import LptError
 from lpt.images import decode_side, load_image, to_rgb
-from service.errors import BadImage
+from service.errors import BadImage, ImageRejected, ImageTooLarge, UnsupportedMediaType
 
 __all__ = ["ALLOWED_CONTENT_TYPES", "ALLOWED_FORMATS", "MAX_ASPECT", "ImageDecoder", "check_content_type", "to_rgb"]
 
@@ -45,7 +45,7 @@ def check_content_type(content_type: str | None) -> None:
         return
     base = content_type.split(";")[0].strip().lower()
     if base not in ALLOWED_CONTENT_TYPES:
-        raise BadImage("unsupported_media_type", f"Content-Type {base!r} is not an accepted image type", 415)
+        raise UnsupportedMediaType(f"Content-Type {base!r} is not an accepted image type")
 
 
 class ImageDecoder:
@@ -90,33 +90,33 @@ class ImageDecoder:
 
     def decode(self, data: bytes) -> Image.Image:
         if not data:
-            raise BadImage("empty_image", "the request body is empty", 400)
+            raise BadImage("the request body is empty", code="empty_image")
         if len(data) > self.max_bytes:
-            raise BadImage("image_too_large", f"image is {len(data)} bytes, limit {self.max_bytes}", 413)
+            raise ImageTooLarge(f"image is {len(data)} bytes, limit {self.max_bytes}")
         try:
             return load_image(data, self.min_side, ALLOWED_FORMATS, check=partial(self._check_header, data=data))
-        except BadImage:
+        except (ImageRejected, ImageTooLarge):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImage("image_too_large", f"image exceeds {self.max_pixels} pixels", 413) from exc
+            raise ImageTooLarge(f"image exceeds {self.max_pixels} pixels") from exc
         except UnidentifiedImageError as exc:
-            raise BadImage(
-                "unsupported_image", f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})", 415
-            ) from exc
+            accepted = ", ".join(ALLOWED_FORMATS)
+            message = f"not an image in an accepted format ({accepted})"
+            raise UnsupportedMediaType(message, code="unsupported_image") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
-            raise BadImage("corrupt_image", f"cannot decode image: {exc}", 400) from exc
+            raise BadImage(f"cannot decode image: {exc}", code="corrupt_image") from exc
 
     def _check_header(self, image: Image.Image, data: bytes) -> None:
         width, height = image.size
         if width < 1 or height < 1:
-            raise BadImage("bad_image_dimensions", f"image is {width}x{height}", 422)
+            raise ImageRejected(f"image is {width}x{height}")
         if width * height > self.max_pixels:
-            raise BadImage("image_too_large", f"image is {width}x{height}, limit {self.max_pixels} pixels", 413)
+            raise ImageTooLarge(f"image is {width}x{height}, limit {self.max_pixels} pixels")
         if max(width, height) > MAX_ASPECT * min(width, height):
             # A 100000x1 image is small in pixels but the resize to the model's input would not be.
-            raise BadImage("bad_image_dimensions", f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT}:1", 422)
+            raise ImageRejected(f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT}:1")
         if isinstance(image, JpegImagePlugin.JpegImageFile) and _has_trailing_archive(data):  # JPEG and MPO
-            raise BadImage("polyglot_image", "the JPEG carries an archive after its end marker", 422)
+            raise ImageRejected("the JPEG carries an archive after its end marker", code="polyglot_image")
 
 
 def _has_trailing_archive(data: bytes) -> bool:

@@ -51,6 +51,17 @@ class ServiceMetrics:
             registry=r,
         )
         self.store_errors = Counter("lpt_store_errors", "Prompt store operations that failed (unavailable)", registry=r)
+        self.store_corrupt = Counter(
+            "lpt_store_corrupt", "Prompt-set reads whose bytes failed their sha256 check in the store", registry=r
+        )
+        self.batch_failures = Counter(
+            "lpt_batch_failures",
+            "Batches failed with all their requests, by stage (forward, or the loop around it)",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("forward", "loop"):  # exported at 0 from the start, so rates and alerts need no special case
+            self.batch_failures.labels(stage)
         self.device_memory = Gauge(
             "lpt_device_memory_bytes", "Device memory allocated by this process (CUDA)", registry=r
         )

@@ -1,109 +1,60 @@
-"""Device-resident prompt sets: LRU by bytes, pinning, single-flight loads, atomic version swaps.
+"""The prompt-set cache's policy: single-flight loads, version pointers and hot swaps, over a lease table.
 
-Like vLLM's LoRA manager, the cache is a table of resident entries with touch/pin/evict hooks; the
-engine turns the entries of one batch into a ``PromptBank`` and a per-row slot index, and one gather
-inside the forward does the rest. Entries are keyed by (tenant, task, version) and are immutable, so
-a batch always runs the version it started with, whatever swaps happen meanwhile.
+One call hands a request its prompt set: ``async with cache.use(tenant, task, version) as lease``. A hit leases
+the resident entry (``resident.py``); a miss joins the one load of that key in flight, and the load hands a
+lease to every request waiting on it, so no request can lose its set to eviction between load and use. Entries
+are immutable and keyed by version, so a batch always runs the version it started with, whatever swaps happen
+meanwhile.
 
-Concurrency: one lock guards the tables; store reads, decoding and device copies run on a small
-loader pool outside the lock. Concurrent lookups of the same cold key share one load (single-flight).
+Concurrency: one lock guards the version pointers and the flights; store reads, decoding and device copies run
+on a small loader pool outside it. Lock order: this cache's lock, then the table's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from lpt.backbone import BackboneInfo
-from lpt.errors import StoreUnavailable
-from lpt.forward import PromptBank, SharedKV, precompute_shared_kv
-from lpt.prompt_set import PromptSet, ValidationLimits, load_and_validate
-from prompts_store.base import ChangeEvent, PromptStore, StoredVersion
+from lpt.errors import StoreCorrupt, StoreUnavailable
+from lpt.prompt_set import PromptSet, ValidationLimits, decode, load_and_validate
+from prompts_store.base import ChangeEvent, PromptStore, StoredBlob, StoredVersion
+from service.errors import DeadlineExceeded
 from service.metrics import ServiceMetrics
+from service.resident import Lease, ResidentSet, ResidentTable, SetKey, make_resident
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str, int]
 SWAP_RETRY_MAX_S = 5.0  # longest wait between retries of a failed hot swap
+FlightKey = tuple[str, str, int | None]  # (tenant, task, version or None for "the active one")
 
 
 @dataclass(eq=False)
-class ResidentSet:
-    """One immutable prompt-set version on the device (``nbytes`` counts its shared keys/values too)."""
+class _Flight:
+    """One load in progress; every caller that joined it gets one of the leases it resolves to."""
 
-    key: Key
-    info: StoredVersion
-    prompt_set: PromptSet
-    bank: PromptBank
-    nbytes: int
-    pins: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    shared_kv: SharedKV | None = None
+    future: Future[list[Lease]] = field(default_factory=Future)
+    waiters: int = 0
 
-    @property
-    def geometry(self) -> tuple[int, int]:
-        return self.bank.geometry
+    def take(self) -> Lease:
+        return self.future.result().pop()  # list.pop is atomic: each waiter takes a distinct lease
 
+    def abandon(self) -> None:
+        """A waiter gave up: release its lease whenever the load delivers one."""
 
-def to_device(ps: PromptSet, device: torch.device | str, dtype: torch.dtype) -> PromptSet:
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+        def release_one(future: Future[list[Lease]]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                future.result().pop().release()
 
-    return PromptSet(
-        shared_prompt=move(ps.shared_prompt),
-        head_weight=move(ps.head_weight),
-        class_names=ps.class_names,
-        backbone=ps.backbone,
-        backbone_fingerprint=ps.backbone_fingerprint,
-        share_blocks=ps.share_blocks,
-        top_k=ps.top_k,
-        head_scale=ps.head_scale,
-        group_prompts=move(ps.group_prompts),
-        group_keys=move(ps.group_keys),
-        extra=ps.extra,
-    )
-
-
-def single_bank(ps: PromptSet, shared_kv: SharedKV | None = None) -> PromptBank:
-    """A one-slot bank of views over the set's own tensors (and its shared keys/values): no extra device memory."""
-    return PromptBank.from_tensors(
-        ps.shared_prompt, ps.head_weight, ps.share_blocks, ps.group_prompts, ps.group_keys, ps.top_k, ps.head_scale,
-        shared_kv,
-    )  # fmt: skip
-
-
-def make_resident(
-    key: Key,
-    info: StoredVersion,
-    ps: PromptSet,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    model: torch.nn.Module | None = None,
-) -> ResidentSet:
-    """The device copy of a set, its one-slot bank and, given the backbone, its shared keys/values.
-
-    Args:
-        key: (tenant, task, version).
-        info: the stored version's metadata.
-        ps: the validated set (any device).
-        device: where it becomes resident.
-        dtype: resident dtype.
-        model: the backbone the shared keys/values are computed with once here; ``None``: per forward.
-    """
-    moved = to_device(ps, device, dtype)
-    kv = None
-    if model is not None:
-        with torch.inference_mode():
-            kv = precompute_shared_kv(model, moved)
-    nbytes = moved.nbytes + (kv.nbytes if kv is not None else 0)
-    return ResidentSet(key=key, info=info, prompt_set=moved, bank=single_bank(moved, kv), nbytes=nbytes, shared_kv=kv)
+        self.future.add_done_callback(release_one)
 
 
 class PromptCache:
@@ -114,12 +65,12 @@ class PromptCache:
         backbone: what every set is validated against.
         device: where resident tensors live.
         dtype: compute dtype of resident tensors.
-        budget_bytes: LRU evicts unpinned sets beyond this many device bytes.
+        budget_bytes: the table evicts unleased sets beyond this many device bytes.
         metrics: counters and gauges to update.
         limits: prompt-set validation limits.
         loaders: threads for store reads and device copies.
-        model: the backbone; given, every resident set carries its shared-prompt keys/values (counted in the
-            budget) and forwards skip recomputing them.
+        model: the backbone; given, each set's shared-prompt keys/values are computed once as it becomes
+            resident (and counted in the budget) instead of in every forward.
     """
 
     def __init__(
@@ -138,105 +89,127 @@ class PromptCache:
         self.backbone = backbone
         self.device = device
         self.dtype = dtype
-        self.budget_bytes = budget_bytes
         self.metrics = metrics
         self.limits = limits or ValidationLimits()
         self.model = model
+        self.table = ResidentTable(budget_bytes, metrics)
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Key, ResidentSet] = OrderedDict()
-        self._bytes = 0
         self._active: dict[tuple[str, str], int] = {}
         self._wanted: dict[tuple[str, str], int | None] = {}
-        self._inflight: dict[tuple[str, str, int | None], Future] = {}
+        self._inflight: dict[FlightKey, _Flight] = {}
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="lpt-load")
         self._closed = False
 
-    # -- lookups ---------------------------------------------------------------------------------
-    def lookup(self, tenant: str, task: str, version: int | None = None) -> ResidentSet | Future:
-        """A pinned resident entry, or a Future that completes when the (single-flight) load is done.
+    # -- leases ----------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def use(
+        self, tenant: str, task: str, version: int | None = None, deadline: float | None = None
+    ) -> AsyncIterator[Lease]:
+        """A lease on the set (the active version when ``version`` is None), released on exit.
 
-        Call ``release`` once per pin. After the Future completes, call ``lookup`` again.
+        Args:
+            tenant: owner.
+            task: task id.
+            version: a stored version, or None for the active one.
+            deadline: ``time.monotonic()`` by which a load must finish (DeadlineExceeded after it).
         """
+        found = self._lease_or_join(tenant, task, version)
+        if isinstance(found, _Flight):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:  # a failed load raises its own error here, and hands out no leases
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(found.future)), timeout)
+            except TimeoutError as exc:
+                found.abandon()
+                raise DeadlineExceeded("loading the prompt set took longer than the deadline") from exc
+            except asyncio.CancelledError:
+                found.abandon()
+                raise
+            found = self._take(found)
+        with found:
+            yield found
+
+    def acquire(self, tenant: str, task: str, version: int | None = None, timeout: float | None = None) -> Lease:
+        """Blocking form of ``use`` for threads (benchmarks, tests): the caller releases the lease."""
+        found = self._lease_or_join(tenant, task, version)
+        if isinstance(found, Lease):
+            return found
+        try:
+            found.future.result(timeout)
+        except TimeoutError:
+            found.abandon()
+            raise
+        return self._take(found)
+
+    def _take(self, flight: _Flight) -> Lease:
+        """This caller's lease from a finished flight: a set served from the device cache, like a hit."""
+        lease = flight.take()
+        self.metrics.cache_hits.inc()
+        return lease
+
+    def _lease_or_join(self, tenant: str, task: str, version: int | None) -> Lease | _Flight:
+        """A lease on a resident entry, or the (single-flight) load the caller has joined."""
         with self._lock:
-            v = self._active.get((tenant, task)) if version is None else version
-            entry = self._entries.get((tenant, task, v)) if v is not None else None
-            if entry is not None:
-                entry.pins += 1
-                entry.last_used = time.monotonic()
-                self._entries.move_to_end(entry.key)
+            resolved = self._active.get((tenant, task)) if version is None else version
+            lease = None if resolved is None else self.table.lease(SetKey(tenant, task, resolved))
+            if lease is not None:
                 self.metrics.cache_hits.inc()
-                return entry
-            flight = (tenant, task, version)
-            future = self._inflight.get(flight)
-            if future is None:
-                future = Future()
-                self._inflight[flight] = future
-                self.metrics.cache_misses.inc()
-                self._pool.submit(self._load_flight, flight, future)
-            return future
-
-    def acquire(self, tenant: str, task: str, version: int | None = None, attempts: int = 5) -> ResidentSet:
-        """Blocking form of ``lookup`` (for threads and tests)."""
-        for _ in range(attempts):
-            found = self.lookup(tenant, task, version)
-            if isinstance(found, ResidentSet):
-                return found
-            found.result()
-        raise RuntimeError(f"prompt set {tenant}/{task} evicted repeatedly while loading; cache budget too small?")
-
-    def pin(self, entry: ResidentSet, count: int = 1) -> None:
-        with self._lock:
-            entry.pins += count
-
-    def release(self, entry: ResidentSet) -> None:
-        with self._lock:
-            entry.pins -= 1
-            self._evict_locked()
+                return lease
+            key = (tenant, task, version)
+            flight = self._inflight.get(key)
+            if flight is None:
+                flight = self._inflight[key] = _Flight()
+                self.metrics.cache_misses.inc()  # one per store read; each lease it hands out counts a hit
+                self._pool.submit(self._run_flight, key, flight)
+            flight.waiters += 1
+            return flight
 
     # -- loading ---------------------------------------------------------------------------------
-    def _load_flight(self, flight: tuple[str, str, int | None], future: Future) -> None:
-        tenant, task, version = flight
+    def _run_flight(self, key: FlightKey, flight: _Flight) -> None:
+        tenant, task, version = key
         try:
-            entry = self._load(tenant, task, version)
-            with self._lock:
-                if version is None and self._wanted.get((tenant, task), entry.key[2]) == entry.key[2]:
-                    self._active[(tenant, task)] = entry.key[2]
-                    self._wanted[(tenant, task)] = entry.key[2]
-            future.set_result(entry.key)
+            built = self._load(tenant, task, version)
         except BaseException as exc:
-            future.set_exception(exc)
-        finally:
             with self._lock:
-                self._inflight.pop(flight, None)
+                self._inflight.pop(key, None)
+            flight.future.set_exception(exc)
+            return
+        with self._lock:
+            self._inflight.pop(key, None)  # from here on no one joins: the waiter count is final
+            _, leases = self.table.insert(built, leases=flight.waiters)
+            loaded = built.key.version
+            if version is None and self._wanted.get((tenant, task), loaded) == loaded:
+                self._active[(tenant, task)] = loaded
+                self._wanted[(tenant, task)] = loaded
+        flight.future.set_result(leases)
 
     def _load(self, tenant: str, task: str, version: int | None) -> ResidentSet:
+        """Store read, validation and device copy: an entry not yet in the table."""
         started = time.perf_counter()
-        try:
-            blob = self.store.get(tenant, task, version)
-        except StoreUnavailable:
-            self.metrics.store_errors.inc()
-            raise
-        ps = load_and_validate(blob.data, self.backbone, self.limits)
-        entry = self._insert(blob.info, ps)
+        blob = self._get(tenant, task, version)
+        entry = self._make_entry(blob.info, load_and_validate(blob.data, self.backbone, self.limits))
         self.metrics.load_duration.observe(time.perf_counter() - started)
         return entry
 
-    def _insert(self, info: StoredVersion, ps: PromptSet) -> ResidentSet:
-        key = (info.tenant, info.task, info.version)
-        entry = make_resident(key, info, ps, self.device, self.dtype, self.model)
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-                entry.pins = old.pins
-            self._entries[key] = entry
-            self._bytes += entry.nbytes
-            self._evict_locked(keep=key)
-        return entry
+    def _get(self, tenant: str, task: str, version: int | None) -> StoredBlob:
+        try:
+            return self.store.get(tenant, task, version)
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            raise
+        except StoreCorrupt:
+            self.metrics.store_corrupt.inc()
+            raise
+
+    def _make_entry(self, info: StoredVersion, ps: PromptSet) -> ResidentSet:
+        """The device copy of a validated set: the one place a resident entry (and its extras) is built."""
+        return make_resident(info, ps, self.device, self.dtype, self.model)
 
     def install(self, info: StoredVersion, ps: PromptSet) -> ResidentSet:
-        """Make a just-uploaded (already validated) version resident and active on this replica."""
-        entry = self._insert(info, ps)
+        """Make a just-uploaded (already validated) version resident and active on this replica.
+
+        An identical re-upload names a version that may already be resident (and leased): that entry stays.
+        """
+        entry, _ = self.table.insert(self._make_entry(info, ps))
         with self._lock:
             # Versions only grow, so a newer wanted version means a concurrent upload finished first: keep it.
             wanted = self._wanted.get((info.tenant, info.task))
@@ -245,35 +218,20 @@ class PromptCache:
                 self._active[(info.tenant, info.task)] = info.version
         return entry
 
-    # -- eviction --------------------------------------------------------------------------------
-    def _evict_locked(self, keep: Key | None = None) -> None:
-        if self._bytes <= self.budget_bytes:
-            self._update_gauges_locked()
-            return
-        for key in list(self._entries):  # oldest first
-            if self._bytes <= self.budget_bytes:
-                break
-            entry = self._entries[key]
-            if entry.pins > 0 or key == keep:
-                continue
-            del self._entries[key]
-            self._bytes -= entry.nbytes
-            self.metrics.cache_evictions.inc()
-        self._update_gauges_locked()
-
-    def _update_gauges_locked(self) -> None:
-        self.metrics.cache_resident.set(len(self._entries))
-        self.metrics.cache_bytes.set(self._bytes)
+    def class_names(self, tenant: str, task: str, version: int) -> list[str]:
+        """A version's class names: from its resident entry, else parsed from the store's bytes on the CPU
+        (a metadata read never makes a set resident)."""
+        entry = self.table.peek(SetKey(tenant, task, version))
+        if entry is not None:
+            return list(entry.prompt_set.class_names)
+        return list(decode(self._get(tenant, task, version).data).class_names)
 
     def drop_task(self, tenant: str, task: str) -> None:
-        """Forget a deleted task: unpinned versions go now, pinned ones as soon as their batch ends."""
+        """Forget a deleted task: its versions leave the table now, leased ones free once their batch ends."""
         with self._lock:
             self._active.pop((tenant, task), None)
             self._wanted.pop((tenant, task), None)
-            for key in [k for k in self._entries if k[0] == tenant and k[1] == task]:
-                entry = self._entries.pop(key)
-                self._bytes -= entry.nbytes
-            self._update_gauges_locked()
+            self.table.discard_task(tenant, task)
 
     # -- hot swap --------------------------------------------------------------------------------
     def on_change(self, event: ChangeEvent) -> None:
@@ -304,10 +262,8 @@ class PromptCache:
 
     def _swap(self, tenant: str, task: str, version: int, attempt: int = 0) -> None:
         try:
-            with self._lock:
-                resident = (tenant, task, version) in self._entries
-            if not resident:
-                self._load(tenant, task, version)
+            if SetKey(tenant, task, version) not in self.table:
+                self.table.insert(self._load(tenant, task, version))
         except Exception as exc:
             if attempt == 0:
                 log.warning(
@@ -346,10 +302,10 @@ class PromptCache:
 
     @property
     def resident_bytes(self) -> int:
-        return self._bytes
+        return self.table.nbytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.table)
 
     def close(self) -> None:
         with self._lock:

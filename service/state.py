@@ -15,12 +15,13 @@ from lpt.errors import StoreUnavailable
 from lpt.prompt_set import ValidationLimits
 from prompts_store.base import PromptStore, Subscription
 from service.auth import Authenticator
-from service.batcher import FairQueue
-from service.engine import Engine, EngineWorker
+from service.engine import Engine
 from service.images import ImageDecoder
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
+from service.queue import FairQueue
 from service.settings import ServiceConfig
+from service.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lpt.backbone import Backbone, load_backbone
 from tests.redis_server import RedisServer
 
 _NO_REDIS = "redis-server is not installed (apt-get install redis-server); CI installs it"
@@ -14,6 +15,15 @@ _NO_REDIS = "redis-server is not installed (apt-get install redis-server); CI in
 def _require_redis() -> None:
     if not RedisServer.available():
         pytest.skip(_NO_REDIS)
+
+
+@pytest.fixture(scope="session")
+def backbone() -> Backbone:
+    """The suite's one frozen backbone: test_vit at 32 px (depth 6, width 64), random:0 weights; read-only.
+
+    A test that hooks or moves the model builds its own instance instead, so nothing leaks into other tests.
+    """
+    return load_backbone("test_vit", "random:0", img_size=32)
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ async def read_capped(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError as exc:
-            raise BadRequest("bad_request", "Content-Length is not an integer", "content-length") from exc
+            raise BadRequest("Content-Length is not an integer", "content-length") from exc
         if size > limit:
-            raise TooLarge("too_large", f"body of {size} bytes exceeds the limit of {limit}", "body")
+            raise TooLarge(message=f"body of {size} bytes exceeds the limit of {limit}", field="body")
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise TooLarge("too_large", f"body exceeds the limit of {limit} bytes", "body")
+            raise TooLarge(message=f"body exceeds the limit of {limit} bytes", field="body")
         chunks.append(chunk)
     body = b"".join(chunks)
     # Starlette serves a cached body to request.form(); set it so multipart parsing reads these bytes.
@@ -41,7 +41,8 @@ async def multipart_files(request: Request, name: str, limit: int) -> list[bytes
     try:
         form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=limit)
     except Exception as exc:  # MultiPartException / HTTPException(400) from Starlette's parser
-        raise BadRequest("bad_multipart", f"malformed multipart body: {getattr(exc, 'detail', exc)}", "body") from exc
+        detail = getattr(exc, "detail", exc)
+        raise BadRequest(f"malformed multipart body: {detail}", "body", code="bad_multipart") from exc
     try:
         parts = []
         for value in form.getlist(name):
@@ -52,5 +53,5 @@ async def multipart_files(request: Request, name: str, limit: int) -> list[bytes
     finally:
         await form.close()
     if not parts:
-        raise BadRequest("bad_multipart", f"multipart body has no {name!r} part", name)
+        raise BadRequest(f"multipart body has no {name!r} part", name, code="bad_multipart")
     return parts

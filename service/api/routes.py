@@ -4,55 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Future
 
+import torch
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from lpt.errors import InvalidTaskId, LptError, NotFound, PromptSetInvalid, StoreUnavailable, TooLarge
+from lpt.errors import LptError, NotFound, TooLarge
 from lpt.ids import check_task_id
 from lpt.prompt_set import FORMAT, load_and_validate
+from prompts_store.base import StoredVersion
 from service.api import schemas
 from service.api.body import MAX_PARTS, is_multipart, multipart_files, read_capped
-from service.batcher import WorkItem
-from service.errors import (
-    BadImage,
-    BadRequest,
-    BatchFailed,
-    DeadlineExceeded,
-    QueueFull,
-    ShuttingDown,
-    Unauthorized,
-)
+from service.errors import RETRY_AFTER_S, DeadlineExceeded, ShuttingDown, http_status
 from service.images import check_content_type
-from service.prompt_cache import ResidentSet
+from service.queue import RowResult, WorkItem
+from service.resident import ResidentSet
 from service.state import ServiceState
 
 router = APIRouter()
 
-STATUS: dict[type[LptError], int] = {
-    Unauthorized: 401,
-    NotFound: 404,
-    InvalidTaskId: 422,
-    PromptSetInvalid: 422,
-    TooLarge: 413,
-    BadRequest: 400,
-    QueueFull: 429,
-    StoreUnavailable: 503,
-    ShuttingDown: 503,
-    DeadlineExceeded: 504,
-    BatchFailed: 500,
-}
-RETRY_AFTER = {429: "1", 503: "2"}
 ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
 def error_response(exc: LptError) -> JSONResponse:
-    status = (
-        exc.status if isinstance(exc, BadImage) else next((s for cls, s in STATUS.items() if isinstance(exc, cls)), 500)
-    )
-    headers = {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else None
+    status = http_status(exc)
+    headers = {"Retry-After": RETRY_AFTER_S[status]} if status in RETRY_AFTER_S else None
     return JSONResponse({"error": exc.to_dict()}, status_code=status, headers=headers)
 
 
@@ -152,26 +129,30 @@ async def backbone(request: Request) -> dict:
     "/v1/prompts",
     status_code=201,
     response_model=schemas.PromptSetUploaded,
-    responses=ERRORS,
+    responses={**ERRORS, 200: {"model": schemas.PromptSetUploaded, "description": "identical to the active version"}},
     openapi_extra=UPLOAD_BODY,
     tags=["prompts"],
 )
 async def upload_prompt_set(
-    request: Request, tenant: str = Depends(tenant_of), task: str = Depends(task_param)
+    request: Request, response: Response, tenant: str = Depends(tenant_of), task: str = Depends(task_param)
 ) -> dict:
+    """201 with a new active version; 200 with the active version when the bytes equal it (nothing changes)."""
     state = state_of(request)
     limit = state.config.max_prompt_bytes
     body = await read_capped(request, limit + 64 * 1024)
     data = (await multipart_files(request, "file", limit))[0] if is_multipart(request) else body
     if len(data) > limit:
-        raise TooLarge("too_large", f"prompt set of {len(data)} bytes exceeds the limit of {limit}", "body")
+        raise TooLarge(message=f"prompt set of {len(data)} bytes exceeds the limit of {limit}", field="body")
     ps = await run_in_threadpool(load_and_validate, data, state.backbone.info, state.limits)
     meta = {"num_classes": str(ps.num_classes), "num_params": str(ps.num_params)}
     stored = await run_in_threadpool(state.store_call, state.store.put, tenant, task, data, meta)
     await run_in_threadpool(state.cache.install, stored, ps)
+    if not stored.new:
+        response.status_code = 200
     return {
         "task": task,
         "version": stored.version,
+        "new_version": stored.new,
         "sha256": stored.sha256,
         "size": stored.size,
         "created": stored.created,
@@ -218,27 +199,11 @@ async def show_prompt_set(request: Request, tenant: str = Depends(tenant_of), ta
         return {
             "task": task,
             "active_version": active.version,
-            "versions": [
-                {
-                    "version": v.version,
-                    "sha256": v.sha256,
-                    "size": v.size,
-                    "created": v.created,
-                    "active": v.version == active.version,
-                    "num_classes": _int_or_none(v.meta.get("num_classes")),
-                    "num_params": _int_or_none(v.meta.get("num_params")),
-                }
-                for v in versions
-            ],
+            "class_names": state.cache.class_names(tenant, task, active.version),  # metadata: nothing made resident
+            "versions": [_version_info(v, active=v.version == active.version) for v in versions],
         }
 
-    out = await run_in_threadpool(detail)
-    entry = await acquire(state, tenant, task, out["active_version"], time.monotonic() + state.config.request_timeout)
-    try:
-        out["class_names"] = list(entry.prompt_set.class_names)
-    finally:
-        state.cache.release(entry)
-    return out
+    return await run_in_threadpool(detail)
 
 
 @router.post("/v1/prompts/{task}/activate", response_model=schemas.VersionInfo, responses=ERRORS, tags=["prompts"])
@@ -251,13 +216,19 @@ async def activate_version(
     state = state_of(request)
     info = await run_in_threadpool(state.store_call, state.store.activate, tenant, task, version)
     await run_in_threadpool(state.cache.activate, tenant, task, info.version)
+    return _version_info(info, active=True)
+
+
+def _version_info(info: StoredVersion, active: bool) -> dict:
+    """One version as ``show`` and ``activate`` answer it (``schemas.VersionInfo``)."""
     return {
         "version": info.version,
         "sha256": info.sha256,
         "size": info.size,
         "created": info.created,
-        "active": True,
+        "active": active,
         "num_classes": _int_or_none(info.meta.get("num_classes")),
+        "num_params": _int_or_none(info.meta.get("num_params")),
     }
 
 
@@ -286,7 +257,7 @@ async def classify(
 ) -> dict:
     state = state_of(request)
     if state.draining:
-        raise ShuttingDown("shutting_down", "the service is shutting down")
+        raise ShuttingDown("the service is shutting down")
     deadline = time.monotonic() + state.config.request_timeout
     state.queue.check_room(tenant)  # an overloaded service says 429 before reading or decoding anything
     multipart = is_multipart(request)
@@ -295,54 +266,29 @@ async def classify(
     limit = state.config.max_image_bytes
     body = await read_capped(request, limit * 8 + 64 * 1024 if multipart else limit)
     blobs = await multipart_files(request, "image", limit) if multipart else [body]
-    entry = await acquire(state, tenant, task, version, deadline)
-    try:
+    async with state.cache.use(tenant, task, version, deadline) as lease:
         images = await run_in_threadpool(state.decoder.decode_all, blobs)
-        items = [WorkItem(tenant=tenant, image=img, payload=entry, deadline=deadline) for img in images]
-        state.cache.pin(entry, len(items))
-        for item in items:  # each row holds a pin until its future settles, whatever way it settles
-            item.future.add_done_callback(lambda _f: state.cache.release(entry))
-        try:
-            state.queue.put_many(items)
-        except LptError:
-            for item in items:
-                item.future.cancel()
-            raise
-    finally:
-        state.cache.release(entry)
+        # Each row holds its own lease until its future settles, however it settles (the queue's business).
+        items = [WorkItem(tenant=tenant, image=img, lease=lease.share(), deadline=deadline) for img in images]
+        state.queue.put_many(items)
+        results = await _results(items, deadline)
+    preds = [_predictions(r.probs, r.entry, top_k) for r in results]
+    if multipart:
+        return {"task": task, "version": lease.key.version, "results": [{"predictions": p} for p in preds]}
+    return {"task": task, "version": lease.key.version, "predictions": preds[0]}
+
+
+async def _results(items: list[WorkItem], deadline: float) -> list[RowResult]:
     try:
-        results = await asyncio.wait_for(
+        return await asyncio.wait_for(
             asyncio.gather(*(asyncio.wrap_future(i.future) for i in items)),
             timeout=max(0.0, deadline - time.monotonic()),
         )
     except TimeoutError as exc:
-        raise DeadlineExceeded("deadline_exceeded", "the request did not finish within its deadline") from exc
-    preds = [_predictions(r.probs, r.entry, top_k) for r in results]
-    if multipart:
-        return {"task": task, "version": entry.key[2], "results": [{"predictions": p} for p in preds]}
-    return {"task": task, "version": entry.key[2], "predictions": preds[0]}
+        raise DeadlineExceeded("the request did not finish within its deadline") from exc
 
 
-async def acquire(state: ServiceState, tenant: str, task: str, version: int | None, deadline: float) -> ResidentSet:
-    """A pinned resident prompt set, waiting (without blocking the loop) on a single-flight load."""
-    for _ in range(5):
-        found = state.cache.lookup(tenant, task, version)
-        if isinstance(found, ResidentSet):
-            return found
-        await _wait_load(found, deadline)
-    raise StoreUnavailable("store_unavailable", "prompt set kept being evicted while loading; cache too small")
-
-
-async def _wait_load(future: Future, deadline: float) -> None:
-    try:
-        await asyncio.wait_for(
-            asyncio.shield(asyncio.wrap_future(future)), timeout=max(0.0, deadline - time.monotonic())
-        )
-    except TimeoutError as exc:
-        raise DeadlineExceeded("deadline_exceeded", "loading the prompt set took longer than the deadline") from exc
-
-
-def _predictions(probs, entry: ResidentSet, top_k: int) -> list[dict]:
+def _predictions(probs: torch.Tensor, entry: ResidentSet, top_k: int) -> list[dict]:
     k = min(top_k, probs.shape[0])
     scores, idx = probs.topk(k)
     names = entry.prompt_set.class_names

@@ -50,6 +50,7 @@ class VersionInfo(BaseModel):
 class PromptSetUploaded(BaseModel):
     task: str
     version: int
+    new_version: bool = Field(description="false when the bytes equal the active version (answered 200, not 201)")
     sha256: str
     size: int
     created: float

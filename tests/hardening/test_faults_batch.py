@@ -1,9 +1,11 @@
-"""Issue 8.6: an exception inside a batch, for the cases the single-image test in
+"""An exception inside a batch, for the cases the single-image test in
 tests/integration/test_service_backpressure.py does not reach: a multi-image request whose rows are split over a
-failing batch and a succeeding one, and a failure that repeats for several batches. Every such request answers
-5xx (never a partial result), nothing hangs, no pin leaks, and the next batch works.
+failing batch and a succeeding one, a failure that repeats for several batches, and a failure in the batch loop
+outside the forward. Every such request answers 5xx (never a partial result), nothing hangs, no lease leaks, and
+the next batch works.
 
-The fault is real: a forward hook on the backbone's patch embedding raises inside the engine's forward pass.
+The forward fault is real: a forward hook on the backbone's patch embedding raises inside the engine's forward
+pass. The loop fault raises in the worker's own bookkeeping after a successful forward.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 from PIL import Image
 
 from lpt.backbone import load_backbone
-from tests.hardening.conftest import error_code, make_config, prompt_bytes, serve
+from tests.service_harness import error_code, make_config, open_leases, parse_metrics, prompt_bytes, serve_in_thread
 
 
 class FailingForward:
@@ -55,21 +57,21 @@ def multipart(n: int) -> dict:
     return {"files": [("image", (f"{i}.png", image(i), "image/png")) for i in range(n)]}
 
 
-def assert_no_pins(served, within_s: float = 5.0) -> None:
-    """Every resident set is unpinned (waiting, bounded, for rows still settling in the worker)."""
+def assert_no_leases(served, within_s: float = 5.0) -> None:
+    """Every resident set is unleased (waiting, bounded, for rows still settling in the worker)."""
     deadline = time.monotonic() + within_s
     while True:
-        entries = list(served.state.cache._entries.values())
-        if entries and all(e.pins == 0 for e in entries):
+        leases = open_leases(served.state)
+        if leases and all(n == 0 for n in leases.values()):
             return
-        assert time.monotonic() < deadline, [(e.key, e.pins) for e in entries]
+        assert time.monotonic() < deadline, leases
         time.sleep(0.01)
 
 
 def test_multi_image_request_split_over_a_failing_and_a_good_batch(own_backbone, tmp_path):
     # Batches of 2 rows: a 4-image request spans two forwards; only the first fails.
     config = make_config(tmp_path, max_batch_size=2, max_wait_ms=50.0, request_timeout=20.0)
-    with serve(config, own_backbone) as s:
+    with serve_in_thread(config, own_backbone) as s:
         assert s.post("/v1/prompts?task=t", content=prompt_bytes(own_backbone.info)).status_code == 201
         fault = FailingForward(own_backbone.model)
         try:
@@ -82,7 +84,7 @@ def test_multi_image_request_split_over_a_failing_and_a_good_batch(own_backbone,
             while fault.calls < 2:  # ...the other half still runs (the answer did not wait for it)
                 assert time.monotonic() < deadline, "the second batch never ran"
                 time.sleep(0.01)
-            assert_no_pins(s)  # and its pins were released when it settled
+            assert_no_leases(s)  # and its pins were released when it settled
             ok = s.post("/v1/classify?task=t", **multipart(4))
             assert ok.status_code == 200 and len(ok.json()["results"]) == 4
         finally:
@@ -91,7 +93,7 @@ def test_multi_image_request_split_over_a_failing_and_a_good_batch(own_backbone,
 
 def test_repeated_batch_failures_fail_every_request_and_recover(own_backbone, tmp_path):
     config = make_config(tmp_path, max_batch_size=4, max_wait_ms=20.0, request_timeout=20.0)
-    with serve(config, own_backbone) as s:
+    with serve_in_thread(config, own_backbone) as s:
         for task in ("a", "b"):
             assert s.post(f"/v1/prompts?task={task}", content=prompt_bytes(own_backbone.info)).status_code == 201
         fault = FailingForward(own_backbone.model)
@@ -108,10 +110,50 @@ def test_repeated_batch_failures_fail_every_request_and_recover(own_backbone, tm
             assert {error_code(r) for r in responses} == {"batch_failed"}
             assert fault.rows_failed == 15  # every row ran in some failed batch; none was dropped
             assert s.state.worker.alive and s.get("/healthz").status_code == 200
-            assert_no_pins(s)
+            failures = parse_metrics(s.get("/metrics").text)
+            assert failures['lpt_batch_failures_total{stage="forward"}'] >= 4  # each failed batch logged and counted
+            assert_no_leases(s)
             fault.armed.clear()
             responses = s.gather(calls)
             assert [r.status_code for r in responses] == [200] * len(calls)
-            assert_no_pins(s)
+            assert_no_leases(s)
         finally:
             fault.handle.remove()
+
+
+class RaisesOnce:
+    """Wraps a metric: its first ``observe`` raises (a bug in the loop's bookkeeping), later ones pass through."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.raised = threading.Event()
+
+    def observe(self, value: float) -> None:
+        if not self.raised.is_set():
+            self.raised.set()
+            raise RuntimeError("injected failure in the batch loop, outside the forward")
+        self.real.observe(value)
+
+
+def test_a_failure_in_the_loop_outside_the_forward_fails_only_that_batch(backbone, tmp_path):
+    config = make_config(tmp_path, max_batch_size=1, max_wait_ms=1.0, request_timeout=20.0)
+    with serve_in_thread(config, backbone) as s:
+        assert s.post("/v1/prompts?task=t", content=prompt_bytes(backbone.info)).status_code == 201
+        worker = s.state.worker
+        real = worker.metrics.batch_tasks
+        worker.metrics.batch_tasks = RaisesOnce(real)  # runs after the forward, before any future is settled
+        try:
+            call = ("POST", "/v1/classify?task=t", {"content": image(1), "headers": {"content-type": "image/png"}})
+            responses = s.gather([call, call, call])  # batches of one: three batches, the first one fails
+            assert sorted(r.status_code for r in responses) == [200, 200, 500], [r.text for r in responses]
+            failed = next(r for r in responses if r.status_code == 500)
+            assert error_code(failed) == "batch_failed" and "Retry-After" not in failed.headers
+            assert worker.alive and s.get("/healthz").status_code == 200
+            r = s.post("/v1/classify?task=t", content=image(2), headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            metrics = parse_metrics(s.get("/metrics").text)
+            assert metrics['lpt_batch_failures_total{stage="loop"}'] == 1
+            assert metrics['lpt_batch_failures_total{stage="forward"}'] == 0
+            assert_no_leases(s)
+        finally:
+            worker.metrics.batch_tasks = real

@@ -1,4 +1,4 @@
-"""Issue 8.6: Redis faults under a running service (a real redis-server with a password, AOF on).
+"""Redis faults under a running service (a real redis-server with a password, AOF on).
 
 For each fault (kill -9, SIGSTOP, CLIENT PAUSE): classify of cached tasks keeps answering 200; uploads answer 503
 with Retry-After within the configured store timeout (plus a small scheduling margin); /readyz reports the store
@@ -16,8 +16,8 @@ import time
 import pytest
 
 from prompts_store import open_store
-from tests.hardening.conftest import error_code, make_config, png_bytes, prompt_bytes, serve
 from tests.redis_server import RedisServer
+from tests.service_harness import error_code, make_config, png_bytes, prompt_bytes, serve_in_thread
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 
@@ -100,7 +100,7 @@ def test_redis_fault_keeps_cached_tasks_serving_and_fails_uploads_fast(backbone,
     inject, heal = FAULTS[fault]
     config = make_config(tmp_path, store=redis_pw.url, store_timeout=STORE_TIMEOUT, reconcile_s=0.5)
     info = backbone.info
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         for task, seed in (("hot", 1), ("warm", 2)):
             upload_healthy(s, task, prompt_bytes(info, seed=seed))
             assert classify(s, task).status_code == 200
@@ -144,7 +144,7 @@ def test_redis_fault_keeps_cached_tasks_serving_and_fails_uploads_fast(backbone,
 
 def test_cold_replica_with_redis_down_is_not_ready(backbone, tmp_path, redis_pw):
     config = make_config(tmp_path, store=redis_pw.url, store_timeout=STORE_TIMEOUT)
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         assert readyz(s)[0] == 200
         redis_pw.pause()
         try:
@@ -167,7 +167,7 @@ def test_no_acknowledged_upload_is_lost_when_redis_is_killed(backbone, tmp_path,
     stop = threading.Event()
     errors: list[BaseException] = []
 
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
 
         def uploader() -> None:
             i = 0

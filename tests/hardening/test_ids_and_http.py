@@ -1,4 +1,4 @@
-"""Issue 8.3: hostile identifiers, oversize bodies and malformed multipart, through the real app.
+"""Hostile identifiers, oversize bodies and malformed multipart, through the real app.
 
 Bad task ids answer 422 (query and path forms) and touch nothing; oversize bodies answer 413 without the body
 being read; many parts, huge part headers and malformed Content-Types answer 4xx quickly. Installed versions
@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.hardening.conftest import error_code, make_config, png_bytes, prompt_bytes, serve
+from tests.service_harness import error_code, make_config, png_bytes, prompt_bytes, serve_in_thread
 
 IMAGE_LIMIT = 256 * 1024
 PROMPT_LIMIT = 512 * 1024
@@ -55,7 +55,7 @@ def served(backbone, tmp_path_factory):
     config = make_config(
         tmp_path_factory.mktemp("http"), demo=True, max_image_bytes=IMAGE_LIMIT, max_prompt_bytes=PROMPT_LIMIT
     )
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         yield s
 
 

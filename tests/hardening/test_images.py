@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.hardening.conftest import error_code, jpeg_bytes, make_config, png_bytes, serve
+from tests.service_harness import error_code, jpeg_bytes, make_config, png_bytes, serve_in_thread
 
 TASK = "demo"
 URL = f"/v1/classify?task={TASK}&top_k=3"
@@ -23,7 +23,7 @@ QUICK_S = 2.0  # "quickly": a generous bound, far above the few ms these rejecti
 @pytest.fixture(scope="module")
 def served(backbone, tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("images"), demo=True)
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         yield s
 
 

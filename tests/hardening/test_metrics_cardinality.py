@@ -1,11 +1,11 @@
-"""Issue 8.8: the number of series in /metrics does not grow with the number of tasks (1 -> 1,000)."""
+"""The number of series in /metrics does not grow with the number of tasks (1 -> 1,000)."""
 
 from __future__ import annotations
 
 import re
 
 from lpt.prompt_set import encode
-from tests.hardening.conftest import make_config, png_bytes, prompt_set, serve
+from tests.service_harness import make_config, make_set, png_bytes, serve_in_thread
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s")
 
@@ -32,10 +32,10 @@ def traffic(served, tasks: list[str]) -> set[str]:
 
 
 def test_series_do_not_grow_with_tasks(backbone, tmp_path):
-    data = encode(prompt_set(backbone.info, classes=2, pool=0))
+    data = encode(make_set(backbone.info, classes=2, pool=0))
     # A small cache budget so the second round also evicts: eviction counters must not be per task either.
     config = make_config(tmp_path, cache_bytes=len(data) * 8)
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         store = s.state.store
         store.put("default", "task-0", data)
         one = traffic(s, ["task-0"])

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from service.demo import DEMO_CLASSES
-from tests.hardening.conftest import make_config, serve
 from tests.photos import encode, photo, sideways
+from tests.service_harness import make_config
+from tests.service_harness import serve_in_thread as serve
 from trainer.data import image_folder
 
 URL = f"/v1/classify?task=demo&top_k={len(DEMO_CLASSES)}"

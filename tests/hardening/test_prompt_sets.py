@@ -17,7 +17,7 @@ import torch
 
 from lpt.backbone import describe_mismatch, load_backbone, mismatched_field
 from lpt.prompt_set import encode
-from tests.hardening.conftest import error_code, jpeg_bytes, make_config, prompt_bytes, prompt_set, serve
+from tests.service_harness import error_code, jpeg_bytes, make_config, make_set, prompt_bytes, serve_in_thread
 
 KEEP = "keep"  # a task that exists: uploads over it must not change it
 FRESH = "fresh"  # a task that does not exist: a failed upload must not create it
@@ -26,7 +26,7 @@ FRESH = "fresh"  # a task that does not exist: a failed upload must not create i
 @pytest.fixture(scope="module")
 def served(backbone, tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("prompts"))
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         r = s.post(f"/v1/prompts?task={KEEP}", content=prompt_bytes(backbone.info, seed=1))
         assert r.status_code == 201, r.text
         yield s
@@ -70,7 +70,7 @@ def with_header(header: dict, payload: bytes = b"") -> bytes:
 
 @pytest.fixture
 def good(backbone):
-    return prompt_set(backbone.info, seed=7)
+    return make_set(backbone.info, seed=7)
 
 
 # -- not safetensors at all ---------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_missing_metadata(served, good, drop):
 
 
 def test_ten_thousand_class_names(served, backbone):
-    ps = prompt_set(backbone.info, classes=10_000)
+    ps = make_set(backbone.info, classes=10_000)
     upload_rejected(served, encode(ps), "too_many_classes")
 
 

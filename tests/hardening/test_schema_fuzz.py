@@ -1,4 +1,4 @@
-"""Issue 8.4: schemathesis against the OpenAPI schema the app serves, through the real app (ASGI, lifespan on).
+"""Schemathesis against the OpenAPI schema the app serves, through the real app (ASGI, lifespan on).
 
 No response is a 5xx and every response conforms to the schema (status code, content type, headers, body).
 Bounded: a few examples per operation, no deadline, so the whole run stays well under a minute.
@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.hardening.conftest import make_config, serve
+from tests.service_harness import make_config, serve_in_thread
 
 MAX_EXAMPLES = 30
 BINARY_BODIES = {("POST", "/v1/prompts"), ("POST", "/v1/classify")}
@@ -30,7 +30,7 @@ CONTENT_ERRORS = {
 @pytest.fixture(scope="module")
 def served(backbone, tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("fuzz"), demo=True, max_image_bytes=64 * 1024)
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         yield s
 
 

@@ -1,4 +1,4 @@
-"""Issue 8.3 and 8.6 against a real ``lpt-serve`` process on loopback (uvicorn, real sockets).
+"""Hostile HTTP and faults against a real ``lpt-serve`` process on loopback (uvicorn, real sockets).
 
 - A declared multi-gigabyte body is answered 413 before it is sent (the client has sent 64 KB of it).
 - SIGTERM during keyed traffic: requests in flight complete with 200; a keep-alive connection opened before the
@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hardening.conftest import KEYS, auth
 from tests.redis_server import free_port
+from tests.service_harness import KEYS, auth
 
 pytestmark = pytest.mark.timeout(180)
 

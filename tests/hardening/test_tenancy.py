@@ -1,4 +1,4 @@
-"""Issue 8.5: two tenants. Every endpoint tried across tenants answers exactly as for a task that does not exist
+"""Two tenants. Every endpoint tried across tenants answers exactly as for a task that does not exist
 (404) and changes nothing of the owner's; missing or wrong keys answer 401; secrets never reach logs, metrics or
 error bodies."""
 
@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from tests.hardening.conftest import KEYS, auth, error_code, make_config, png_bytes, prompt_bytes, serve
+from tests.service_harness import KEYS, auth, error_code, make_config, png_bytes, prompt_bytes, serve_in_thread
 
 ALPHA_ONLY = "alpha-only"
 SHARED = "shared-name"  # both tenants have a task with this id: each must see only its own
@@ -18,10 +18,11 @@ NEVER = "never-existed"
 @pytest.fixture(scope="module")
 def served(backbone, tmp_path_factory):
     config = make_config(tmp_path_factory.mktemp("tenancy"), api_keys=dict(KEYS))
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         info = backbone.info
         for tenant, task, seed in [("alpha", ALPHA_ONLY, 1), ("alpha", ALPHA_ONLY, 2), ("alpha", SHARED, 3)]:
-            r = s.post(f"/v1/prompts?task={task}", content=prompt_bytes(info, seed=seed), headers=auth(tenant))
+            data = prompt_bytes(info, classes=3, seed=seed)
+            r = s.post(f"/v1/prompts?task={task}", content=data, headers=auth(tenant))
             assert r.status_code == 201, r.text
         r = s.post(f"/v1/prompts?task={SHARED}", content=prompt_bytes(info, classes=5, seed=4), headers=auth("beta"))
         assert r.status_code == 201, r.text
@@ -148,7 +149,7 @@ def test_secrets_never_reach_logs_or_metrics(backbone, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     config = make_config(tmp_path, api_keys=dict(KEYS), demo=True)
     wrong = "Bearer not-a-key-but-maybe-someone-elses-real-key"
-    with serve(config, backbone) as s:
+    with serve_in_thread(config, backbone) as s:
         image = {"content": png_bytes(), "headers": {"content-type": "image/png"}}
         for headers in (auth("alpha"), auth("beta"), {"Authorization": wrong}, {}):
             s.post("/v1/classify?task=demo", **{**image, "headers": {**image["headers"], **headers}})

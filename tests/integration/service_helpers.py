@@ -1,107 +1,29 @@
-"""Helpers for the service acceptance tests (issue 4): the real app with its lifespan, prompt sets, images,
-single-task references and a metrics reader. Fixtures live in ``conftest.py`` next to this file."""
+"""What only the service integration tests need on top of ``tests.service_harness``: single-task references,
+HTTP shorthands, and instrumentation of the real store and engine (proxies over the real parts, not mocks)."""
 
 from __future__ import annotations
 
 import io
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
-import numpy as np
 import torch
-from fastapi import FastAPI
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from lpt.backbone import Backbone, BackboneInfo
+from lpt.backbone import Backbone
 from lpt.forward import PromptBank, prompted_forward
-from lpt.init import init_prompt_set
-from lpt.prompt_set import PromptSet, decode, encode
+from lpt.prompt_set import PromptSet
 from prompts_store.base import PromptStore
-from service.app import create_app
 from service.images import to_rgb
-from service.settings import ServiceConfig
 from service.state import ServiceState
+from tests.service_harness import auth
 
-KEYS = {"acme": "acme-secret-0123456789", "globex": "globex-secret-9876543210"}
-L, S = 2, 3  # test_vit at 32 px: depth 6, width 64; every set shares this geometry (one forward per batch)
 SCORE_ATOL = 1e-5
 
 
-def auth(tenant: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[tenant]}"}
-
-
-def make_config(tmp_path: Path, **overrides: Any) -> ServiceConfig:
-    base = ServiceConfig(
-        store=str(tmp_path / "store"),
-        data_dir=tmp_path,
-        backbone="test_vit",
-        backbone_weights="random:0",
-        img_size=32,
-        device="cpu",
-        dtype="float32",
-        max_wait_ms=2.0,
-        reconcile_s=0.5,
-        replica_id="it",
-    )
-    return replace(base, **overrides)
-
-
-@asynccontextmanager
-async def serve(
-    config: ServiceConfig, backbone: Backbone, store: PromptStore | None = None
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The real app (``create_app``) with its lifespan entered, and an httpx client on its ASGI transport."""
-    app = create_app(config, backbone=backbone, store=store)
-    with anyio.fail_after(60):
-        cm = app.router.lifespan_context(app)
-        await cm.__aenter__()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30.0) as client:
-            yield app, client
-    finally:
-        with anyio.fail_after(60):
-            await cm.__aexit__(None, None, None)
-
-
-def state_of(app: FastAPI) -> ServiceState:
-    return app.state.lpt
-
-
-# -- prompt sets, images, references ----------------------------------------------------------------------------
-def make_set(info: BackboneInfo, classes: int = 4, pool: int = 3, seed: int = 0, top_k: int = 2) -> PromptSet:
-    """A set of the common geometry; prompts scaled up so a wrong prompt visibly moves the scores."""
-    ps = init_prompt_set(
-        info, [f"c{i}" for i in range(classes)], prompt_length=L, pool_size=pool, share_blocks=S, top_k=top_k, seed=seed
-    )
-    ps.shared_prompt = ps.shared_prompt * 20
-    if ps.group_prompts is not None:
-        ps.group_prompts = ps.group_prompts * 20
-    return ps
-
-
-def set_bytes(info: BackboneInfo, **kw: Any) -> tuple[PromptSet, bytes]:
-    """The encoded set and its decoded twin (what the service runs), for references."""
-    data = encode(make_set(info, **kw))
-    return decode(data), data
-
-
-def image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
-    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, "PNG")
-    return buf.getvalue()
-
-
+# -- references ---------------------------------------------------------------------------------------------------
 def reference_probs(backbone: Backbone, ps: PromptSet, data: bytes) -> torch.Tensor:
     """The single-task forward of one image on the same preprocessing: softmax of the logits, ``[C]``."""
     x = backbone.eval_transform(to_rgb(Image.open(io.BytesIO(data)))).unsqueeze(0)
@@ -147,34 +69,6 @@ async def classify(
     return await client.post("/v1/classify", params=params, content=image, headers=headers)
 
 
-def error_code(response: httpx.Response) -> str:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert isinstance(body["error"].get("message"), str), body
-    return body["error"]["code"]
-
-
-async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
-    """Every sample of /metrics, keyed by ``name{label="v",...}`` (labels sorted), plus plain names."""
-    r = await client.get("/metrics")
-    assert r.status_code == 200, r.text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> None:
-    """Poll a sync predicate (on the event loop) until true or ``timeout`` seconds pass."""
-    with anyio.move_on_after(timeout):
-        while not predicate():
-            await anyio.sleep(interval)
-        return
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 # -- store and engine instrumentation -------------------------------------------------------------------------------
 class CountingStore:
     """A real store with its reads counted (a proxy, not a mock: every call reaches the backend)."""
@@ -215,7 +109,7 @@ class GatedInfer:
 
     def __call__(self, images: torch.Tensor, entries: list) -> list[torch.Tensor]:
         self.calls += 1
-        self.batches.append([entry.key[0] for entry in entries])
+        self.batches.append([entry.key.tenant for entry in entries])
         self.entered.set()
         self.release.wait(self.wait_s)
         if self.fail_next:

@@ -7,25 +7,31 @@ from __future__ import annotations
 import anyio
 import httpx
 import pytest
+import torch
 
 from lpt.forward import precompute_shared_kv
 from prompts_store import open_store
+from prompts_store.base import StoredVersion
 from service.app import create_app
+from service.resident import make_resident
 from tests.integration.service_helpers import (
-    KEYS,
     CountingStore,
     GatedInfer,
     assert_matches,
     classify,
+    reference_probs,
+    upload,
+)
+from tests.service_harness import (
+    KEYS,
     error_code,
     image_bytes,
     make_config,
     metrics,
-    reference_probs,
+    open_leases,
     serve,
     set_bytes,
     state_of,
-    upload,
     wait_until,
 )
 
@@ -34,12 +40,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 IMG = image_bytes(seed=5)
 
 
-def assert_no_pins(app) -> None:
-    """Every pin taken by a request was given back exactly once."""
-    cache = state_of(app).cache
-    with cache._lock:
-        pins = {key: entry.pins for key, entry in cache._entries.items()}
-    assert all(p == 0 for p in pins.values()), pins
+def assert_no_leases(app) -> None:
+    """Every lease taken by a request was given back."""
+    leases = open_leases(state_of(app))
+    assert all(n == 0 for n in leases.values()), leases
 
 
 async def test_full_queue_answers_429_with_retry_after(backbone, tmp_path):
@@ -75,7 +79,7 @@ async def test_full_queue_answers_429_with_retry_after(backbone, tmp_path):
             gate.release.set()
         assert [results[i].status_code for i in range(3)] == [200, 200, 200]
         assert (await classify(c, "t", IMG)).status_code == 200
-        assert_no_pins(app)
+        assert_no_leases(app)
 
 
 async def test_deadline_answers_504_and_the_service_recovers(backbone, tmp_path):
@@ -106,7 +110,7 @@ async def test_deadline_answers_504_and_the_service_recovers(backbone, tmp_path)
         assert r.status_code == 200, r.text
         assert_matches(r.json()["predictions"], reference_probs(backbone, ps, IMG))
         await wait_until(lambda: len(state_of(app).queue) == 0, 10, "the queue to drain")
-        assert_no_pins(app)
+        assert_no_leases(app)
         m = await metrics(c)
         assert m['lpt_requests_total{endpoint="/v1/classify",status="504"}'] == 2
 
@@ -143,7 +147,7 @@ async def test_a_failing_forward_fails_its_whole_batch_with_500_and_the_next_bat
             assert results[i].status_code == 200, results[i].text
             assert_matches(results[i].json()["predictions"], reference_probs(backbone, ps, IMG))
         assert state_of(app).worker.alive
-        assert_no_pins(app)
+        assert_no_leases(app)
 
 
 async def test_a_cold_task_under_100_concurrent_requests_is_read_from_the_store_once(backbone, tmp_path):
@@ -173,9 +177,53 @@ async def test_a_cold_task_under_100_concurrent_requests_is_read_from_the_store_
             assert m["lpt_prompt_cache_misses_total"] == 1
             assert m["lpt_prompt_cache_hits_total"] >= 99
             assert m["lpt_prompt_load_duration_seconds_count"] == 1
-            assert_no_pins(app)
+            assert_no_leases(app)
     finally:
         inner.close()
+
+
+async def test_identical_reuploads_under_classify_traffic_keep_the_cache_within_its_budget(backbone, tmp_path):
+    """Budget of 2.5 sets, six tasks; four of them get classify traffic (active and by number) while their
+    identical bytes are re-uploaded. Re-uploads name versions that are resident and leased: nothing may be
+    replaced, so every lease is given back and the LRU brings the cache back within its budget."""
+    info = backbone.info
+    sets = {f"t{i}": set_bytes(info, classes=4, pool=3, seed=10 + i) for i in range(6)}
+    # a resident set's bytes: its tensors plus its shared-prompt keys/values
+    one_set = make_resident(
+        StoredVersion("t", "t0", 1, "", 0, 0.0), sets["t0"][0], "cpu", torch.float32, backbone.model
+    ).nbytes
+    config = make_config(tmp_path, cache_bytes=int(2.5 * one_set), max_batch_size=4, max_wait_ms=5.0)
+    busy = ["t0", "t1", "t2", "t3"]
+    async with serve(config, backbone) as (app, c):
+        for task, (_ps, data) in sets.items():
+            assert (await upload(c, task, data)).status_code == 201
+        answers: list[httpx.Response] = []
+
+        async def traffic(task: str) -> None:
+            for i in range(6):
+                answers.append(await classify(c, task, IMG, version=1 if i % 2 else None))
+
+        async def reupload(task: str) -> None:
+            for _ in range(4):
+                answers.append(await upload(c, task, sets[task][1]))
+                await anyio.sleep(0)
+
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                for task in busy:
+                    tg.start_soon(traffic, task)
+                    tg.start_soon(reupload, task)
+        assert {r.status_code for r in answers} == {200}, [(r.status_code, r.text) for r in answers if r.is_error]
+        cache = state_of(app).cache
+        await wait_until(lambda: all(n == 0 for n in open_leases(state_of(app)).values()), 10, "every lease back")
+        assert cache.resident_bytes <= config.cache_bytes, (len(cache), cache.resident_bytes / one_set)
+        for task, (ps, _data) in sets.items():  # every task still servable, with its own scores
+            r = await classify(c, task, IMG)
+            assert r.status_code == 200 and r.json()["version"] == 1, r.text
+            assert_matches(r.json()["predictions"], reference_probs(backbone, ps, IMG))
+        assert_no_leases(app)
+        assert cache.resident_bytes <= config.cache_bytes and len(cache) == 2
+        assert (await metrics(c))["lpt_prompt_cache_bytes"] <= config.cache_bytes
 
 
 async def test_eviction_under_a_small_cache_budget_then_reload_gives_identical_results(backbone, tmp_path):
@@ -207,7 +255,7 @@ async def test_eviction_under_a_small_cache_budget_then_reload_gives_identical_r
         assert m["lpt_prompt_cache_misses_total"] == misses0 + 1
         assert m["lpt_prompt_cache_evictions_total"] == evictions0 + 2
         assert len(cache) == 1
-        assert_no_pins(app)
+        assert_no_leases(app)
 
 
 async def test_one_tenant_flooding_does_not_starve_another(backbone, tmp_path):

@@ -8,18 +8,8 @@ import pytest
 
 from lpt.init import init_prompt_set
 from lpt.prompt_set import decode, encode
-from tests.integration.service_helpers import (
-    assert_matches,
-    classify,
-    image_bytes,
-    make_config,
-    metrics,
-    reference_probs,
-    serve,
-    set_bytes,
-    state_of,
-    upload,
-)
+from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
+from tests.service_harness import image_bytes, make_config, metrics, serve, set_bytes, state_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -10,18 +10,8 @@ import anyio
 import pytest
 
 from service.app import ENDPOINTS
-from tests.integration.service_helpers import (
-    GatedInfer,
-    classify,
-    image_bytes,
-    make_config,
-    metrics,
-    serve,
-    set_bytes,
-    state_of,
-    upload,
-    wait_until,
-)
+from tests.integration.service_helpers import GatedInfer, classify, upload
+from tests.service_harness import image_bytes, make_config, metrics, serve, set_bytes, state_of, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -41,6 +31,8 @@ CONTRACT_METRICS = [
     "lpt_prompt_cache_bytes",
     "lpt_prompt_load_duration_seconds",
     "lpt_store_errors_total",
+    "lpt_store_corrupt_total",
+    "lpt_batch_failures_total",
     "lpt_device_memory_bytes",
 ]
 
@@ -73,7 +65,8 @@ async def test_health_readiness_and_every_contract_metric(backbone, tmp_path):
         assert m["lpt_prompt_cache_resident_sets"] == 1 and m["lpt_prompt_cache_bytes"] > 0
         # No per-task labels anywhere (tasks are unbounded): only fixed label names.
         labels = {part.split("=")[0] for key in m if "{" in key for part in key[key.index("{") + 1 : -1].split(",")}
-        assert labels <= {"endpoint", "status", "le", "name", "fingerprint", "tenant"}, labels
+        assert labels <= {"endpoint", "status", "le", "name", "fingerprint", "tenant", "stage"}, labels
+        assert m['lpt_batch_failures_total{stage="forward"}'] == m['lpt_batch_failures_total{stage="loop"}'] == 0
         assert not any('"t"' in key or '"nope"' in key for key in m)
 
         r = await c.get("/v1/backbone")

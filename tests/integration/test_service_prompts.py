@@ -3,21 +3,12 @@ tenant isolation (another tenant's task answers exactly like a missing one and n
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
-from tests.integration.service_helpers import (
-    KEYS,
-    assert_matches,
-    auth,
-    classify,
-    error_code,
-    image_bytes,
-    make_config,
-    reference_probs,
-    serve,
-    set_bytes,
-    upload,
-)
+from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
+from tests.service_harness import KEYS, auth, error_code, image_bytes, make_config, metrics, serve, set_bytes, state_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -52,14 +43,16 @@ async def test_upload_classify_rollback_version_and_delete(backbone, tmp_path):
         assert r.status_code == 404 and error_code(r) == "not_found"
 
         # Rollback, then classify answers with the rolled-back version.
-        r = await c.post("/v1/prompts/birds/activate", params={"version": 1})
-        assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["active"] is True
+        activated = await c.post("/v1/prompts/birds/activate", params={"version": 1})
+        assert activated.status_code == 200 and activated.json()["version"] == 1 and activated.json()["active"] is True
         r = await classify(c, "birds", IMG)
         assert r.json()["version"] == 1
         assert_matches(r.json()["predictions"], reference_probs(backbone, v1, IMG))
         show = (await c.get("/v1/prompts/birds")).json()
         assert show["active_version"] == 1 and [v["version"] for v in show["versions"]] == [1, 2]
         assert show["class_names"] == v1.class_names
+        # activate and show describe a version alike, num_params included.
+        assert activated.json() == show["versions"][0] and activated.json()["num_params"] == v1.num_params
         assert [t["task"] for t in (await c.get("/v1/prompts")).json()["tasks"]] == ["birds"]
         r = await c.post("/v1/prompts/birds/activate", params={"version": 7})
         assert r.status_code == 404 and error_code(r) == "not_found"
@@ -163,11 +156,52 @@ async def test_multipart_upload_and_identical_reupload(backbone, tmp_path):
         files = {"file": ("set.safetensors", data, "application/octet-stream")}
         r = await c.post("/v1/prompts", params={"task": "mp"}, files=files)
         assert r.status_code == 201, r.text
-        assert r.json()["version"] == 1 and r.json()["num_classes"] == 3
+        first = r.json()
+        assert first["version"] == 1 and first["num_classes"] == 3 and first["new_version"] is True
         r = await classify(c, "mp", IMG)
         assert r.status_code == 200 and r.json()["version"] == 1
         assert_matches(r.json()["predictions"], reference_probs(backbone, ps, IMG))
-        # The same bytes again: no new version (the store answers with the active one).
+        # The same bytes again: 200 with the active version, nothing created (a lost answer can be retried).
         r = await upload(c, "mp", data)
-        assert r.status_code == 201 and r.json()["version"] == 1
+        assert r.status_code == 200, r.text
+        assert r.json() == {**first, "new_version": False}
         assert len((await c.get("/v1/prompts/mp")).json()["versions"]) == 1
+        # Bytes equal to an older, inactive version are a new version: 201 again.
+        _, other = set_bytes(backbone.info, classes=3, pool=2, seed=5)
+        assert (await upload(c, "mp", other)).status_code == 201
+        r = await upload(c, "mp", data)
+        assert r.status_code == 201 and r.json()["version"] == 3 and r.json()["new_version"] is True
+
+
+async def test_a_blob_failing_its_checksum_is_a_non_retryable_server_error(backbone, tmp_path):
+    _, data = set_bytes(backbone.info, seed=6)
+    async with serve(make_config(tmp_path), backbone) as (app, c):
+        assert (await upload(c, "t", data)).status_code == 201
+        state_of(app).cache.drop_task("default", "t")  # not resident: the next classify reads the store
+        db = sqlite3.connect(state_of(app).store.path)  # the disk flips one bit of the stored blob
+        try:
+            (blob,) = db.execute("SELECT data FROM blobs").fetchone()
+            db.execute("UPDATE blobs SET data = ?", (blob[:-1] + bytes([blob[-1] ^ 1]),))
+            db.commit()
+        finally:
+            db.close()
+        for r in (await classify(c, "t", IMG), await c.get("/v1/prompts/t")):
+            assert r.status_code == 500 and error_code(r) == "store_corrupt", r.text
+            assert "Retry-After" not in r.headers  # retrying cannot help: this is not a 503
+        m = await metrics(c)
+        assert m["lpt_store_corrupt_total"] == 2 and m["lpt_store_errors_total"] == 0
+
+
+async def test_showing_a_task_reads_metadata_without_making_its_set_resident(backbone, tmp_path):
+    ps, data = set_bytes(backbone.info, classes=5, seed=7)
+    async with serve(make_config(tmp_path), backbone) as (app, c):
+        assert (await upload(c, "t", data)).status_code == 201
+        cache = state_of(app).cache
+        cache.drop_task("default", "t")
+        misses = (await metrics(c))["lpt_prompt_cache_misses_total"]
+        show = await c.get("/v1/prompts/t")
+        assert show.status_code == 200 and show.json()["class_names"] == ps.class_names
+        assert len(cache) == 0 and (await metrics(c))["lpt_prompt_cache_misses_total"] == misses
+        assert (await classify(c, "t", IMG)).status_code == 200  # classify loads it
+        assert len(cache) == 1
+        assert (await c.get("/v1/prompts/t")).json()["class_names"] == ps.class_names  # from the resident entry

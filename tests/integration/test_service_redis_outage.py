@@ -9,23 +9,13 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.service_helpers import (
-    assert_matches,
-    classify,
-    error_code,
-    image_bytes,
-    make_config,
-    metrics,
-    reference_probs,
-    serve,
-    set_bytes,
-    upload,
-)
+from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
+from tests.service_harness import error_code, image_bytes, make_config, metrics, serve, set_bytes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120), pytest.mark.redis]
 
 IMG = image_bytes(seed=31)
-RECOVERY_S = 10.0  # issue 4: "after restart, uploads succeed again within 10 s"
+RECOVERY_S = 10.0  # the promise: after a Redis restart, uploads succeed again within 10 s
 
 
 async def test_redis_killed_during_traffic(backbone, tmp_path, redis_server):

@@ -151,9 +151,14 @@ def test_put_get_list_versions_rollback_delete(store):
 def test_reupload_equal_to_active_is_idempotent(store):
     a = blob()
     v1 = store.put("acme", "birds", a, {"k": "1"})
-    assert store.put("acme", "birds", a, {"k": "other"}) == v1
+    assert v1.new
+    again = store.put("acme", "birds", a, {"k": "other"})
+    assert again == v1 and not again.new  # the hit says so: nothing was written
     assert store.put("acme", "birds", bytearray(a)) == v1
     assert [v.version for v in store.list_versions("acme", "birds")] == [1]
+    assert not store.active_version("acme", "birds").new  # reads never claim a write
+    v2 = store.put("acme", "birds", blob())
+    assert v2.new and store.put("acme", "birds", a).new  # equal to an older, inactive version: a new version
 
 
 def test_large_and_empty_blobs_round_trip(backend, stores):

@@ -24,7 +24,7 @@ def entry():
 def answer_for(entry, probs: torch.Tensor, version: int | None = None) -> dict:
     names = entry.prompt_set.class_names
     preds = [{"index": i, "label": names[i], "score": float(probs[i])} for i in probs.argsort(descending=True)]
-    return {"task": "task", "version": entry.key[2] if version is None else version, "predictions": preds}
+    return {"task": "task", "version": entry.key.version if version is None else version, "predictions": preds}
 
 
 def test_percentile_interpolates_like_numpy() -> None:

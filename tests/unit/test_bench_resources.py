@@ -61,13 +61,13 @@ def test_loading_from_redis_loads_what_was_uploaded(tmp_path: Path) -> None:
 
 
 def test_loading_check_catches_a_corrupting_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = loading.PromptCache._insert
+    real = loading.PromptCache._make_entry
 
     def scaled(self, info, ps):
         ps.head_weight = ps.head_weight * 2  # a plausible bug: the resident copy is not the uploaded set
         return real(self, info, ps)
 
-    monkeypatch.setattr(loading.PromptCache, "_insert", scaled)
+    monkeypatch.setattr(loading.PromptCache, "_make_entry", scaled)
     cfg = loading.LoadingConfig(shape_backbone="test_vit", sets=2, loads=2, stores=["embedded"], http=False)
     with pytest.raises(CheckFailed, match="differs from the uploaded"):
         loading.run_loading(cfg, [], log=lambda _m: None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpt.backbone import Backbone, load_backbone
+from lpt.backbone import Backbone
 from lpt.forward import PromptBank, precompute_shared_kv, prompted_forward
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
@@ -14,11 +14,6 @@ from tests.reference_lpt import two_pass_batched, two_pass_reference
 
 ATOL = 1e-5  # float32, logits on the head_scale (20) scale
 L, S = 2, 3  # test_vit: depth 6, width 64
-
-
-@pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    return load_backbone("test_vit", weights="random:0", img_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from lpt.prompt_kv import kv_structure_supported, uses_prompt_kv
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
 from service.engine import Engine
-from service.prompt_cache import make_resident
+from service.resident import make_resident
 from tests.reference_lpt import two_pass_batched
 
 ATOL = 1e-4  # float32 logits on the head_scale (20) scale
@@ -161,10 +161,7 @@ def test_resident_sets_carry_count_and_serve_their_shared_kv(images: torch.Tenso
     for ps in sets:  # VPT-init prompts are tiny; scaled so that wrong keys/values visibly move the answer
         ps.shared_prompt = ps.shared_prompt * 20
     versions = [StoredVersion("t", f"k{i}", 1, "", 0, 0.0) for i in range(len(sets))]
-    entries = [
-        make_resident(("t", v.task, 1), v, ps, "cpu", torch.float32, backbone.model)
-        for v, ps in zip(versions, sets, strict=True)
-    ]
+    entries = [make_resident(v, ps, "cpu", torch.float32, backbone.model) for v, ps in zip(versions, sets, strict=True)]
     for entry, ps in zip(entries, sets, strict=True):
         assert entry.bank.shared_kv is not None
         assert entry.nbytes == ps.nbytes + 2 * info.depth * ps.prompt_length * info.embed_dim * 4

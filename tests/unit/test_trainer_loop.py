@@ -24,11 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(epochs1=2, epochs2=2, batch_size=16, prompt_length=2, pool_size=4, top_k=2, share_blocks=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    return load_backbone("test_vit", weights="random:0", img_size=32)
-
-
 def data(seed: int = 0):
     train = synthetic_long_tailed(num_classes=4, n_max=24, imbalance_ratio=6, img_size=32, seed=seed)
     val = synthetic_long_tailed(num_classes=4, n_max=6, imbalance_ratio=1, img_size=32, seed=seed + 1)

@@ -1,4 +1,4 @@
-"""Dynamic batching over per-tenant queues: plain code over a queue, unit-testable without a server.
+"""The request queue: per-tenant fair queues and dynamic batching, plain code unit-testable without a server.
 
 ``FairQueue`` bounds the total number of waiting images and hands them out round-robin across
 tenants, so one tenant flooding the service delays only itself. ``collect_batch`` closes a batch at
@@ -14,31 +14,49 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+
+import torch
 
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from service.resident import Lease, ResidentSet
 
 
-@dataclass
+@dataclass(frozen=True)
+class RowResult:
+    """Class probabilities of one image (``[C]`` float32, CPU) and the resident version that produced them."""
+
+    probs: torch.Tensor
+    entry: ResidentSet
+
+
+@dataclass(eq=False)
 class WorkItem:
-    """One image waiting for a forward pass.
+    """One image waiting for a forward pass, holding a lease on its prompt set until it settles.
 
     Attributes:
         tenant: fairness key.
         image: preprocessed ``[3, H, W]`` tensor.
-        payload: what the engine needs for this row (the pinned prompt-set entry).
+        lease: the prompt set this row runs with; released when ``future`` settles, whatever way it settles
+            (result, error, cancellation).
         deadline: ``time.monotonic()`` after which the caller has given up.
-        future: resolved by the engine with the row's result, or failed with an error; the caller may cancel
+        future: resolved by the worker with the row's result, or failed with an error; the caller may cancel
             it while it waits in the queue (it is then dropped), not once a batch has taken it.
         enqueued: when it entered the queue.
     """
 
     tenant: str
-    image: Any
-    payload: Any
+    image: torch.Tensor
+    lease: Lease
     deadline: float
-    future: Future = field(default_factory=Future)
+    future: Future[RowResult] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.future.add_done_callback(lambda _future: self.lease.release())
+
+    @property
+    def entry(self) -> ResidentSet:
+        return self.lease.entry
 
 
 class FairQueue:
@@ -66,14 +84,13 @@ class FairQueue:
 
     def _check_locked(self, tenant: str, count: int) -> None:
         if self._closed:
-            raise ShuttingDown("shutting_down", "the service is shutting down")
+            raise ShuttingDown("the service is shutting down")
         if self._size + count > self.capacity:
-            raise QueueFull("queue_full", f"{self._size} images are waiting; retry shortly")
+            raise QueueFull(f"{self._size} images are waiting; retry shortly")
         waiting = len(self._queues.get(tenant, ()))
         if waiting + count > self.tenant_capacity:
             raise QueueFull(
-                "queue_full",
-                f"{waiting} of your images are waiting (per-tenant limit {self.tenant_capacity}); retry shortly",
+                f"{waiting} of your images are waiting (per-tenant limit {self.tenant_capacity}); retry shortly"
             )
 
     def check_room(self, tenant: str, count: int = 1) -> None:
@@ -88,11 +105,19 @@ class FairQueue:
         self.put_many([item])
 
     def put_many(self, items: list[WorkItem]) -> None:
-        """All or nothing: a multi-image request is never half-queued (items of one tenant)."""
+        """All or nothing: a multi-image request is never half-queued (items of one tenant).
+
+        Rejected items are cancelled (so they release their leases) before the error is raised.
+        """
         if not items:
             return
         with self._cond:
-            self._check_locked(items[0].tenant, len(items))
+            try:
+                self._check_locked(items[0].tenant, len(items))
+            except (QueueFull, ShuttingDown):
+                for item in items:
+                    item.future.cancel()
+                raise
             queue = self._queues.setdefault(items[0].tenant, deque())
             queue.extend(items)
             self._size += len(items)
@@ -140,15 +165,20 @@ def collect_batch(
     max_wait_s: float,
     poll_s: float = 0.25,
     clock: Callable[[], float] = time.monotonic,
+    batch: list[WorkItem] | None = None,
 ) -> list[WorkItem]:
     """Wait up to ``poll_s`` for a first item, then fill the batch until ``max_size`` or ``max_wait_s``.
 
     Returns an empty list when nothing arrived within ``poll_s`` (the caller's loop uses that tick
     to check for shutdown and to prove it is alive).
+
+    Args:
+        batch: the list to fill (and return); a caller that passes its own still holds every item taken
+            so far if this raises, and can fail them.
     """
+    batch = [] if batch is None else batch
     if not queue.wait(poll_s):
-        return []
-    batch: list[WorkItem] = []
+        return batch
     close_at = clock() + max_wait_s
     while True:
         for item in queue.take(max_size - len(batch)):
@@ -156,7 +186,7 @@ def collect_batch(
             if not item.future.set_running_or_notify_cancel():
                 continue  # cancelled while waiting (its caller gave up): settling it would raise
             if clock() > item.deadline:
-                item.future.set_exception(DeadlineExceeded("deadline_exceeded", "request timed out in the queue"))
+                item.future.set_exception(DeadlineExceeded("request timed out in the queue"))
             else:
                 batch.append(item)
         remaining = close_at - clock()

@@ -1,4 +1,4 @@
-"""The batcher is plain code over a queue: tested here without a server, with a fake clock where time matters."""
+"""The request queue is plain code: tested here without a server, with a fake clock where time matters."""
 
 from __future__ import annotations
 
@@ -6,13 +6,23 @@ import threading
 import time
 
 import pytest
+import torch
 
-from service.batcher import FairQueue, WorkItem, collect_batch
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from service.queue import FairQueue, WorkItem, collect_batch
+from tests.resident_sets import tiny_lease
+
+NAMES: dict[int, str] = {}  # id(image) -> the name a test gave it
 
 
 def item(tenant: str = "a", name: str = "x", deadline: float | None = None) -> WorkItem:
-    return WorkItem(tenant=tenant, image=name, payload=None, deadline=deadline or time.monotonic() + 60)
+    image = torch.zeros(3, 2, 2)
+    NAMES[id(image)] = name
+    return WorkItem(tenant=tenant, image=image, lease=tiny_lease(), deadline=deadline or time.monotonic() + 60)
+
+
+def names(items: list[WorkItem]) -> list[str]:
+    return [NAMES[id(it.image)] for it in items]
 
 
 def test_batch_closes_at_max_size_without_waiting() -> None:
@@ -21,7 +31,7 @@ def test_batch_closes_at_max_size_without_waiting() -> None:
         q.put(item(name=str(i)))
     started = time.monotonic()
     batch = collect_batch(q, max_size=4, max_wait_s=30)
-    assert [it.image for it in batch] == ["0", "1", "2", "3"]
+    assert names(batch) == ["0", "1", "2", "3"]
     assert time.monotonic() - started < 5  # did not sit out the 30 s deadline
     assert len(q) == 6
 
@@ -33,7 +43,7 @@ def test_batch_closes_at_deadline_with_what_arrived() -> None:
     late.start()
     batch = collect_batch(q, max_size=8, max_wait_s=0.3)
     late.join()
-    assert [it.image for it in batch] == ["first", "second"]
+    assert names(batch) == ["first", "second"]
 
 
 def test_empty_queue_returns_empty_batch_after_poll() -> None:
@@ -46,7 +56,7 @@ def test_round_robin_across_tenants() -> None:
         q.put(item("flood", f"f{i}"))
     q.put(item("quiet", "q0"))
     batch = q.take(3)
-    assert [it.image for it in batch] == ["f0", "q0", "f1"]
+    assert names(batch) == ["f0", "q0", "f1"]
 
 
 def test_global_capacity_answers_queue_full() -> None:
