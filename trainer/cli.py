@@ -24,7 +24,7 @@ from lpt import __version__
 from lpt.backbone import describe_mismatch, load_backbone
 from lpt.errors import LptError
 from lpt.prompt_set import encode, sha256, validate
-from trainer.config import DistContext, TrainConfig
+from trainer.config import LR_PER_256, DistContext, TrainConfig
 from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import plot_report, summary
 from trainer.loop import Trainer
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epochs1", type=int, default=d.epochs1, help="phase-1 epochs")
     opt.add_argument("--epochs2", type=int, default=d.epochs2, help="phase-2 epochs")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="B, global batch (each step draws 2 x B)")
-    opt.add_argument("--lr", type=float, help="base learning rate (default 0.02 * B / 256)")
+    opt.add_argument("--lr", type=float, help=f"base learning rate (default {LR_PER_256} * B / 256)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
     opt.add_argument("--momentum", type=float, default=d.momentum)
     opt.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)

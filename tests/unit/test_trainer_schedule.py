@@ -18,9 +18,9 @@ def test_instance_balanced_weight_decays_from_half_to_zero():
 
 
 def test_default_lr_scales_with_batch():
-    assert TrainConfig().base_lr == pytest.approx(0.02)  # B = 256
-    assert TrainConfig(batch_size=64).base_lr == pytest.approx(0.005)
-    assert TrainConfig(batch_size=64, lr=0.1).base_lr == 0.1
+    assert TrainConfig().base_lr == pytest.approx(0.4)  # B = 256
+    assert TrainConfig(batch_size=64).base_lr == pytest.approx(0.1)
+    assert TrainConfig(batch_size=64, lr=0.005).base_lr == 0.005  # the authors' 0.02 * B / 256
 
 
 def test_warmup_from_1e6_then_cosine_to_zero():
