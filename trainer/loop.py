@@ -432,7 +432,7 @@ class Trainer:
             correct += int((logits.detach().argmax(1) == labels).sum())
             seen += len(labels)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
         stats = self._epoch_stats(total_loss, correct, seen)
         row = {
             "phase": phase,

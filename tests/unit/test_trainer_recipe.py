@@ -108,3 +108,8 @@ def test_not_learning_after_the_first_epoch_is_warned_and_reported():
     for row in ({"phase": 1, "epoch": 1, "train_acc": 60.0}, {"phase": 1, "epoch": 2, "train_acc": 20.0}):
         t._check_learning(ckpt, row)  # learning, or past the first epoch: no new warning
     assert len(ckpt.state["warnings"]) == 1
+
+
+def test_a_normal_run_with_progress_bars_raises_no_warning(recwarn):
+    trainer(backbone(), epochs1=1, epochs2=1, progress=True).fit()
+    assert not [str(w.message) for w in recwarn if issubclass(w.category, UserWarning)]
