@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--la-scales",
+        help="probes only: the logit-adjusted probe at each of these comma-separated scales (how s was chosen)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write a Markdown page with the table, machine, date and command")
     return p
@@ -114,6 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     probe_report = accuracy_report(probe_counts(probe, val_feats, val_targets, num_classes), counts, names)
     la_report = accuracy_report(probe_counts(la_probe, val_feats, val_targets, num_classes), counts, names)
     probe_s = time.perf_counter() - t0
+    if args.la_scales:
+        return {"la_scales": _la_scales(args.la_scales, feats, targets, val_feats, val_targets, counts, names)}
 
     cfg = TrainConfig(
         epochs1=args.epochs1,
@@ -162,6 +168,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _la_scales(spec: str, feats, targets, val_feats, val_targets, counts, names) -> dict[str, Any]:
+    rows = {}
+    for scale in (float(v) for v in spec.split(",")):
+        probe = fit_logit_adjusted_probe(feats, targets, len(names), scale=scale)
+        rows[f"{scale:g}"] = summary(
+            accuracy_report(probe_counts(probe, val_feats, val_targets, len(names)), counts, names)
+        )
+    return rows
 
 
 def _log(message: str) -> None:
@@ -224,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     result = run(args)
+    if "la_scales" in result:
+        for scale, r in result["la_scales"].items():
+            print(
+                f"logit-adjusted probe s={scale}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v is not None)
+            )
+        return 0
     print(result["table"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
