@@ -55,8 +55,10 @@ def test_prompt_free_forward_is_timms_features_and_a_cosine_head(
     with torch.inference_mode():
         out = prompted_forward(model, images, bank)
         features = timm_pre_logits(model, images)
-    torch.testing.assert_close(out.features, features, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out.query, features, rtol=0, atol=1e-6)
+    # the prompted blocks run attention as their own scaled_dot_product_attention over q/k/v, not timm's call:
+    # equal to float32 rounding (about 1e-6 on unit-scale features), not bit for bit
+    torch.testing.assert_close(out.features, features, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.query, features, rtol=0, atol=1e-5)
     expected = HEAD_SCALE * F.normalize(features, dim=-1) @ F.normalize(head, dim=-1).T
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
     assert (out.selected == -1).all() and (out.key_sim == 0).all()
