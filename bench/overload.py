@@ -1,4 +1,4 @@
-"""Overload benchmark (issue 8.7): a real ``lpt-serve`` on loopback driven past its capacity.
+"""Overload benchmark: a real ``lpt-serve`` on loopback driven past its capacity.
 
 Phases, each against the same server (``bench.common.LptServe``), with the load generated in a separate
 spawned process (httpx async, no torch) so it never shares an interpreter with the server:
