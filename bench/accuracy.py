@@ -28,7 +28,7 @@ from bench.real_data import CIFAR_ZIP, DEIT_TINY, DEIT_WEIGHTS, missing
 from lpt.backbone import load_backbone
 from trainer.config import DistContext, TrainConfig
 from trainer.data import load_dataset, long_tailed_subset, per_class_subset
-from trainer.evaluate import accuracy_report, summary
+from trainer.evaluate import accuracy_report, describe_selection, summary
 from trainer.loop import Trainer
 from trainer.probe import extract_features, fit_linear_probe, fit_logit_adjusted_probe, probe_counts
 from trainer.prompt_init import HEAD_INITS, PROMPT_INITS
@@ -222,14 +222,7 @@ Command:
 
 
 def _phase2_line(phase2: dict[str, Any] | None) -> str:
-    if not phase2:
-        return "no pool"
-    ent = ", ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
-    return (
-        f"{phase2['pool_used']} of {phase2['pool_size']} pool entries used; selection entropy per class (bits, max "
-        f"{phase2['max_entropy_bits']:.2f}): {ent}; keys turned {phase2['key_angle_deg']['mean']:.1f} degrees on "
-        "average from their init"
-    )
+    return describe_selection(phase2) if phase2 else "no pool"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,16 @@ def selection_report(
     }
 
 
+def describe_selection(phase2: dict[str, Any]) -> str:
+    """One line on phase 2's pool use and key movement (log, report page and plot title)."""
+    ent = ", ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
+    return (
+        f"{phase2['pool_used']} of {phase2['pool_size']} pool entries used; selection entropy per class (bits, max "
+        f"{phase2['max_entropy_bits']:.2f}): {ent}; keys turned {phase2['key_angle_deg']['mean']:.1f} degrees on "
+        "average from their init"
+    )
+
+
 def prompt_predictor(model: torch.nn.Module, bank: PromptBank) -> Callable[[torch.Tensor], PromptedOutput]:
     """images -> the served forward's output (logits, features and the group-prompt selection)."""
     return lambda images: prompted_forward(model, images, bank)
@@ -222,12 +232,7 @@ def _plot_selection(ax, phase2: dict[str, Any], per_class: list[dict[str, Any]])
     ax.set_ylabel("class (most training images at the top)")
     if len(order) <= 30:
         ax.set_yticks(range(len(order)), [f"{per_class[c]['class']} ({per_class[c]['train_count']})" for c in order])
-    ent = ", ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
-    ax.set_title(
-        f"phase 2: {phase2['pool_used']}/{phase2['pool_size']} entries used; entropy {ent} bits; "
-        f"keys turned {phase2['key_angle_deg']['mean']:.0f} deg",
-        fontsize=9,
-    )
+    ax.set_title("phase 2: " + describe_selection(phase2).replace("; ", ";\n"), fontsize=8)
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:

@@ -33,7 +33,16 @@ from lpt.prompt_set import PromptSet
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import DistContext, TrainConfig, TrainResult, deterministic, ib_weight_at, lr_at
 from trainer.data import ImageDataset, train_transform
-from trainer.evaluate import accuracy_report, autocast, evaluate, prompt_predictor, selection_report, summary
+from trainer.evaluate import (
+    accuracy_report,
+    autocast,
+    describe_selection,
+    evaluate,
+    prompt_predictor,
+    selection_report,
+    summary,
+)
+from trainer.guards import chance_warning, collapse_warning, mean_pairwise_cosine
 from trainer.losses import AGCL, CB_GAMMAS, IB_GAMMAS
 from trainer.prompt_init import (
     HEAD_INITS,
@@ -48,8 +57,6 @@ from trainer.samplers import ClassBalancedBatchSampler, InstanceBalancedBatchSam
 
 PHASE_PARAMS = {1: ("shared_prompt", "head_weight"), 2: ("group_prompts", "group_keys", "head_weight")}
 HEAD_INIT_IMAGES_PER_CLASS = 64  # enough for a class mean; bounds the start-up pass on large data sets
-COLLAPSE_COSINE = 0.98  # mean pairwise feature cosine above which a cosine head barely separates images
-CHANCE_FACTOR = 1.5  # batch top-1 below 1.5x chance after the first epoch: not learning
 
 
 class Trainer:
@@ -158,31 +165,13 @@ class Trainer:
         self.log(f"WARNING: {message}")
 
     def _check_collapse(self, features: torch.Tensor, state: dict[str, Any]) -> None:
-        """Warn when the prompted features of different images are nearly identical (a cosine head cannot
-        separate classes from there)."""
-        f = torch.nn.functional.normalize(features.float(), dim=1)
-        n = f.shape[0]
-        if n < 2:
-            return
-        mean_cos = float(((f @ f.t()).sum() - n) / (n * (n - 1)))
-        state["start_feature_cosine"] = round(mean_cos, 4)
-        if mean_cos > COLLAPSE_COSINE:
-            self._warn(
-                state,
-                f"the starting prompt makes the features of different images nearly identical (mean pairwise "
-                f"cosine {mean_cos:.3f}); training may not learn. Try --prompt-init data, or a larger --img-size.",
-            )
+        state["start_feature_cosine"] = mean_cos = mean_pairwise_cosine(features)
+        if message := collapse_warning(mean_cos):
+            self._warn(state, message)
 
     def _check_learning(self, ckpt: Checkpoint, row: dict[str, Any]) -> None:
-        """After the first epoch: warn when the training batches are still classified at chance."""
-        chance = 100.0 / len(self.class_names)
-        if row["phase"] == 1 and row["epoch"] == 1 and row["train_acc"] < CHANCE_FACTOR * chance:
-            self._warn(
-                ckpt.state,
-                f"after the first epoch the training batches are classified at chance ({row['train_acc']:.1f}% "
-                f"with {len(self.class_names)} classes, chance {chance:.1f}%): this run is not learning. Try "
-                f"--prompt-init data and --head-init class-mean (the defaults), a larger --lr, or more epochs.",
-            )
+        if message := chance_warning(row, len(self.class_names)):
+            self._warn(ckpt.state, message)
 
     def _mean_tokens(self, shared: torch.Tensor | None) -> torch.Tensor:
         images = sample_images(self.train_set, self.backbone.eval_transform, 256, self.cfg.seed).to(self.ctx.device)
@@ -265,12 +254,7 @@ class Trainer:
                 self.template.group_keys,
                 ckpt.params["group_keys"],
             )
-            ent = " ".join(f"{g} {v:.2f}" for g, v in phase2["entropy_bits"].items() if v is not None)
-            self.log(
-                f"[phase 2] pool entries used {phase2['pool_used']}/{phase2['pool_size']}, selection entropy "
-                f"(bits, max {phase2['max_entropy_bits']:.2f}) {ent}; keys moved {phase2['key_angle_deg']['mean']:.1f} "
-                f"deg on average"
-            )
+            self.log(f"[phase 2] {describe_selection(phase2)}")
         report = {
             **summary(final),
             "phase1": ckpt.state["phase1"],
