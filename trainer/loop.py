@@ -24,10 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from lpt.backbone import Backbone
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -44,19 +43,11 @@ from trainer.evaluate import (
 )
 from trainer.guards import chance_warning, collapse_warning, mean_pairwise_cosine
 from trainer.losses import AGCL, CB_GAMMAS, IB_GAMMAS
-from trainer.prompt_init import (
-    HEAD_INITS,
-    PROMPT_INITS,
-    class_mean_head,
-    mean_patch_tokens,
-    per_class_sample,
-    sample_images,
-)
+from trainer.prompt_init import HEAD_INITS, PROMPT_INITS, initial_group_prompts, initial_params
 from trainer.prompt_module import PromptModule
-from trainer.samplers import ClassBalancedBatchSampler, InstanceBalancedBatchSampler, stream_seed
+from trainer.samplers import dual_sampling_loaders, stream_seed
 
 PHASE_PARAMS = {1: ("shared_prompt", "head_weight"), 2: ("group_prompts", "group_keys", "head_weight")}
-HEAD_INIT_IMAGES_PER_CLASS = 64  # enough for a class mean; bounds the start-up pass on large data sets
 
 
 class Trainer:
@@ -129,36 +120,10 @@ class Trainer:
         return self.template.pool_size > 0 and self.cfg.epochs2 > 0
 
     def _fresh_checkpoint(self) -> Checkpoint:
-        t = self.template
-        params = {"shared_prompt": t.shared_prompt, "head_weight": t.head_weight}
-        if t.pool_size:
-            params.update(group_prompts=t.group_prompts, group_keys=t.group_keys)
-        if self.cfg.prompt_init == "data":
-            means = self._mean_tokens(shared=None)  # [depth, D] of the plain backbone
-            params["shared_prompt"] = t.shared_prompt + means[:, None, :]
+        params, features = initial_params(self.backbone, self.train_set, self.template, self.cfg, self.ctx.device)
         state: dict[str, Any] = {"history": [], "phase1": None, "warnings": []}
-        if self.cfg.head_init == "class-mean":
-            indices = per_class_sample(self.train_set.targets, HEAD_INIT_IMAGES_PER_CLASS, self.cfg.seed)
-            features = self._features(params["shared_prompt"], indices)
-            targets = torch.tensor([self.train_set.targets[i] for i in indices])
-            params["head_weight"] = class_mean_head(features, targets, len(self.class_names), t.head_weight)
-        else:
-            features = self._features(params["shared_prompt"], per_class_sample(self.train_set.targets, 8, 0))
         self._check_collapse(features, state)
         return Checkpoint(params=params, state=state)
-
-    @torch.no_grad()
-    def _features(self, shared: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """``[N, D]`` features of training images ``indices`` (eval transform) under ``shared`` alone."""
-        device, out = self.ctx.device, []
-        head = self.template.head_weight.to(device)
-        bank = PromptBank.from_tensors(shared.to(device), head, self.template.share_blocks)
-        for start in range(0, len(indices), self.cfg.eval_batch_size):
-            chunk = indices[start : start + self.cfg.eval_batch_size]
-            images = torch.stack([self.backbone.eval_transform(self.train_set.source.load(i)) for i in chunk])
-            with autocast(device, self.cfg.amp):
-                out.append(prompted_forward(self.backbone.model, images.to(device), bank).features.float().cpu())
-        return torch.cat(out)
 
     def _warn(self, state: dict[str, Any], message: str) -> None:
         state.setdefault("warnings", []).append(message)
@@ -173,16 +138,11 @@ class Trainer:
         if message := chance_warning(row, len(self.class_names)):
             self._warn(ckpt.state, message)
 
-    def _mean_tokens(self, shared: torch.Tensor | None) -> torch.Tensor:
-        images = sample_images(self.train_set, self.backbone.eval_transform, 256, self.cfg.seed).to(self.ctx.device)
-        return mean_patch_tokens(self.backbone.model, images, shared, self.cfg.eval_batch_size).cpu()
-
     def _init_pool(self, ckpt: Checkpoint) -> None:
-        """Phase 2's start: with ``prompt_init=data`` the group prompts start at the phase-1 model's mean tokens."""
-        if self.cfg.prompt_init == "data":
-            shared = ckpt.params["shared_prompt"]
-            means = self._mean_tokens(shared.to(self.ctx.device))[self.template.share_blocks :]
-            ckpt.params["group_prompts"] = self.template.group_prompts + means[None, :, None, :]
+        shared = ckpt.params["shared_prompt"]
+        pool = initial_group_prompts(self.backbone, self.train_set, self.template, shared, self.cfg, self.ctx.device)
+        if pool is not None:
+            ckpt.params["group_prompts"] = pool
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -353,27 +313,6 @@ class Trainer:
             budget[0] -= 1
         return True
 
-    def _loaders(self, phase: int, epoch: int) -> tuple[DataLoader, DataLoader]:
-        targets, rank, seed = self.train_set.targets, self.ctx.rank, self.cfg.seed
-        cb = ClassBalancedBatchSampler(
-            targets, self.per_rank_batch, self.steps, seed, rank, per_class=self.cfg.images_per_class
-        )
-        ib = InstanceBalancedBatchSampler(targets, self.per_rank_batch, self.steps, seed, rank)
-        loaders = []
-        for stream, sampler in enumerate((cb, ib)):
-            sampler.set_epoch(phase, epoch)
-            gen = torch.Generator().manual_seed(stream_seed(seed, phase, epoch, rank, 10 + stream))
-            loaders.append(
-                DataLoader(
-                    self.train_set,
-                    batch_sampler=sampler,
-                    num_workers=self.cfg.workers,
-                    generator=gen,
-                    pin_memory=self.ctx.device.type == "cuda",
-                )
-            )
-        return loaders[0], loaders[1]
-
     def _run_epoch(
         self,
         runner: nn.Module,
@@ -388,7 +327,18 @@ class Trainer:
         # epoch boundary replays exactly what the uninterrupted run would have done.
         torch.manual_seed(stream_seed(cfg.seed, phase, epoch, rank, 20))
         noise_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, phase, epoch, rank, 30))
-        cb_loader, ib_loader = self._loaders(phase, epoch)
+        cb_loader, ib_loader = dual_sampling_loaders(
+            self.train_set,
+            self.per_rank_batch,
+            self.steps,
+            seed=cfg.seed,
+            rank=rank,
+            phase=phase,
+            epoch=epoch,
+            images_per_class=cfg.images_per_class,
+            workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+        )
         w_ib = ib_weight_at(epoch, epochs, cfg.ib_weight)
         with_pool = phase == 2
         warmup = cfg.warmup_epochs * self.steps

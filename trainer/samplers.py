@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 
 def stream_seed(seed: int, *parts: int) -> int:
@@ -137,3 +138,43 @@ class InstanceBalancedBatchSampler(_EpochSampler):
                 batch.extend(order[pos : pos + take].tolist())
                 pos += take
             yield batch
+
+
+def dual_sampling_loaders(
+    dataset: Dataset,
+    batch_size: int,
+    steps: int,
+    *,
+    seed: int,
+    rank: int,
+    phase: int,
+    epoch: int,
+    images_per_class: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """One epoch's class-balanced and instance-balanced loaders, ``steps`` batches each, to be zipped.
+
+    Args:
+        dataset: the training set (``targets`` attribute: one class index per image).
+        batch_size: images per batch on this rank, in each stream.
+        steps: batches per epoch.
+        seed: the run seed.
+        rank: this process's data-parallel rank.
+        phase: 1 or 2 (each phase has its own streams).
+        epoch: 0-based epoch within the phase.
+        images_per_class: consecutive images of one class in the class-balanced stream.
+        workers: DataLoader worker processes.
+        pin_memory: pin batches (CUDA).
+    """
+    targets = dataset.targets  # type: ignore[attr-defined]
+    cb = ClassBalancedBatchSampler(targets, batch_size, steps, seed, rank, per_class=images_per_class)
+    ib = InstanceBalancedBatchSampler(targets, batch_size, steps, seed, rank)
+    loaders = []
+    for stream, sampler in enumerate((cb, ib)):
+        sampler.set_epoch(phase, epoch)
+        gen = torch.Generator().manual_seed(stream_seed(seed, phase, epoch, rank, 10 + stream))
+        loaders.append(
+            DataLoader(dataset, batch_sampler=sampler, num_workers=workers, generator=gen, pin_memory=pin_memory)
+        )
+    return loaders[0], loaders[1]

@@ -9,7 +9,7 @@ from lpt.init import init_prompt_set
 from trainer.config import TrainConfig
 from trainer.data import synthetic_long_tailed
 from trainer.loop import Trainer
-from trainer.prompt_init import class_mean_head, per_class_sample
+from trainer.prompt_init import class_mean_head, per_class_sample, prompt_features
 from trainer.prompt_module import PromptModule
 
 SMALL = dict(epochs1=2, epochs2=3, batch_size=16, prompt_length=2, pool_size=4, top_k=2, share_blocks=2, progress=False)
@@ -55,7 +55,7 @@ def test_class_mean_head_starts_at_the_class_means_of_the_starting_features():
     t = trainer(bb, head_init="class-mean")
     start = t._fresh_checkpoint()
     indices = per_class_sample(t.train_set.targets, 64, 0)
-    feats = t._features(start.params["shared_prompt"], indices)
+    feats = prompt_features(bb, t.train_set, t.template, start.params["shared_prompt"], indices, t.cfg, t.ctx.device)
     want = class_mean_head(feats, torch.tensor([t.train_set.targets[i] for i in indices]), 4, t.template.head_weight)
     assert torch.allclose(start.params["head_weight"], want, atol=1e-6)
     random = trainer(bb, head_init="random")._fresh_checkpoint()
