@@ -28,7 +28,7 @@ from service.api.routes import error_response, router
 from service.auth import Authenticator
 from service.demo import install_demo
 from service.engine import DTYPES, Engine
-from service.images import ImageDecoder
+from service.images import DecodePool, ImageDecoder
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
 from service.queue import FairQueue
@@ -67,6 +67,7 @@ def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptS
     engine = Engine(backbone, config.device, dtype)
     worker = EngineWorker(engine, queue, metrics, config.max_batch_size, config.max_wait_ms / 1000.0)
     metrics.backbone_info.labels(backbone.info.name, backbone.info.fingerprint[:16]).set(1)
+    decoder = ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels)
     return ServiceState(
         config=config,
         backbone=backbone,
@@ -77,7 +78,8 @@ def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptS
         queue=queue,
         metrics=metrics,
         auth=Authenticator(config.api_keys),
-        decoder=ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels),
+        decoder=decoder,
+        decode_pool=DecodePool(decoder, config.decode_threads, config.decode_niceness),
         limits=limits,
     )
 
@@ -120,6 +122,7 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
             if state.subscription is not None:
                 state.subscription.close()
             state.cache.close()
+            state.decode_pool.close()
             if store is None:
                 state.store.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,10 @@ class ServiceSettings(BaseSettings):
     request_timeout: float = setting(10.0, "seconds before a classify answers 504")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image in bytes")
     max_image_pixels: int = setting(40_000_000, "largest width*height of an image")
+    decode_threads: int | None = setting(None, "threads decoding request images", unset="one per CPU core")
+    decode_niceness: int = setting(
+        5, "how far below the batch loop's CPU priority the decode threads run (Linux; 0: the same)"
+    )
     max_prompt_bytes: int = setting(64 * 1024 * 1024, "largest prompt set upload in bytes")
     max_classes: int = setting(8192, "largest class count a prompt set may have")
     api_keys: str | None = setting(
@@ -94,6 +99,13 @@ class ServiceSettings(BaseSettings):
         return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
 
 
+def _cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container's CPU set), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def env_name(field_name: str) -> str:
     """The environment variable of a setting (``max_batch_size`` -> ``LPT_MAX_BATCH_SIZE``)."""
     return ENV_PREFIX + field_name.upper()
@@ -108,6 +120,7 @@ class _ConfigBehaviour:
             "store": self.store or str(Path(self.data_dir) / "store"),
             "device": self.device or _default_device(),
             "replica_id": self.replica_id or f"{self.host}:{self.port}",
+            "decode_threads": self.decode_threads or _cpu_cores(),
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)

@@ -267,7 +267,7 @@ async def classify(
     body = await read_capped(request, limit * 8 + 64 * 1024 if multipart else limit)
     blobs = await multipart_files(request, "image", limit) if multipart else [body]
     async with state.cache.use(tenant, task, version, deadline) as lease:
-        images = await run_in_threadpool(state.decoder.decode_all, blobs)
+        images = await state.decode_pool.decode_all(blobs)
         # Each row holds its own lease until its future settles, however it settles (the queue's business).
         items = [WorkItem(tenant=tenant, image=img, lease=lease.share(), deadline=deadline) for img in images]
         state.queue.put_many(items)

@@ -4,7 +4,10 @@ variants (CMYK, LA, 16-bit, palette, animated GIF) answer 200; the server keeps 
 from __future__ import annotations
 
 import io
+import os
 import struct
+import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -241,6 +244,28 @@ def test_concurrent_decodes_leave_the_warning_filters_alone(served):
     responses = served.gather(calls)
     assert [r.status_code for r in responses] == [200] * 64
     assert warnings.filters == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+def test_images_decode_on_the_bounded_pool_below_the_process_priority(served):
+    pool = served.state.decode_pool
+    assert pool._pool._max_workers == served.state.config.decode_threads >= 1
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+    decode_all = pool.decoder.decode_all
+
+    def recording(blobs):
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return decode_all(blobs)
+
+    pool.decoder.decode_all = recording
+    try:
+        assert classify(served, png_bytes(), "image/png")[0].status_code == 200
+    finally:
+        pool.decoder.decode_all = decode_all
+    assert len(seen) == 1
+    name, niceness = seen[0]
+    assert name.startswith("lpt-decode") and niceness == min(19, main + served.state.config.decode_niceness) > main
 
 
 def test_a_refused_part_of_a_multi_image_request_is_named(served):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,7 @@ def test_unset_values_resolve(monkeypatch):
     config = load_config(["--host", "127.0.0.2", "--port", "8123", "--device", "cpu"])
     assert config.replica_id == "127.0.0.2:8123" and config.store == str(Path("data") / "store")
     assert config.compute_dtype == "float32"
+    assert config.decode_threads == len(os.sched_getaffinity(0))
 
 
 def test_a_bad_value_names_its_flag_and_variable(monkeypatch):
