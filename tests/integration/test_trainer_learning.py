@@ -1,8 +1,9 @@
 """The trainer learns on real data, and the service serves exactly what it evaluated.
 
 A small long-tailed CIFAR-10 subset (class i keeps int(100 * (1/20) ** (i / 9)) images: 100 down to 5,
-335 in all) with the real DeiT-Tiny at 96 px; 50 test images per class. The trained prompt set must beat a
-linear probe on the same frozen backbone and images, overall and on the tail (few-shot) classes. Then the
+335 in all) with the real DeiT-Tiny at 96 px; 50 test images per class. Trained with every recipe default, the
+prompt set must beat a plain and a logit-adjusted linear probe on the same frozen backbone and images, overall
+and on the tail (few-shot) classes, and phase 2 must not lose to phase 1 overall. Then the
 file goes through the real service (``create_app``): upload, and one classify request per test image,
 whose top-1 must equal the trainer's own evaluation image by image.
 """
@@ -23,7 +24,7 @@ from trainer.config import TrainConfig
 from trainer.data import load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import accuracy_report, summary
 from trainer.loop import Trainer
-from trainer.probe import extract_features, fit_linear_probe, probe_counts
+from trainer.probe import extract_features, fit_linear_probe, fit_logit_adjusted_probe, probe_counts
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,9 +33,8 @@ pytestmark = [
     pytest.mark.skipif(missing(ZIP, WEIGHTS) is not None, reason=missing(ZIP, WEIGHTS) or ""),
 ]
 SIZE = 96  # at 64 px the margin over the probe was within seed noise (measured: -0.2 to +3.4 points)
-# Few epochs on CPU: a larger lr than 0.02 * B / 256 and the data-informed prompt init (trainer.prompt_init
-# explains why DeiT-Tiny at small sizes needs it); everything else is the method note's.
-CONFIG = dict(epochs1=4, epochs2=4, batch_size=32, lr=0.01, prompt_init="data", progress=False, seed=0)
+# Only the budget is set (4 + 4 epochs of 11 steps fit a CPU test); every recipe choice is the trainer's default.
+CONFIG = dict(epochs1=4, epochs2=4, batch_size=32, progress=False, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +44,26 @@ def trained():
     val = per_class_subset(load_dataset(f"{ZIP}/test", "val"), 50).with_classes(train.class_names)
     assert train.class_counts() == [100, 71, 51, 36, 26, 18, 13, 9, 6, 5]
     result = Trainer(backbone, train, val, TrainConfig(**CONFIG), log=print).fit()
-    probe = fit_linear_probe(*extract_features(backbone, train), num_classes=10)
+    feats, targets = extract_features(backbone, train)
     val_feats, val_targets = extract_features(backbone, val)
-    probe_report = accuracy_report(
-        probe_counts(probe, val_feats, val_targets, 10), train.class_counts(), train.class_names
-    )
-    return backbone, val, result, probe_report
+    probes = {}
+    for name, probe in (
+        ("linear probe", fit_linear_probe(feats, targets, num_classes=10)),
+        ("logit-adjusted probe", fit_logit_adjusted_probe(feats, targets, num_classes=10)),
+    ):
+        counts = probe_counts(probe, val_feats, val_targets, 10)
+        probes[name] = summary(accuracy_report(counts, train.class_counts(), train.class_names))
+    return backbone, val, result, probes
 
 
-def test_lpt_beats_a_linear_probe_overall_and_on_the_tail(trained):
-    _, _, result, probe = trained
+def test_lpt_beats_both_probes_overall_and_on_the_tail(trained):
+    _, _, result, probes = trained
     lpt, phase1 = summary(result.report), summary(result.report["phase1"])
-    print(f"\nlinear probe {summary(probe)}\nphase 1      {phase1}\nLPT          {lpt}")
-    assert lpt["overall"] > probe["overall"]
-    assert lpt["few"] > probe["few"]
+    print("".join(f"\n{name:22s} {r}" for name, r in [*probes.items(), ("phase 1", phase1), ("LPT", lpt)]))
+    for name, probe in probes.items():
+        assert lpt["overall"] > probe["overall"], name
+        assert lpt["few"] > probe["few"], name
+    assert lpt["overall"] >= phase1["overall"]
 
 
 def test_the_service_returns_the_trainers_top1(trained, tmp_path):
