@@ -67,6 +67,7 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
     counts = {f"{h}/{v}": 0 for h in heads for v in ("reduced", "requality")}
     per_size: dict[str, dict[str, int]] = {}
     worst: dict[str, float] = dict.fromkeys(heads, 0.0)
+    flips: list[dict[str, Any]] = []
     bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
     log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
     for i, (_, img) in enumerate(bases):
@@ -82,6 +83,9 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
             else:
                 probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
             top = probs.argmax(-1).tolist()
+            if top[1] != top[0]:  # how close the full decode's own call was: a near-tie flips on any change
+                best = probs[0].topk(2).values
+                flips.append({"image": i, "size": list(size), "head": head, "margin": float(best[0] - best[1])})
             counts[f"{head}/reduced"] += top[1] == top[0]
             counts[f"{head}/requality"] += top[2] == top[0]
             row[head] += top[1] == top[0]
@@ -97,6 +101,7 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
         "heads": list(heads),
         "agreement": {k: v / max(1, total) for k, v in counts.items()},
         "max_prob_diff": worst,
+        "flips": flips,
         "per_size": per_size,
     }
 
@@ -132,4 +137,7 @@ def markdown(report: dict[str, Any]) -> str:
         + "; largest probability difference, reduced vs full: "
         + ", ".join(f"{h} {report['max_prob_diff'][h]:.3f}" for h in heads)
     )
+    if report.get("flips"):
+        margins = ", ".join(f"{f['head']} {f['margin']:.3f}" for f in report["flips"])
+        lines.append(f"\ntop-2 probability margin of the full decode where the reduced decode differs: {margins}")
     return "\n".join(lines)
