@@ -67,7 +67,6 @@ def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptS
     engine = Engine(backbone, config.device, dtype)
     worker = EngineWorker(engine, queue, metrics, config.max_batch_size, config.max_wait_ms / 1000.0)
     metrics.backbone_info.labels(backbone.info.name, backbone.info.fingerprint[:16]).set(1)
-    decoder = ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels)
     return ServiceState(
         config=config,
         backbone=backbone,
@@ -78,8 +77,11 @@ def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptS
         queue=queue,
         metrics=metrics,
         auth=Authenticator(config.api_keys),
-        decoder=decoder,
-        decode_pool=DecodePool(decoder, config.decode_threads, config.decode_niceness),
+        decode_pool=DecodePool(
+            ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels),
+            config.decode_threads,
+            config.decode_niceness,
+        ),
         limits=limits,
     )
 

@@ -16,7 +16,7 @@ from lpt.prompt_set import ValidationLimits
 from prompts_store.base import PromptStore, Subscription
 from service.auth import Authenticator
 from service.engine import Engine
-from service.images import DecodePool, ImageDecoder
+from service.images import DecodePool
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
 from service.queue import FairQueue
@@ -38,7 +38,6 @@ class ServiceState:
     queue: FairQueue
     metrics: ServiceMetrics
     auth: Authenticator
-    decoder: ImageDecoder
     decode_pool: DecodePool
     limits: ValidationLimits
     subscription: Subscription | None = None
