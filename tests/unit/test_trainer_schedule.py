@@ -18,8 +18,8 @@ def test_instance_balanced_weight_decays_from_half_to_zero():
 
 
 def test_default_lr_scales_with_batch():
-    assert TrainConfig().base_lr == pytest.approx(0.4)  # B = 256
-    assert TrainConfig(batch_size=64).base_lr == pytest.approx(0.1)
+    assert TrainConfig().base_lr == pytest.approx(0.8)  # B = 256
+    assert TrainConfig(batch_size=64).base_lr == pytest.approx(0.2)
     assert TrainConfig(batch_size=64, lr=0.005).base_lr == 0.005  # the authors' 0.02 * B / 256
 
 
