@@ -14,8 +14,8 @@ import torch.distributed as dist
 from lpt.prompt_set import PromptSet
 
 # 40x the authors' 0.02 * B / 256, which comes with thousands of steps: at a few hundred steps their rate leaves
-# the prompts where they started. Half the rate at which a short run diverges (DeiT-Tiny, CIFAR-10-LT sweep in
-# docs/trainer.md). ``--lr`` sets any other rate.
+# the prompts where they started. The largest rate of a short-run sweep at which phase 2 never lost to phase 1,
+# a quarter of the rate that diverged (DeiT-Tiny, CIFAR-10-LT: docs/trainer.md). ``--lr`` sets any other rate.
 LR_PER_256 = 0.8
 
 
