@@ -10,6 +10,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pydantic
@@ -114,7 +115,11 @@ def ready_line(config: ServiceConfig, app: Any, sock: socket.socket) -> str:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, logging "ready" once the app has started and the socket accepts connections."""
+    """uvicorn's server, logging "ready" once the app has started and the socket accepts connections.
+
+    A shutdown signal marks the service draining at once: uvicorn notices the signal only on its next 100 ms tick,
+    and until then a request on a kept-alive connection would still be accepted as new work.
+    """
 
     def __init__(self, uv_config: uvicorn.Config, config: ServiceConfig, sock: socket.socket):
         super().__init__(uv_config)
@@ -125,6 +130,12 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             log.info(ready_line(self.service_config, self.config.app, self.sock))
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self.config.app.state, "lpt", None)
+        if state is not None:
+            state.draining = True
+        super().handle_exit(sig, frame)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,6 +94,20 @@ def metric(url: str, name: str) -> float:
     return 0.0
 
 
+def wait_until_draining(url: str) -> None:
+    """Until the signal has been handled: /readyz says draining, or the listening socket is closed."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=1.0)
+        except httpx.TransportError:
+            return
+        if r.status_code == 503 and r.json()["detail"]["draining"]:
+            return
+        time.sleep(0.005)
+    pytest.fail("the service never started draining after SIGTERM")
+
+
 def test_declared_huge_body_is_refused_before_it_is_sent(process):
     for path in ("/v1/classify?task=demo", "/v1/prompts?task=big"):
         status, elapsed = status_line_for_declared_body(process.port, path, 10 * 1024**3)
@@ -123,7 +137,7 @@ def test_sigterm_during_keyed_traffic(process):
             time.sleep(0.01)
         signalled = time.monotonic()
         process.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
+        wait_until_draining(url)
         # New work is refused: on the old keep-alive connection, and on a new one.
         for attempt in (keep_alive, httpx.Client(timeout=5)):
             try:
