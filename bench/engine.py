@@ -40,6 +40,7 @@ from bench.engine_report import machine_info, markdown, summarise
 from bench.real_data import DEIT_WEIGHTS
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import PromptBank, SharedKV, precompute_shared_kv, prompted_forward
+from lpt.host_memory import RETAIN_BYTES, retain_freed_memory
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from tests.reference_lpt import two_pass_batched
@@ -79,6 +80,7 @@ class EngineConfig:
     top_k: int = 2
     atol: float | None = None  # None: 1e-4 for float32 logits (scale 20), looser under autocast
     clock: str = "wall"  # wall: perf_counter; cpu: this process's CPU time (see CLOCKS)
+    host_memory_retain: int = RETAIN_BYTES  # as lpt-serve sets its allocator; 0: glibc's defaults
 
 
 @dataclass
@@ -332,6 +334,7 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    retained = retain_freed_memory(cfg.host_memory_retain)  # before the first large allocation
     device = torch.device(cfg.device)
     weights = cfg.weights or default_weights(cfg.backbone)
     backbone = load_backbone(cfg.backbone, weights=weights, img_size=cfg.img_size)
@@ -355,7 +358,7 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
         "benchmark": "engine",
         "config": {**asdict(cfg), "weights": backbone.info.weights},
         "backbone": backbone.info.to_dict(),
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), "host_memory_retained": retained},
         "checks": {},
         "results": [],
     }
@@ -401,6 +404,12 @@ def parse_args(argv: list[str] | None) -> tuple[EngineConfig, Path | None]:
     p.add_argument("--tasks-per-batch", type=int, default=d.tasks_per_batch, help="distinct tasks per mixed batch")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--clock", default=d.clock, choices=sorted(CLOCKS), help="wall, or cpu: process CPU time")
+    p.add_argument(
+        "--host-memory-retain-bytes",
+        type=int,
+        default=d.host_memory_retain,
+        help="freed host memory the allocator keeps, as lpt-serve sets it (0: glibc's defaults)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--atol", type=float, default=None, help="logit tolerance of the correctness check")
     p.add_argument("--json", type=Path, default=None, help="write the full report (raw times included) here")
@@ -420,6 +429,7 @@ def parse_args(argv: list[str] | None) -> tuple[EngineConfig, Path | None]:
         tasks_per_batch=a.tasks_per_batch,
         threads=a.threads,
         clock=a.clock,
+        host_memory_retain=a.host_memory_retain_bytes,
         seed=a.seed,
         atol=a.atol,
     )

@@ -89,13 +89,18 @@ def _mark(value: float, target: float) -> str:
     return f"{value:.2f} {'ok' if value >= target else 'MISS'}"
 
 
+def _allocator(machine: dict[str, Any]) -> str:
+    retained = machine.get("host_memory_retained")
+    return "glibc defaults" if not retained else "retaining freed memory (lpt.host_memory)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Two tables: per-variant throughput, then the issue's target ratios per batch size."""
     cfg, machine = report["config"], report["machine"]
     lines = [
         f"{cfg['backbone']} ({cfg['weights']}), {cfg['dtype']}, {machine['device']} ({machine['cpu']}), "
         f"{machine['torch_threads']} threads, clock {cfg['clock']}, median of {cfg['repeats']} repeats, "
-        f"{cfg['tasks']} tasks registered, {machine['date']}",
+        f"{cfg['tasks']} tasks registered, host allocator {_allocator(machine)}, {machine['date']}",
         "",
         "| batch | variant | tasks in batch | median ms | IQR % | images/s | x plain |",
         "|---:|---|---:|---:|---:|---:|---:|",

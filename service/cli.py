@@ -18,6 +18,7 @@ import uvicorn
 from pydantic.fields import FieldInfo
 
 import lpt
+from lpt.host_memory import retain_freed_memory
 from service.settings import ServiceConfig, ServiceSettings, env_name
 
 log = logging.getLogger("service.cli")  # not __name__: it is "__main__" under python -m
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     config = settings.freeze()
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.check_exposure()
+    if retain_freed_memory(config.host_memory_retain_bytes):  # process-wide: before the backbone is loaded
+        log.debug("host allocator keeps up to %d freed bytes per heap", config.host_memory_retain_bytes)
     sock = bind(config.host, config.port)
     if config.port == 0:  # any free port: the config (and the default replica id) names the one bound
         config = settings.model_copy(update={"port": sock.getsockname()[1]}).freeze()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lpt.host_memory import RETAIN_BYTES
 from lpt.ids import check_tenant_id
 
 DEFAULT_TENANT = "default"
@@ -59,6 +60,9 @@ class ServiceSettings(BaseSettings):
     decode_threads: int | None = setting(None, "threads decoding request images", unset="one per CPU core")
     decode_niceness: int = setting(
         5, "how far below the batch loop's CPU priority the decode threads run (Linux; 0: the same)"
+    )
+    host_memory_retain_bytes: int = setting(
+        RETAIN_BYTES, "freed host memory the allocator keeps instead of returning it (glibc; 0: its defaults)"
     )
     max_prompt_bytes: int = setting(64 * 1024 * 1024, "largest prompt set upload in bytes")
     max_classes: int = setting(8192, "largest class count a prompt set may have")
