@@ -16,5 +16,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loading": ("bench.loading", "prompt-set cache-miss loads (Redis, embedded) and upload-to-first-served"),
     "memory": ("bench.memory", "device bytes per resident prompt set; how many fit in a budget"),
     "scaling": ("bench.scaling", "engine throughput vs distinct tasks per batch and registered tasks"),
+    "allocator": ("bench.allocator", "the host allocator setting on and off in fresh processes: CPU forward times"),
     "overload": ("bench.overload", "lpt-serve at 2x/5x capacity: 429 latency, accepted p99, tenant fairness, soak"),
 }
