@@ -2,9 +2,9 @@
 
 glibc's malloc serves blocks above a (dynamic) threshold with fresh ``mmap`` pages and returns free memory at
 the top of its heaps to the kernel. A ViT forward on the CPU allocates and frees megabyte-sized activations in
-every block, so with those defaults each block touches fresh pages, and the kernel's page faults and zeroing
-become a tenth of the forward's time (measured with DeiT-Tiny, see docs/benchmarks.md). Serving them from
-retained heap memory removes that cost; the price is that the process keeps up to ``retain_bytes`` of freed
+every block, so with those defaults each block touches fresh pages that the kernel must fault in and zero.
+Serving them from retained heap memory made a DeiT-Tiny forward 9-13 % faster (``python -m bench allocator``,
+docs/benchmarks.md); the price is that the process keeps up to ``retain_bytes`` of freed
 memory per heap instead of returning it. jemalloc or tcmalloc preloaded do the same; this needs no preload.
 """
 
