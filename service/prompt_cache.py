@@ -8,12 +8,18 @@ meanwhile.
 
 Concurrency: one lock guards the version pointers and the flights; store reads, decoding and device copies run
 on a small loader pool outside it. Lock order: this cache's lock, then the table's.
+
+Following the store: a change event only says that something changed. Events can arrive late and out of order
+(a reconcile pass can deliver a snapshot read just before an upload), so the cache asks the store for the
+active version and applies that answer, unless a newer observation of the task was applied meanwhile.
+Observations are ordered by when they started: a read that starts after a write has finished sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lpt.backbone import BackboneInfo
-from lpt.errors import StoreCorrupt, StoreUnavailable
+from lpt.errors import NotFound, StoreCorrupt, StoreUnavailable
 from lpt.prompt_set import PromptSet, ValidationLimits, decode, load_and_validate
 from prompts_store.base import ChangeEvent, PromptStore, StoredBlob, StoredVersion
 from service.errors import DeadlineExceeded
@@ -97,6 +103,8 @@ class PromptCache:
         self._active: dict[tuple[str, str], int] = {}
         self._wanted: dict[tuple[str, str], int | None] = {}
         self._inflight: dict[FlightKey, _Flight] = {}
+        self._observations = itertools.count(1)  # orders what the cache learns of each task's active version
+        self._observed: dict[tuple[str, str], int] = {}  # per task: the newest observation applied
         self._pool = ThreadPoolExecutor(max_workers=loaders, thread_name_prefix="lpt-load")
         self._closed = False
 
@@ -212,10 +220,13 @@ class PromptCache:
         entry, _ = self.table.insert(self._make_entry(info, ps))
         with self._lock:
             # Versions only grow, so a newer wanted version means a concurrent upload finished first: keep it.
-            wanted = self._wanted.get((info.tenant, info.task))
-            if wanted is None or info.version > wanted:
-                self._wanted[(info.tenant, info.task)] = info.version
-                self._active[(info.tenant, info.task)] = info.version
+            # The same version is wanted when the store's change event for this upload came first: its swap
+            # may still be loading the set that is resident now.
+            tk = (info.tenant, info.task)
+            wanted = self._wanted.get(tk)
+            if wanted is None or info.version >= wanted:
+                self._wanted[tk] = self._active[tk] = info.version
+                self._observed[tk] = next(self._observations)  # the upload's write has finished
         return entry
 
     def class_names(self, tenant: str, task: str, version: int) -> list[str]:
@@ -231,11 +242,13 @@ class PromptCache:
         with self._lock:
             self._active.pop((tenant, task), None)
             self._wanted.pop((tenant, task), None)
+            self._observed.pop((tenant, task), None)
             self.table.discard_task(tenant, task)
 
     # -- hot swap --------------------------------------------------------------------------------
     def on_change(self, event: ChangeEvent) -> None:
-        """Store notification: load the new active version, then swap atomically; drop deleted tasks.
+        """Store notification: confirm the task's active version with the store, load it, then swap atomically;
+        drop deleted tasks.
 
         Only tasks this replica has served are followed (the others load on first use). A failed load
         leaves the old version serving and is retried with backoff while that version is still wanted (the
@@ -243,21 +256,48 @@ class PromptCache:
         """
         tk = (event.tenant, event.task)
         with self._lock:
-            known = tk in self._active
-            current = self._active.get(tk)
-            if known:
-                self._wanted[tk] = event.active
-        if not known or event.active == current:
-            return
-        if event.active is None:
-            self.drop_task(*tk)
-            return
-        self._pool.submit(self._swap, event.tenant, event.task, event.active)
+            if tk not in self._active or event.active == self._active[tk] == self._wanted.get(tk):
+                return
+        with contextlib.suppress(RuntimeError):  # the pool shut down meanwhile
+            self._pool.submit(self._follow, event)
+
+    def _follow(self, event: ChangeEvent) -> None:
+        """Read the store's active version and act on it (on the event itself when the store cannot answer)."""
+        with self._lock:
+            observation = next(self._observations)
+        try:
+            active: int | None = self.store.active_version(event.tenant, event.task).version
+        except NotFound:
+            active = None
+        except StoreUnavailable as exc:  # the event is the best knowledge there is until the store answers
+            self.metrics.store_errors.inc()
+            log.debug("confirming %s/%s v%s with the store failed: %s", event.tenant, event.task, event.active, exc)
+            active = event.active
+        except Exception:
+            log.exception("confirming %s/%s v%s with the store failed", event.tenant, event.task, event.active)
+            active = event.active
+        self._observe(event.tenant, event.task, observation, active)
+
+    def _observe(self, tenant: str, task: str, observation: int, active: int | None) -> None:
+        """Apply what the store said of a followed task, unless a newer observation was applied first."""
+        tk = (tenant, task)
+        with self._lock:
+            if tk not in self._active or observation <= self._observed.get(tk, 0):
+                return
+            self._observed[tk] = observation
+            self._wanted[tk] = active
+            current = self._active[tk]
+        if active is None:
+            self.drop_task(tenant, task)
+        elif active != current:
+            self._swap(tenant, task, active)
 
     def activate(self, tenant: str, task: str, version: int) -> None:
-        """Local rollback: follow the new active version now (blocking until resident)."""
+        """Local rollback (the store's activation has finished): follow the new active version now (blocking
+        until resident)."""
         with self._lock:
             self._wanted[(tenant, task)] = version
+            self._observed[(tenant, task)] = next(self._observations)
         self._swap(tenant, task, version)
 
     def _swap(self, tenant: str, task: str, version: int, attempt: int = 0) -> None:

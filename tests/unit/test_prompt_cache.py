@@ -1,5 +1,6 @@
 """The cache's policy over a real embedded store: single-flight loads, eviction under leases, re-insert of a
-resident version, deadlines while loading, and the retry of a failed hot swap."""
+resident version, deadlines while loading, the retry of a failed hot swap, and following the store's active
+version through late and out-of-order change events."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ class GatedStore:
         self.gate = threading.Event()
         self.gate.set()
         self.fail_versions: dict[int, int] = {}  # version -> failures left
+        self.reads: list[int | None] = []  # what each finished ``active_version`` call answered
+        self.read_gate = threading.Event()  # held: ``active_version`` reads, then waits before answering
+        self.read_gate.set()
+        self.read_fails = False
 
     def get(self, tenant: str, task: str, version: int | None = None) -> Any:
         self.gets[version] += 1
@@ -44,6 +49,14 @@ class GatedStore:
             self.fail_versions[version] -= 1
             raise StoreUnavailable(message="injected: the store is unreachable")
         return self.inner.get(tenant, task, version)
+
+    def active_version(self, tenant: str, task: str) -> Any:
+        if self.read_fails:
+            raise StoreUnavailable(message="injected: the store is unreachable")
+        info = self.inner.active_version(tenant, task)
+        assert self.read_gate.wait(30)
+        self.reads.append(info.version)
+        return info
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -185,9 +198,102 @@ def test_a_superseded_swap_stops_retrying(store, backbone, one_set) -> None:
     store.fail_versions[v2.version] = 1000
     cache.on_change(ChangeEvent(TENANT, "a", v2.version))
     time.sleep(0.3)
-    cache.on_change(ChangeEvent(TENANT, "a", 1))  # rolled back before v2 ever loaded
+    store.inner.activate(TENANT, "a", 1)  # rolled back before v2 ever loaded
+    cache.on_change(ChangeEvent(TENANT, "a", 1))
     tries = store.gets[v2.version]
     time.sleep(1.0)
     assert store.gets[v2.version] <= tries + 1  # at most one retry already scheduled, then none
     assert cache.active_version(TENANT, "a") == 1
+    cache.close()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def upload(cache: PromptCache, store: GatedStore, backbone, seed: int) -> int:
+    """What the upload route does: write the store, then install the validated set on this replica."""
+    data = prompt_bytes(backbone.info, seed=seed)
+    info = store.inner.put(TENANT, "a", data)
+    cache.install(info, decode(data))
+    return info.version
+
+
+def watch_active(cache: PromptCache, seconds: float) -> set[int | None]:
+    """Every active version of task a seen while polling for ``seconds``."""
+    seen = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.add(cache.active_version(TENANT, "a"))
+        time.sleep(0.002)
+    return seen
+
+
+def test_a_late_event_for_the_version_before_an_upload_does_not_revert_it(store, backbone, one_set) -> None:
+    cache = make_cache(store, backbone, 10 * one_set)
+    cache.acquire(TENANT, "a").release()  # follows task a at v1, which stays resident
+    v2 = upload(cache, store, backbone, seed=42)
+    cache.on_change(ChangeEvent(TENANT, "a", 1))  # a reconcile pass that read the store before the upload
+    wait_until(lambda: store.reads == [v2])
+    assert watch_active(cache, 0.2) == {v2}
+    cache.close()
+
+
+def test_a_store_read_that_started_before_an_upload_does_not_override_it(store, backbone, one_set) -> None:
+    cache = make_cache(store, backbone, 10 * one_set)
+    cache.acquire(TENANT, "a").release()
+    v2 = store.inner.put(TENANT, "a", prompt_bytes(backbone.info, seed=42)).version  # another replica's upload
+    store.read_gate.clear()
+    cache.on_change(ChangeEvent(TENANT, "a", v2))  # its confirming read sees v2, then is held
+    time.sleep(0.1)
+    v3 = upload(cache, store, backbone, seed=43)  # this replica's upload finishes while that read is held
+    assert cache.active_version(TENANT, "a") == v3
+    store.read_gate.set()
+    wait_until(lambda: store.reads == [v2])
+    assert watch_active(cache, 0.2) == {v3}
+    cache.close()
+
+
+def test_events_are_confirmed_with_the_store_rollbacks_and_deletes_followed(store, backbone, one_set) -> None:
+    cache = make_cache(store, backbone, 10 * one_set)
+    cache.acquire(TENANT, "a").release()
+    v2 = upload(cache, store, backbone, seed=42)
+    store.inner.activate(TENANT, "a", 1)  # another replica rolls back
+    cache.on_change(ChangeEvent(TENANT, "a", 1))
+    wait_until(lambda: cache.active_version(TENANT, "a") == 1)
+    cache.on_change(ChangeEvent(TENANT, "a", v2))  # late: the store says 1
+    wait_until(lambda: len(store.reads) == 2)
+    assert watch_active(cache, 0.2) == {1}
+    store.inner.delete(TENANT, "a")
+    cache.on_change(ChangeEvent(TENANT, "a", None))
+    wait_until(lambda: cache.active_version(TENANT, "a") is None)
+    assert SetKey(TENANT, "a", 1) not in cache.table and SetKey(TENANT, "a", v2) not in cache.table
+    cache.close()
+
+
+def test_when_the_store_cannot_confirm_the_event_is_followed(store, backbone, one_set) -> None:
+    cache = make_cache(store, backbone, 10 * one_set)
+    cache.acquire(TENANT, "a").release()
+    v2 = store.inner.put(TENANT, "a", prompt_bytes(backbone.info, seed=42)).version
+    store.read_fails = True
+    cache.on_change(ChangeEvent(TENANT, "a", v2))
+    wait_until(lambda: cache.active_version(TENANT, "a") == v2)
+    assert cache.metrics.registry.get_sample_value("lpt_store_errors_total") == 1
+    cache.close()
+
+
+def test_an_upload_serves_at_once_when_its_change_event_came_first(store, backbone, one_set) -> None:
+    cache = make_cache(store, backbone, 10 * one_set)
+    cache.acquire(TENANT, "a").release()
+    data = prompt_bytes(backbone.info, seed=42)
+    info = store.inner.put(TENANT, "a", data)
+    store.gate.clear()  # the swap that the event starts is still loading v2 ...
+    cache.on_change(ChangeEvent(TENANT, "a", info.version))
+    wait_until(lambda: store.gets[info.version] == 1)
+    cache.install(info, decode(data))  # ... when the upload installs it
+    assert cache.active_version(TENANT, "a") == info.version
+    store.gate.set()
     cache.close()
