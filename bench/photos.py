@@ -98,6 +98,7 @@ class PhotosConfig:
     agreement: bool = False
     count: int = 300
     per_class: int = 50
+    side_factors: tuple[int, ...] = (1,)  # agreement: reduced decodes keeping these multiples of the resize side
     seed: int = 0
     kinds: list[str] = field(default_factory=lambda: [k.name for k in KINDS])
     baseline_repo: Path | None = None  # a second server from this checkout, interleaved (before/after)
@@ -338,6 +339,11 @@ def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
     p.add_argument("--agreement", action="store_true", help="top-1 agreement of reduced and full decodes instead")
     p.add_argument("--count", type=int, default=d.count, help="images of the agreement run")
     p.add_argument("--per-class", type=int, default=d.per_class, help="CIFAR-10 training images per class mean")
+    p.add_argument(
+        "--side-factors",
+        default=",".join(map(str, d.side_factors)),
+        help="agreement: also compare reduced decodes that keep these multiples of the resize side (1: the service's)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
@@ -360,6 +366,7 @@ def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
         agreement=a.agreement,
         count=a.count,
         per_class=a.per_class,
+        side_factors=tuple(sorted({int(f) for f in a.side_factors.split(",") if f.strip()})),
         seed=a.seed,
         kinds=[k.strip() for k in a.kinds.split(",") if k.strip()],
         baseline_repo=a.baseline_repo,

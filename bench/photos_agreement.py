@@ -5,6 +5,8 @@ service's decoder (smallest DCT scale that covers the resize) and at full resolu
 CIFAR-10 cosine head (unit-length class means of DeiT features of CIFAR training images, the kind of head LPT
 puts on the backbone) and by DeiT's own ImageNet-1k head. Next to it the same share for a trivial change (the
 photo saved at JPEG quality 85 instead of 90): how stable each head's top-1 is on these images to begin with.
+With ``--side-factors 1,2`` the same images are also decoded keeping twice the resize side (one DCT scale
+larger), in the same run: how much of the disagreement the scale choice accounts for.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from PIL import Image
 from bench.common import default_weights, run_metadata
 from bench.photos import (
     AGREEMENT_SIZES,
+    MAX_BYTES,
+    MAX_PIXELS,
     TARGET_AGREEMENT,
     PhotosConfig,
     base_images,
@@ -31,6 +35,7 @@ from bench.photos import (
     upscale,
 )
 from lpt.backbone import load_backbone
+from service.images import ImageDecoder
 
 
 def class_means(model: torch.nn.Module, transform, cifar_zip: Path, per_class: int, device) -> torch.Tensor | None:
@@ -54,19 +59,41 @@ def features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.forward_features(batch), pre_logits=True)
 
 
+class WiderDecode:
+    """The eval transform, asking the decoder to keep ``factor`` times its resize side."""
+
+    def __init__(self, transform, factor: int):
+        self.transform = transform
+        self.resize_side = factor * transform.resize_side
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+
+def variant_name(factor: int) -> str:
+    return "reduced" if factor == 1 else f"reduced-x{factor}"
+
+
 def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
-    """Per image: the service's reduced decode, a full-resolution decode, and (the noise floor of the measure) a
-    full decode of the same photo saved at JPEG quality 85; top-1 under the CIFAR-10 head and DeiT's ImageNet head."""
+    """Per image: the service's reduced decode (and any wider ones), a full-resolution decode, and (the noise
+    floor of the measure) a full decode of the same photo saved at JPEG quality 85; top-1 under the CIFAR-10 head
+    and DeiT's ImageNet head."""
     device = torch.device(cfg.device)
     weights = cfg.weights or default_weights(cfg.backbone)
     backbone = load_backbone(cfg.backbone, weights)
     model = imagenet_classifier(cfg.backbone, weights).to(device)
     reduced, full = decoders(backbone)
+    variants = {
+        variant_name(f): reduced
+        if f == 1
+        else ImageDecoder(WiderDecode(backbone.eval_transform, f), MAX_BYTES, MAX_PIXELS)
+        for f in cfg.side_factors
+    }
     means = class_means(model, backbone.eval_transform, cfg.cifar_zip, cfg.per_class, device)
     heads = {"imagenet1k": None} if means is None else {"cifar10": means, "imagenet1k": None}
-    counts = {f"{h}/{v}": 0 for h in heads for v in ("reduced", "requality")}
+    counts = {f"{h}/{v}": 0 for h in heads for v in (*variants, "requality")}
     per_size: dict[str, dict[str, int]] = {}
-    worst: dict[str, float] = dict.fromkeys(heads, 0.0)
+    worst: dict[str, float] = {f"{h}/{v}": 0.0 for h in heads for v in variants}
     flips: list[dict[str, Any]] = []
     bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
     log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
@@ -74,8 +101,9 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
         size = AGREEMENT_SIZES[i % len(AGREEMENT_SIZES)]
         photo = upscale(img, size, cfg.seed + i)
         data, requality = encode(photo, "JPEG"), encode(photo, "JPEG", quality=85)
-        feats = features(model, torch.stack([full(data), reduced(data), full(requality)]).to(device))
-        row = per_size.setdefault(f"{size[0]}x{size[1]}", {"images": 0, **dict.fromkeys(heads, 0)})
+        decoded = [full(data), *(decode(data) for decode in variants.values()), full(requality)]
+        feats = features(model, torch.stack(decoded).to(device))
+        row = per_size.setdefault(f"{size[0]}x{size[1]}", {"images": 0, **{k: 0 for k in counts}})
         row["images"] += 1
         for head, weight in heads.items():
             if weight is None:
@@ -83,13 +111,24 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
             else:
                 probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
             top = probs.argmax(-1).tolist()
-            if top[1] != top[0]:  # how close the full decode's own call was: a near-tie flips on any change
-                best = probs[0].topk(2).values
-                flips.append({"image": i, "size": list(size), "head": head, "margin": float(best[0] - best[1])})
-            counts[f"{head}/reduced"] += top[1] == top[0]
-            counts[f"{head}/requality"] += top[2] == top[0]
-            row[head] += top[1] == top[0]
-            worst[head] = max(worst[head], float((probs[1] - probs[0]).abs().max()))
+            for j, name in enumerate((*variants, "requality"), start=1):
+                same = top[j] == top[0]
+                counts[f"{head}/{name}"] += same
+                row[f"{head}/{name}"] += same
+                if name == "requality":
+                    continue
+                worst[f"{head}/{name}"] = max(worst[f"{head}/{name}"], float((probs[j] - probs[0]).abs().max()))
+                if not same:  # how close the full decode's own call was: a near-tie flips on any change
+                    best = probs[0].topk(2).values
+                    flips.append(
+                        {
+                            "image": i,
+                            "size": list(size),
+                            "head": head,
+                            "decode": name,
+                            "margin": float(best[0] - best[1]),
+                        }
+                    )
         if (i + 1) % 50 == 0:
             log(f"  {i + 1} images: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     total = len(bases)
@@ -99,6 +138,7 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
         "machine": run_metadata(device, ["photos", *argv]),
         "images": total,
         "heads": list(heads),
+        "decodes": list(variants),
         "agreement": {k: v / max(1, total) for k, v in counts.items()},
         "max_prob_diff": worst,
         "flips": flips,
@@ -117,27 +157,29 @@ def imagenet_classifier(name: str, weights: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def agreement_cell(report: dict[str, Any], head: str) -> str:
-    share = report["agreement"][f"{head}/reduced"]
+def agreement_cell(report: dict[str, Any], key: str) -> str:
+    share = report["agreement"][key]
     return f"{share:.1%} ({target_mark(share >= TARGET_AGREEMENT)} >= {TARGET_AGREEMENT:.0%})"
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """Agreement per photo size and head, then the noise floor and the largest probability change."""
-    heads = report["heads"]
-    lines = ["| photo size | images | " + " | ".join(f"same top-1, {h}" for h in heads) + " |"]
-    lines.append("|---|---:|" + "---:|" * len(heads))
+    """Agreement per photo size, head and decode, then the noise floor and the largest probability change."""
+    heads, decodes = report["heads"], report.get("decodes", ["reduced"])
+    keys = [f"{h}/{d}" for h in heads for d in decodes]
+    lines = ["| photo size | images | " + " | ".join(f"same top-1, {k}" for k in keys) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(keys))
     for size, row in report["per_size"].items():
-        cells = " | ".join(f"{row[h] / row['images']:.1%}" for h in heads)
+        cells = " | ".join(f"{row.get(k, row.get(k.split('/')[0], 0)) / row['images']:.1%}" for k in keys)
         lines.append(f"| {size} | {row['images']} | {cells} |")
-    lines.append(f"| all | {report['images']} | " + " | ".join(agreement_cell(report, h) for h in heads) + " |")
+    lines.append(f"| all | {report['images']} | " + " | ".join(agreement_cell(report, k) for k in keys) + " |")
+    worst = report["max_prob_diff"]
     lines.append(
         "\nnoise floor (full decode of the photo saved at quality 85 against quality 90): "
         + ", ".join(f"{h} {report['agreement'][h + '/requality']:.1%}" for h in heads)
-        + "; largest probability difference, reduced vs full: "
-        + ", ".join(f"{h} {report['max_prob_diff'][h]:.3f}" for h in heads)
+        + "; largest probability difference against the full decode: "
+        + ", ".join(f"{k} {worst.get(k, worst.get(k.split('/')[0], 0.0)):.3f}" for k in keys)
     )
     if report.get("flips"):
-        margins = ", ".join(f"{f['head']} {f['margin']:.3f}" for f in report["flips"])
-        lines.append(f"\ntop-2 probability margin of the full decode where the reduced decode differs: {margins}")
+        margins = ", ".join(f"{f['head']}/{f.get('decode', 'reduced')} {f['margin']:.3f}" for f in report["flips"])
+        lines.append(f"\ntop-2 probability margin of the full decode where a reduced decode differs: {margins}")
     return "\n".join(lines)

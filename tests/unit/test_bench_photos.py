@@ -46,3 +46,23 @@ def test_unknown_kinds_are_refused():
     assert parse_args(["--kinds", "12MP"])[0].kinds == ["12MP"]
     with pytest.raises(SystemExit):
         parse_args(["--kinds", "40MP"])
+
+
+def test_a_wider_reduced_decode_keeps_twice_the_side_and_the_agreement_report_names_it(tmp_path):
+    from bench.photos_agreement import WiderDecode, markdown, run_agreement
+    from service.images import ImageDecoder
+
+    backbone = load_backbone("test_vit", "random:0", img_size=32)
+    reduced, _ = decoders(backbone)
+    wider = ImageDecoder(WiderDecode(backbone.eval_transform, 4), 10 << 20, 40_000_000)
+    assert wider.min_side == 4 * reduced.min_side
+    buf = io.BytesIO()
+    Image.new("RGB", (800, 600), (20, 40, 60)).save(buf, "JPEG")
+    assert min(reduced.decode(buf.getvalue()).size) < 4 * reduced.min_side <= min(wider.decode(buf.getvalue()).size)
+
+    cfg, _ = parse_args(["--agreement", "--count", "3", "--side-factors", "1,4", "--weights", "random:0"])
+    cfg.backbone, cfg.cifar_zip = "test_vit", tmp_path / "absent.zip"
+    report = run_agreement(cfg, [], log=lambda *_: None)
+    assert report["decodes"] == ["reduced", "reduced-x4"] and report["images"] == 3
+    assert set(report["agreement"]) == {"imagenet1k/reduced", "imagenet1k/reduced-x4", "imagenet1k/requality"}
+    assert "imagenet1k/reduced-x4" in markdown(report)
