@@ -13,7 +13,8 @@ share the prompt length L and ``share_blocks`` S (token counts must agree inside
 with several geometries run one forward per geometry.
 
 Inside a block, prompt tokens enter attention as keys and values only (``lpt.prompt_kv``): queries, the output
-projection and the MLP run on the real tokens. A bank may carry its sets' precomputed shared-prompt keys and
+projection and the MLP run on the real tokens, and in the last block of a class-token-pooled ViT on the class
+token alone (the pooling reads nothing else). A bank may carry its sets' precomputed shared-prompt keys and
 values (``SharedKV``, computed once when a set becomes resident); without them (the trainer) they are computed
 per slot on the fly. Blocks that path does not support run with the prompt tokens appended, as the reference.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "cosine_logits",
     "embed",
     "pool_features",
+    "pooled_tokens",
     "precompute_shared_kv",
     "prompted_block",
     "prompted_forward",
@@ -315,7 +317,16 @@ class _BlockRunner:
         rows = _per_row(kv, slots)
         return rows[:, 0], rows[:, 1]
 
-    def __call__(self, i: int, x: torch.Tensor, slots: torch.Tensor, group: torch.Tensor | None = None):
+    def __call__(
+        self,
+        i: int,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        group: torch.Tensor | None = None,
+        out_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Block ``i``'s output for ``x``; with ``out_tokens``, at least the first ``out_tokens`` tokens' (the
+        keys/values path computes only those, the append path every token)."""
         block = self.blocks[i]
         if not self.fast[i]:
             prompts = [_per_row(self.bank.shared[:, i], slots)]
@@ -323,7 +334,18 @@ class _BlockRunner:
         kvs = [self._shared_kv(i, slots)]
         if group is not None:
             kvs.append(prompt_kv(block, group.to(x.dtype)))
-        return kv_prompted_block(block, x, kvs)
+        return kv_prompted_block(block, x, kvs, out_tokens)
+
+
+def pooled_tokens(model: VisionTransformer) -> int | None:
+    """How many leading tokens ``pool_features`` reads: 1 for class-token pooling, ``None`` (all) otherwise.
+
+    Args:
+        model: a timm VisionTransformer.
+    """
+    if getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token":
+        return 1
+    return None
 
 
 def prompted_forward(
@@ -350,13 +372,16 @@ def prompted_forward(
     depth = len(model.blocks)
     run_block = _BlockRunner(model.blocks, bank, append_prompts)
 
+    # The last block's outputs are read only through the pooling: a class-token-pooled model needs one token's.
+    out_tokens = [None] * (depth - 1) + [pooled_tokens(model)]
+
     x = embed(model, images)
     for i in range(share):
         x = run_block(i, x, slots)
     prefix = x  # blocks 0..S-1 are identical in the query and final pass: computed once.
 
     for i in range(share, depth):
-        x = run_block(i, x, slots)
+        x = run_block(i, x, slots, out_tokens=out_tokens[i])
     query = pool_features(model, x)
 
     features = query
@@ -371,7 +396,7 @@ def prompted_forward(
         group, r_sim, r_sel = select_group_prompts(bank, r_slots, r_query)
         x = prefix if rows is None else prefix[rows]
         for i in range(share, depth):
-            x = run_block(i, x, r_slots, group[:, i - share])
+            x = run_block(i, x, r_slots, group[:, i - share], out_tokens[i])
         r_features = pool_features(model, x)
         if rows is None:
             features, key_sim, selected = r_features, r_sim, r_sel

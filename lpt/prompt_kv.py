@@ -4,7 +4,8 @@ Appending prompt tokens to a block's sequence and dropping their outputs is wast
 prompts only through attention, as keys and values. Every other part of a pre-norm block (norm1, the query
 projection, the output projection, LayerScale, norm2, the MLP) is per token, so this computes the real tokens'
 outputs exactly with the queries from the real tokens, keys and values from ``[real tokens; prompt tokens]``,
-and the rest of the block on the real tokens only.
+and the rest of the block on the real tokens only. Where only some tokens' outputs are read (the class token after a
+token-pooled ViT's last block), queries and everything after attention run on those tokens alone.
 
 A prompt's keys and values are ``k_norm(W_k norm1(p) + b_k)`` and ``W_v norm1(p) + b_v``: they depend on the
 prompt and the block alone. A shared prompt's are therefore the same for every image and every request, and
@@ -80,49 +81,72 @@ def prompt_kv(block: torch.nn.Module, prompts: torch.Tensor) -> KV:
     Returns:
         keys and values, ``[R, heads, L, head_dim]`` each.
     """
-    attn = block.attn
+    keys, values = _project_kv(block.attn, block.norm1(prompts))
+    return block.attn.k_norm(keys), values
+
+
+def _project_rows(attn: torch.nn.Module, h: torch.Tensor, part: slice, count: int) -> torch.Tensor:
+    """Rows ``part`` of the qkv projection of ``h`` ``[R, T, D]``, as ``[count, R, heads, T, head_dim]``."""
     heads, head_dim = attn.num_heads, _head_dim(attn)
     width = heads * head_dim
-    h = block.norm1(prompts)
-    bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
-    kv = F.linear(h, attn.qkv.weight[width:], bias)  # only the key and value rows: no query for a prompt
-    kv = kv.reshape(prompts.shape[0], prompts.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-    keys, values = kv.unbind(0)
-    return attn.k_norm(keys), values
+    rows = slice(part.start * width, part.stop * width)
+    bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
+    out = F.linear(h, attn.qkv.weight[rows], bias)
+    return out.reshape(h.shape[0], h.shape[1], count, heads, head_dim).permute(2, 0, 3, 1, 4)
 
 
-def kv_prompted_block(block: torch.nn.Module, x: torch.Tensor, prompts_kv: Sequence[KV]) -> torch.Tensor:
+def _project_kv(attn: torch.nn.Module, h: torch.Tensor) -> KV:
+    """Keys (before k_norm) and values of normed tokens ``h``: only the key and value rows of qkv."""
+    keys, values = _project_rows(attn, h, slice(1, 3), 2).unbind(0)
+    return keys, values
+
+
+def kv_prompted_block(
+    block: torch.nn.Module, x: torch.Tensor, prompts_kv: Sequence[KV], out_tokens: int | None = None
+) -> torch.Tensor:
     """One block on the real tokens, attending to the real tokens and the given prompt keys/values.
 
-    Equal to ``block(cat([x, prompts]))[:, :N]`` (the append path) up to float rounding.
+    Equal to ``block(cat([x, prompts]))[:, :N]`` (the append path) up to float rounding; with ``out_tokens``,
+    to its first ``out_tokens`` rows.
 
     Args:
         block: a block for which ``uses_prompt_kv`` holds.
         x: ``[B, N, D]`` real tokens.
         prompts_kv: per prompt group, keys and values ``[B, heads, L_j, head_dim]`` (broadcast views are fine).
+        out_tokens: compute the outputs of the first ``out_tokens`` tokens only; every token still serves as a
+            key and value. The last block of a class-token-pooled ViT needs one output of N: its queries, output
+            projection and MLP then cost a token's worth instead of N. ``None``: every token.
     """
     attn = block.attn
     batch, n, _ = x.shape
-    heads, head_dim = attn.num_heads, _head_dim(attn)
-    qkv = attn.qkv(block.norm1(x)).reshape(batch, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    h = block.norm1(x)
+    if out_tokens is None or out_tokens >= n:
+        q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        x = x[:, :out_tokens]
+        q = _project_rows(attn, h[:, :out_tokens], slice(0, 1), 1)[0]
+        k, v = _project_kv(attn, h)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    key_parts = [k, *(pk.to(k.dtype) for pk, _ in prompts_kv)]
-    value_parts = [v, *(pv.to(v.dtype) for _, pv in prompts_kv)]
+    o = _attend(q, [k, *(pk.to(k.dtype) for pk, _ in prompts_kv)], [v, *(pv.to(v.dtype) for _, pv in prompts_kv)])
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).flatten(2))))
+    x = x + block.drop_path1(block.ls1(o))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _attend(q: torch.Tensor, key_parts: list[torch.Tensor], value_parts: list[torch.Tensor]) -> torch.Tensor:
+    """``scaled_dot_product_attention`` of ``q`` over the concatenated key and value parts (``[B, heads, *, hd]``)."""
+    batch, heads, _, head_dim = q.shape
     count = sum(part.shape[2] for part in key_parts)
-    pad = (-count) % CPU_KEY_MULTIPLE if x.device.type == "cpu" else 0
+    pad = (-count) % CPU_KEY_MULTIPLE if q.device.type == "cpu" else 0
     mask = None
     if pad:
-        zeros = k.new_zeros(1, 1, 1, 1).expand(batch, heads, pad, head_dim)
-        key_parts.append(zeros)
-        value_parts.append(zeros.to(v.dtype))
+        zeros = key_parts[0].new_zeros(1, 1, 1, 1).expand(batch, heads, pad, head_dim)
+        key_parts = [*key_parts, zeros]
+        value_parts = [*value_parts, zeros.to(value_parts[0].dtype)]
         mask = q.new_zeros(1, 1, 1, count + pad)
         mask[..., count:] = float("-inf")
     keys, values = torch.cat(key_parts, dim=2), torch.cat(value_parts, dim=2)
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(batch, n, heads * head_dim))))
-    x = x + block.drop_path1(block.ls1(o))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ SUPPORTED = {
     "layer_scale": {"init_values": 0.5},
     "register_tokens": {"reg_tokens": 3},
 }
+ALL_TOKEN_POOLS = {"avg_pool": {"global_pool": "avg", "class_token": False}, "map_pool": {"global_pool": "map"}}
 FALLBACK = {
     "res_post_block": {"block_fn": ResPostBlock},
     "parallel_scaling_block": {"block_fn": ParallelScalingBlock},
@@ -61,16 +62,21 @@ def prompt_set(seed: int, classes: int = 5, pool: int = 4, top_k: int = 2) -> Pr
     )
 
 
-def mlp_token_counts(model: VisionTransformer, fn) -> tuple[list[int], object]:
-    """Tokens each block's MLP saw during ``fn()`` (the real tokens on the keys/values path, more when appended)
-    and what ``fn()`` returned.
+def mlp_token_counts(model: VisionTransformer, fn) -> tuple[list[tuple[int, int]], object]:
+    """(block index, tokens) for every call of a block's MLP during ``fn()`` (the real tokens on the keys/values
+    path, more when appended, the class token alone in a token-pooled model's last block) and what ``fn()``
+    returned.
 
     The hooks sit on the MLP (the fused input projection of a parallel block), not on the block: hooks on a
     block send it down the append path by design.
     """
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     mlps = [getattr(b, "mlp", None) or b.in_proj for b in model.blocks]
-    handles = [m.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[1])) for m in mlps]
+
+    def hook(i: int):
+        return lambda _m, args, _o: seen.append((i, args[0].shape[1]))
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mlps)]
     try:
         result = fn()
     finally:
@@ -96,10 +102,24 @@ def test_supported_kind_matches_two_pass_and_skips_prompt_tokens(kind: str, imag
         for shared_kv in (None, kvs):  # on the fly (trainer) and precomputed (service)
             bank = PromptBank.stack(sets, shared_kv=shared_kv)
             tokens, out = mlp_token_counts(model, lambda bank=bank: prompted_forward(model, images, bank, slots))
-            assert set(tokens) == {model.patch_embed.num_patches + model.num_prefix_tokens}
+            n = model.patch_embed.num_patches + model.num_prefix_tokens
+            assert {t for i, t in tokens if i < DEPTH - 1} == {n}
+            assert {t for i, t in tokens if i == DEPTH - 1} == {1}  # the pooling reads the class token alone
             for j, ps in enumerate(sets):
                 got = out.logits[slots == j, : ps.num_classes]
                 assert (got - ref[j]).abs().max() <= ATOL, (kind, j, shared_kv is not None)
+
+
+@pytest.mark.parametrize("kind", list(ALL_TOKEN_POOLS), ids=list(ALL_TOKEN_POOLS))
+def test_models_pooling_every_token_compute_every_token_of_the_last_block(kind: str, images: torch.Tensor) -> None:
+    model = tiny_vit(**ALL_TOKEN_POOLS[kind])
+    assert all(uses_prompt_kv(b) for b in model.blocks)
+    bank = PromptBank.stack([prompt_set(9)])
+    with torch.inference_mode():
+        tokens, out = mlp_token_counts(model, lambda: prompted_forward(model, images, bank))
+        ref = prompted_forward(model, images, bank, append_prompts=True)  # the reference layout, every token
+    assert {t for _, t in tokens} == {model.patch_embed.num_patches + model.num_prefix_tokens}
+    assert (out.logits - ref.logits).abs().max() <= ATOL
 
 
 def test_fused_and_manual_timm_attention_give_the_same_logits(images: torch.Tensor) -> None:
@@ -123,7 +143,7 @@ def test_unsupported_block_kind_falls_back_to_appended_tokens(kind: str, images:
         tokens, out = mlp_token_counts(model, lambda: prompted_forward(model, images, PromptBank.stack([ps])))
         ref = two_pass_batched(model, images, ps)
     n = model.patch_embed.num_patches + model.num_prefix_tokens
-    assert min(tokens) > n  # every block saw prompt tokens appended
+    assert min(t for _, t in tokens) > n  # every block saw prompt tokens appended
     assert (out.logits - ref).abs().max() <= ATOL
 
 
