@@ -23,6 +23,8 @@ EXTRA_RATIOS = {
     "ours_vs_append": "ours / append",
     "mixed_vs_plain": "mixed / plain",
     "per_task_vs_mixed": "per-task / mixed",
+    "ours_vs_plain_last_token": "ours / plain-last-token",
+    "vpt_vs_plain_last_token": "deep VPT / plain-last-token",
 }
 
 
@@ -52,6 +54,8 @@ def summarise(batch: int, times: dict[str, list[float]]) -> dict[str, Any]:
         "ours_vs_append": ratio("ours_single", "append_single"),
         "mixed_vs_plain": ratio("ours_mixed", "plain"),
         "per_task_vs_mixed": ratio("per_task", "ours_mixed"),
+        "ours_vs_plain_last_token": ratio("ours_single", "plain_last_token"),
+        "vpt_vs_plain_last_token": ratio("vpt_single", "plain_last_token"),
     }
     return {"batch": batch, "variants": variants, "ratios": derived}
 

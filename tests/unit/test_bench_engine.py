@@ -50,7 +50,8 @@ def test_correctness_check_passes(setup) -> None:
     draw = engine.draw_mixed(9, 12, 5, torch.Generator().manual_seed(1))
     diffs = engine.check_batch(backbone.model, images, single, registry, draw, 1e-4, no_autocast)
     assert set(diffs) == {
-        "ours_vs_two_pass", "append_vs_two_pass", "vpt_vs_two_pass", "mixed_vs_alone", "alone_vs_two_pass"
+        "ours_vs_two_pass", "append_vs_two_pass", "vpt_vs_two_pass", "plain_last_token_vs_plain", "mixed_vs_alone",
+        "alone_vs_two_pass",
     }  # fmt: skip
     assert max(diffs.values()) <= 1e-4
 
@@ -87,6 +88,20 @@ def test_correctness_check_catches_ours_differing_from_two_pass(setup, monkeypat
         engine.check_batch(backbone.model, torch.randn(4, 3, 32, 32), single, registry, draw, 1e-4, no_autocast)
 
 
+def test_correctness_check_catches_a_wrong_last_token_forward(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone, single, registry = setup
+    real = engine.kv_prompted_block
+
+    def skips_the_mlp(block, x, prompts_kv, out_tokens=None):
+        # a plausible bug: the class-token-only block forgets its MLP residual
+        return real(block, x, prompts_kv, out_tokens) - block.ls2(block.mlp(block.norm2(x[:, :out_tokens])))
+
+    monkeypatch.setattr(engine, "kv_prompted_block", skips_the_mlp)
+    draw = engine.draw_mixed(4, 12, 5, torch.Generator().manual_seed(2))
+    with pytest.raises(engine.CheckFailed, match="plain_last_token vs plain"):
+        engine.check_batch(backbone.model, torch.randn(4, 3, 32, 32), single, registry, draw, 1e-4, no_autocast)
+
+
 def test_failed_check_exits_non_zero_without_timing(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def always_fails(*args, **kwargs):
         raise engine.CheckFailed("planted")
@@ -110,7 +125,8 @@ def test_tiny_run_through_the_cli_writes_table_and_json(tmp_path: Path, capsys) 
     assert set(report["checks"]) == {"1", "4"}
     for res in report["results"]:
         assert set(res["variants"]) == {
-            "plain", "two_pass", "append_single", "ours_single", "ours_mixed", "per_task", "vpt_single"
+            "plain", "two_pass", "append_single", "ours_single", "ours_mixed", "per_task", "vpt_single",
+            "plain_last_token",
         }  # fmt: skip
         assert {"ours_vs_plain", "vpt_vs_plain", "ours_vs_append"} <= set(res["ratios"])
         assert all(len(v["times_s"]) == 2 and v["images_per_s"] > 0 for v in res["variants"].values())
