@@ -98,6 +98,7 @@ class PhotosConfig:
     agreement: bool = False
     count: int = 300
     per_class: int = 50
+    noise: float = NOISE_SIGMA  # grey levels of Gaussian noise on the upscaled photos (0: the upscaled image alone)
     side_factors: tuple[int, ...] = (1,)  # agreement: reduced decodes keeping these multiples of the resize side
     seed: int = 0
     kinds: list[str] = field(default_factory=lambda: [k.name for k in KINDS])
@@ -105,13 +106,25 @@ class PhotosConfig:
 
 
 # ------------------------------------------------------------------------------------------------ the photos
+def cifar_test_names(zf: zipfile.ZipFile, count: int) -> list[str]:
+    """The ``count`` CIFAR-10 test JPEGs the photos start from (``test/CLASS/FILE.jpg``), spread over the classes."""
+    names = sorted(n for n in zf.namelist() if n.startswith("test/") and n.endswith(".jpg"))
+    return names[:: max(1, len(names) // count)][:count]
+
+
+def base_labels(count: int, cifar_zip: Path) -> list[str] | None:
+    """The class names of ``base_images(count, cifar_zip)`` (``None`` without the zip)."""
+    if not Path(cifar_zip).is_file():
+        return None
+    with zipfile.ZipFile(cifar_zip) as zf:
+        return [n.split("/")[1] for n in cifar_test_names(zf, count)]
+
+
 def base_images(count: int, cifar_zip: Path, seed: int = 0) -> list[tuple[bytes, Image.Image]]:
     """``count`` CIFAR-10 test JPEGs spread over the classes (bytes and RGB image); seeded noise without the zip."""
     if Path(cifar_zip).is_file():
         with zipfile.ZipFile(cifar_zip) as zf:
-            names = sorted(n for n in zf.namelist() if n.startswith("test/") and n.endswith(".jpg"))
-            step = max(1, len(names) // count)
-            datas = [zf.read(n) for n in names[::step][:count]]
+            datas = [zf.read(n) for n in cifar_test_names(zf, count)]
         return [(d, Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
     rng = np.random.default_rng(seed)
     out = []
@@ -121,11 +134,14 @@ def base_images(count: int, cifar_zip: Path, seed: int = 0) -> list[tuple[bytes,
     return out
 
 
-def upscale(image: Image.Image, size: tuple[int, int], seed: int) -> Image.Image:
-    """``image`` resized (bicubic) to ``size`` plus seeded Gaussian noise: a deterministic photo with entropy."""
-    big = np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-    noise = np.random.default_rng(seed).standard_normal(big.shape, dtype=np.float32)
-    return Image.fromarray(np.clip(big + NOISE_SIGMA * noise, 0, 255).astype(np.uint8))
+def upscale(image: Image.Image, size: tuple[int, int], seed: int, sigma: float = NOISE_SIGMA) -> Image.Image:
+    """``image`` resized (bicubic) to ``size`` plus seeded Gaussian noise of ``sigma`` grey levels: a deterministic
+    photo with entropy (``sigma`` 0: the upscaled image alone)."""
+    big = image.resize(size, Image.Resampling.BICUBIC)
+    if not sigma:
+        return big
+    noise = np.random.default_rng(seed).standard_normal((size[1], size[0], 3), dtype=np.float32)
+    return Image.fromarray(np.clip(np.asarray(big, dtype=np.float32) + sigma * noise, 0, 255).astype(np.uint8))
 
 
 def encode(image: Image.Image, fmt: str, quality: int = 90) -> bytes:
@@ -134,10 +150,10 @@ def encode(image: Image.Image, fmt: str, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def make_kind(kind: Kind, bases: list[tuple[bytes, Image.Image]], seed: int) -> list[bytes]:
+def make_kind(kind: Kind, bases: list[tuple[bytes, Image.Image]], seed: int, sigma: float = NOISE_SIGMA) -> list[bytes]:
     if kind.size is None:
         return [data for data, _ in bases]
-    return [encode(upscale(img, kind.size, seed + i), kind.fmt) for i, (_, img) in enumerate(bases)]
+    return [encode(upscale(img, kind.size, seed + i, sigma), kind.fmt) for i, (_, img) in enumerate(bases)]
 
 
 # ------------------------------------------------------------------------------------------------ decode cost
@@ -186,7 +202,7 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
     bases = base_images(cfg.per_kind, cfg.cifar_zip, cfg.seed)
     kinds = [k for k in KINDS if k.name in cfg.kinds or k.name == "small"]  # small: what every kind is measured by
     log(f"photos: generating {cfg.per_kind} images of each kind ({', '.join(k.name for k in kinds)})")
-    images = {k.name: make_kind(k, bases, cfg.seed + 1000 * i) for i, k in enumerate(KINDS) if k in kinds}
+    images = {k.name: make_kind(k, bases, cfg.seed + 1000 * i, cfg.noise) for i, k in enumerate(KINDS) if k in kinds}
     report: dict[str, Any] = {
         "benchmark": "photos",
         "config": {**asdict(cfg), "weights": backbone.info.weights, "cifar": Path(cfg.cifar_zip).is_file()},
@@ -340,6 +356,9 @@ def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
     p.add_argument("--count", type=int, default=d.count, help="images of the agreement run")
     p.add_argument("--per-class", type=int, default=d.per_class, help="CIFAR-10 training images per class mean")
     p.add_argument(
+        "--noise", type=float, default=d.noise, help="grey levels of Gaussian noise on the photos (0: upscaled only)"
+    )
+    p.add_argument(
         "--side-factors",
         default=",".join(map(str, d.side_factors)),
         help="agreement: also compare reduced decodes that keep these multiples of the resize side (1: the service's)",
@@ -366,6 +385,7 @@ def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
         agreement=a.agreement,
         count=a.count,
         per_class=a.per_class,
+        noise=a.noise,
         side_factors=tuple(sorted({int(f) for f in a.side_factors.split(",") if f.strip()})),
         seed=a.seed,
         kinds=[k.strip() for k in a.kinds.split(",") if k.strip()],

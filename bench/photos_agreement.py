@@ -1,10 +1,12 @@
 """``python -m bench photos --agreement``: does the reduced decode change answers? (see ``bench.photos``)
 
-CIFAR-10 test images upscaled to photo sizes (0.3 / 2 / 12 MP in turn, plus noise), each decoded by the
-service's decoder (smallest DCT scale that covers the resize) and at full resolution, then classified by a
-CIFAR-10 cosine head (unit-length class means of DeiT features of CIFAR training images, the kind of head LPT
-puts on the backbone) and by DeiT's own ImageNet-1k head. Next to it the same share for a trivial change (the
-photo saved at JPEG quality 85 instead of 90): how stable each head's top-1 is on these images to begin with.
+CIFAR-10 test images upscaled to photo sizes (0.3 / 2 / 12 MP in turn, plus ``--noise`` grey levels of Gaussian
+noise, 0 for none), each decoded by the service's decoder (smallest DCT scale that covers the resize) and at full
+resolution, then classified by a CIFAR-10 cosine head (unit-length class means of DeiT features of CIFAR training
+images, the kind of head LPT puts on the backbone) and by DeiT's own ImageNet-1k head. Next to it the same share
+for a trivial change (the photo saved at JPEG quality 85 instead of 90): how stable each head's top-1 is on these
+images to begin with. The CIFAR-10 head's top-1 accuracy against the images' own labels is counted per decode
+too: whether a decode changes how often the answer is right, not only which near-ties flip.
 With ``--side-factors 1,2`` the same images are also decoded keeping twice the resize side (one DCT scale
 larger), in the same run: how much of the disagreement the scale choice accounts for.
 """
@@ -29,6 +31,7 @@ from bench.photos import (
     TARGET_AGREEMENT,
     PhotosConfig,
     base_images,
+    base_labels,
     decoders,
     encode,
     target_mark,
@@ -96,12 +99,19 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
     worst: dict[str, float] = {f"{h}/{v}": 0.0 for h in heads for v in variants}
     flips: list[dict[str, Any]] = []
     bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
+    names = base_labels(cfg.count, cfg.cifar_zip)
+    labels = None if names is None else [sorted(set(names)).index(n) for n in names]
+    correct = {f"cifar10/{v}": 0 for v in ("full", *variants, "requality")} if "cifar10" in heads else {}
+    grey = 255 * torch.tensor(backbone.info.std).view(3, 1, 1)  # normalised units -> grey levels
+    pixel_diff = {v: 0.0 for v in (*variants, "requality")}
     log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
     for i, (_, img) in enumerate(bases):
         size = AGREEMENT_SIZES[i % len(AGREEMENT_SIZES)]
-        photo = upscale(img, size, cfg.seed + i)
+        photo = upscale(img, size, cfg.seed + i, cfg.noise)
         data, requality = encode(photo, "JPEG"), encode(photo, "JPEG", quality=85)
         decoded = [full(data), *(decode(data) for decode in variants.values()), full(requality)]
+        for name, image in zip((*variants, "requality"), decoded[1:], strict=True):
+            pixel_diff[name] += float(((image - decoded[0]) * grey).abs().mean())
         feats = features(model, torch.stack(decoded).to(device))
         row = per_size.setdefault(f"{size[0]}x{size[1]}", {"images": 0, **{k: 0 for k in counts}})
         row["images"] += 1
@@ -111,6 +121,9 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
             else:
                 probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
             top = probs.argmax(-1).tolist()
+            if head == "cifar10" and labels is not None:
+                for name, pred in zip(("full", *variants, "requality"), top, strict=True):
+                    correct[f"cifar10/{name}"] += pred == labels[i]
             for j, name in enumerate((*variants, "requality"), start=1):
                 same = top[j] == top[0]
                 counts[f"{head}/{name}"] += same
@@ -140,6 +153,8 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
         "heads": list(heads),
         "decodes": list(variants),
         "agreement": {k: v / max(1, total) for k, v in counts.items()},
+        "accuracy": {k: v / max(1, total) for k, v in correct.items()},
+        "mean_pixel_diff": {k: v / max(1, total) for k, v in pixel_diff.items()},
         "max_prob_diff": worst,
         "flips": flips,
         "per_size": per_size,
@@ -179,6 +194,16 @@ def markdown(report: dict[str, Any]) -> str:
         + "; largest probability difference against the full decode: "
         + ", ".join(f"{k} {worst.get(k, worst.get(k.split('/')[0], 0.0)):.3f}" for k in keys)
     )
+    if report.get("mean_pixel_diff"):
+        lines.append(
+            "\nmean absolute difference from the full decode's model input, grey levels: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in report["mean_pixel_diff"].items())
+        )
+    if report.get("accuracy"):
+        lines.append(
+            "\ntop-1 accuracy against the CIFAR-10 labels: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in report["accuracy"].items())
+        )
     if report.get("flips"):
         margins = ", ".join(f"{f['head']}/{f.get('decode', 'reduced')} {f['margin']:.3f}" for f in report["flips"])
         lines.append(f"\ntop-2 probability margin of the full decode where a reduced decode differs: {margins}")

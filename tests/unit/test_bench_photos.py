@@ -66,3 +66,5 @@ def test_a_wider_reduced_decode_keeps_twice_the_side_and_the_agreement_report_na
     assert report["decodes"] == ["reduced", "reduced-x4"] and report["images"] == 3
     assert set(report["agreement"]) == {"imagenet1k/reduced", "imagenet1k/reduced-x4", "imagenet1k/requality"}
     assert "imagenet1k/reduced-x4" in markdown(report)
+    assert set(report["mean_pixel_diff"]) == {"reduced", "reduced-x4", "requality"}
+    assert report["accuracy"] == {}  # no CIFAR zip: no labels, no CIFAR-10 head
