@@ -129,7 +129,7 @@ from pathlib import Path
 
 raw, out, smoke, total_s = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 titles = {
-    "engine": "Engine (plain, two-pass, append, ours single / mixed, per task, deep VPT)",
+    "engine": "Engine (plain, two-pass, append, ours single / mixed, per task, deep VPT, plain last-token)",
     "http": "HTTP end to end against the engine",
     "loading": "Cold loads from Redis (and the embedded store), upload to first served",
     "scaling": "Resident sets: 10 ... 10,000 registered",
