@@ -325,8 +325,16 @@ class _BlockRunner:
         group: torch.Tensor | None = None,
         out_tokens: int | None = None,
     ) -> torch.Tensor:
-        """Block ``i``'s output for ``x``; with ``out_tokens``, at least the first ``out_tokens`` tokens' (the
-        keys/values path computes only those, the append path every token)."""
+        """Block ``i``'s output for the rows ``x``.
+
+        Args:
+            i: block index.
+            x: ``[R, N, D]`` tokens entering the block.
+            slots: ``[R]`` slot per row (whose shared prompt the row sees).
+            group: ``[R, L, D]`` per-row group prompt for this block, or ``None`` (shared prompt only).
+            out_tokens: only the first ``out_tokens`` tokens' outputs are needed; the keys/values path then
+                computes only those, the append path still every token.
+        """
         block = self.blocks[i]
         if not self.fast[i]:
             prompts = [_per_row(self.bank.shared[:, i], slots)]
@@ -338,14 +346,18 @@ class _BlockRunner:
 
 
 def pooled_tokens(model: VisionTransformer) -> int | None:
-    """How many leading tokens ``pool_features`` reads: 1 for class-token pooling, ``None`` (all) otherwise.
+    """How many leading tokens ``pool_features`` reads: 1 for timm's own class-token pooling, ``None`` (every token)
+    otherwise, including subclasses with a head of their own (distilled DeiT reads the distillation token too).
 
     Args:
         model: a timm VisionTransformer.
     """
-    if getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token":
-        return 1
-    return None
+    cls = type(model)
+    # Older timm releases pool inside forward_head and have no ``pool`` method: both sides are then None.
+    own_head = cls.forward_head is VisionTransformer.forward_head
+    own_pool = getattr(cls, "pool", None) is getattr(VisionTransformer, "pool", None)
+    token_pooled = getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token"
+    return 1 if own_head and own_pool and token_pooled else None
 
 
 def prompted_forward(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 
 from lpt.backbone import load_backbone
-from lpt.forward import PromptBank, precompute_shared_kv, prompted_forward
+from lpt.forward import PromptBank, pooled_tokens, precompute_shared_kv, prompted_forward
 from lpt.init import init_prompt_set
-from lpt.prompt_kv import kv_structure_supported, uses_prompt_kv
+from lpt.prompt_kv import kv_prompted_block, kv_structure_supported, prompt_kv, uses_prompt_kv
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
 from service.engine import Engine
@@ -120,6 +121,34 @@ def test_models_pooling_every_token_compute_every_token_of_the_last_block(kind: 
         ref = prompted_forward(model, images, bank, append_prompts=True)  # the reference layout, every token
     assert {t for _, t in tokens} == {model.patch_embed.num_patches + model.num_prefix_tokens}
     assert (out.logits - ref.logits).abs().max() <= ATOL
+
+
+def test_distilled_deit_reads_two_tokens_so_its_last_block_computes_every_token(images: torch.Tensor) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = VisionTransformerDistilled(**{**TINY, "num_classes": 5}).eval().requires_grad_(False)
+    assert pooled_tokens(model) is None  # its head averages the class and the distillation token
+    bank = PromptBank.stack([prompt_set(10)])
+    with torch.inference_mode():
+        tokens, out = mlp_token_counts(model, lambda: prompted_forward(model, images, bank))
+        ref = prompted_forward(model, images, bank, append_prompts=True)
+    assert {t for _, t in tokens} == {model.patch_embed.num_patches + model.num_prefix_tokens}
+    assert (out.logits - ref.logits).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("out_tokens", [1, 3])
+def test_a_block_computing_leading_tokens_only_equals_the_whole_blocks_leading_rows(
+    out_tokens: int, images: torch.Tensor
+) -> None:
+    model = tiny_vit(qk_norm=True, init_values=0.5, reg_tokens=2)
+    block = model.blocks[-1]
+    x = torch.randn(len(images), 20, DIM, generator=torch.Generator().manual_seed(11))
+    kv = prompt_kv(block, torch.randn(len(images), L, DIM, generator=torch.Generator().manual_seed(12)))
+    with torch.inference_mode():
+        whole = kv_prompted_block(block, x, [kv])
+        leading = kv_prompted_block(block, x, [kv], out_tokens)
+    assert leading.shape == (len(images), out_tokens, DIM)
+    torch.testing.assert_close(leading, whole[:, :out_tokens], atol=1e-5, rtol=0)
 
 
 def test_fused_and_manual_timm_attention_give_the_same_logits(images: torch.Tensor) -> None:
