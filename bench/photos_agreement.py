@@ -41,9 +41,12 @@ from lpt.backbone import load_backbone
 from service.images import ImageDecoder
 
 
-def class_means(model: torch.nn.Module, transform, cifar_zip: Path, per_class: int, device) -> torch.Tensor | None:
-    """``[10, D]`` unit-length mean DeiT features of ``per_class`` CIFAR-10 training JPEGs per class: a cosine
-    nearest-class-mean head for the ten classes the photos show (the shape of head LPT puts on the backbone)."""
+def class_means(
+    model: torch.nn.Module, transform, cifar_zip: Path, per_class: int, device
+) -> tuple[torch.Tensor, list[str]] | None:
+    """``[10, D]`` unit-length mean DeiT features of ``per_class`` CIFAR-10 training JPEGs per class, and the class
+    names in row order: a cosine nearest-class-mean head for the ten classes the photos show (the shape of head
+    LPT puts on the backbone)."""
     if not Path(cifar_zip).is_file():
         return None
     with zipfile.ZipFile(cifar_zip) as zf:
@@ -54,7 +57,12 @@ def class_means(model: torch.nn.Module, transform, cifar_zip: Path, per_class: i
             members = [n for n in names if n.split("/")[1] == c][:per_class]
             batch = torch.stack([transform(Image.open(io.BytesIO(zf.read(n))).convert("RGB")) for n in members])
             means.append(torch.nn.functional.normalize(features(model, batch.to(device)), dim=-1).mean(0))
-    return torch.nn.functional.normalize(torch.stack(means), dim=-1)
+    return torch.nn.functional.normalize(torch.stack(means), dim=-1), classes
+
+
+def head_labels(names: list[str], classes: list[str]) -> list[int]:
+    """Each image's class name as its row in a head over ``classes`` (all ten, whichever the sample holds)."""
+    return [classes.index(n) for n in names]
 
 
 def features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -92,15 +100,15 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
         else ImageDecoder(WiderDecode(backbone.eval_transform, f), MAX_BYTES, MAX_PIXELS)
         for f in cfg.side_factors
     }
-    means = class_means(model, backbone.eval_transform, cfg.cifar_zip, cfg.per_class, device)
-    heads = {"imagenet1k": None} if means is None else {"cifar10": means, "imagenet1k": None}
+    cifar_head = class_means(model, backbone.eval_transform, cfg.cifar_zip, cfg.per_class, device)
+    heads = {"imagenet1k": None} if cifar_head is None else {"cifar10": cifar_head[0], "imagenet1k": None}
     counts = {f"{h}/{v}": 0 for h in heads for v in (*variants, "requality")}
     per_size: dict[str, dict[str, int]] = {}
     worst: dict[str, float] = {f"{h}/{v}": 0.0 for h in heads for v in variants}
     flips: list[dict[str, Any]] = []
     bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
     names = base_labels(cfg.count, cfg.cifar_zip)
-    labels = None if names is None else [sorted(set(names)).index(n) for n in names]
+    labels = None if names is None or cifar_head is None else head_labels(names, cifar_head[1])
     correct = {f"cifar10/{v}": 0 for v in ("full", *variants, "requality")} if "cifar10" in heads else {}
     grey = 255 * torch.tensor(backbone.info.std).view(3, 1, 1)  # normalised units -> grey levels
     pixel_diff = {v: 0.0 for v in (*variants, "requality")}

@@ -8,7 +8,8 @@ import io
 import pytest
 from PIL import Image
 
-from bench.photos import KINDS, base_images, decoders, make_kind, parse_args, summarise
+from bench.photos import KINDS, base_images, base_labels, decoders, make_kind, parse_args, summarise, upscale
+from bench.real_data import CIFAR_ZIP, missing
 from lpt.backbone import load_backbone
 
 
@@ -68,3 +69,27 @@ def test_a_wider_reduced_decode_keeps_twice_the_side_and_the_agreement_report_na
     assert "imagenet1k/reduced-x4" in markdown(report)
     assert set(report["mean_pixel_diff"]) == {"reduced", "reduced-x4", "requality"}
     assert report["accuracy"] == {}  # no CIFAR zip: no labels, no CIFAR-10 head
+
+
+def test_noise_zero_is_the_upscaled_image_itself_and_noise_changes_it():
+    img = Image.new("RGB", (32, 32), (10, 200, 90))
+    plain = upscale(img, (64, 48), seed=3, sigma=0)
+    assert plain.tobytes() == img.resize((64, 48), Image.Resampling.BICUBIC).tobytes()
+    assert upscale(img, (64, 48), seed=3, sigma=10).tobytes() != plain.tobytes()
+
+
+@pytest.mark.skipif(missing(CIFAR_ZIP) is not None, reason=str(missing(CIFAR_ZIP)))
+def test_accuracy_is_counted_when_the_sample_misses_classes():
+    from bench.photos_agreement import head_labels, run_agreement
+
+    # 5 images spread over the test set skip every other class: labels must still index the head's ten rows
+    labels = base_labels(5, CIFAR_ZIP)
+    assert len(set(labels)) < 10
+    cfg, _ = parse_args(["--agreement", "--count", "5", "--per-class", "2", "--weights", "random:0", "--noise", "0"])
+    cfg.backbone = "test_vit"
+    ten = sorted({"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"})
+    assert head_labels(["cat", "ship"], ten) == [3, 8]  # rows of the ten-class head, not of the classes sampled
+    report = run_agreement(cfg, [], log=lambda *_: None)
+    assert set(report["accuracy"]) == {"cifar10/full", "cifar10/reduced", "cifar10/requality"}
+    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    assert report["config"]["noise"] == 0.0
