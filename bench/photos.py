@@ -140,8 +140,9 @@ def upscale(image: Image.Image, size: tuple[int, int], seed: int, sigma: float =
     big = image.resize(size, Image.Resampling.BICUBIC)
     if not sigma:
         return big
-    noise = np.random.default_rng(seed).standard_normal((size[1], size[0], 3), dtype=np.float32)
-    return Image.fromarray(np.clip(np.asarray(big, dtype=np.float32) + sigma * noise, 0, 255).astype(np.uint8))
+    pixels = np.asarray(big, dtype=np.float32)
+    noise = np.random.default_rng(seed).standard_normal(pixels.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(pixels + sigma * noise, 0, 255).astype(np.uint8))
 
 
 def encode(image: Image.Image, fmt: str, quality: int = 90) -> bytes:

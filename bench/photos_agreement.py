@@ -107,9 +107,9 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
     worst: dict[str, float] = {f"{h}/{v}": 0.0 for h in heads for v in variants}
     flips: list[dict[str, Any]] = []
     bases = base_images(cfg.count, cfg.cifar_zip, cfg.seed)
-    names = base_labels(cfg.count, cfg.cifar_zip)
-    labels = None if names is None or cifar_head is None else head_labels(names, cifar_head[1])
-    correct = {f"cifar10/{v}": 0 for v in ("full", *variants, "requality")} if "cifar10" in heads else {}
+    # the CIFAR-10 head and the labels both come from the zip: both or neither
+    labels = [] if cifar_head is None else head_labels(base_labels(cfg.count, cfg.cifar_zip) or [], cifar_head[1])
+    correct = {f"cifar10/{v}": 0 for v in ("full", *variants, "requality")} if cifar_head is not None else {}
     grey = 255 * torch.tensor(backbone.info.std).view(3, 1, 1)  # normalised units -> grey levels
     pixel_diff = {v: 0.0 for v in (*variants, "requality")}
     log(f"photos --agreement: {len(bases)} CIFAR-10 test images at {len(AGREEMENT_SIZES)} photo sizes")
@@ -129,7 +129,7 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
             else:
                 probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
             top = probs.argmax(-1).tolist()
-            if head == "cifar10" and labels is not None:
+            if head == "cifar10":
                 for name, pred in zip(("full", *variants, "requality"), top, strict=True):
                     correct[f"cifar10/{name}"] += pred == labels[i]
             for j, name in enumerate((*variants, "requality"), start=1):

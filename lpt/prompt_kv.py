@@ -85,19 +85,20 @@ def prompt_kv(block: torch.nn.Module, prompts: torch.Tensor) -> KV:
     return block.attn.k_norm(keys), values
 
 
-def _project_rows(attn: torch.nn.Module, h: torch.Tensor, part: slice, count: int) -> torch.Tensor:
-    """Rows ``part`` of the qkv projection of ``h`` ``[R, T, D]``, as ``[count, R, heads, T, head_dim]``."""
+def _project_rows(attn: torch.nn.Module, h: torch.Tensor, part: slice) -> torch.Tensor:
+    """Parts ``part`` (0 query, 1 key, 2 value) of the qkv projection of ``h`` ``[R, T, D]``, as
+    ``[parts, R, heads, T, head_dim]``."""
     heads, head_dim = attn.num_heads, _head_dim(attn)
     width = heads * head_dim
     rows = slice(part.start * width, part.stop * width)
     bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
     out = F.linear(h, attn.qkv.weight[rows], bias)
-    return out.reshape(h.shape[0], h.shape[1], count, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return out.reshape(h.shape[0], h.shape[1], part.stop - part.start, heads, head_dim).permute(2, 0, 3, 1, 4)
 
 
 def _project_kv(attn: torch.nn.Module, h: torch.Tensor) -> KV:
     """Keys (before k_norm) and values of normed tokens ``h``: only the key and value rows of qkv."""
-    keys, values = _project_rows(attn, h, slice(1, 3), 2).unbind(0)
+    keys, values = _project_rows(attn, h, slice(1, 3)).unbind(0)
     return keys, values
 
 
@@ -124,7 +125,7 @@ def kv_prompted_block(
         q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, _head_dim(attn)).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         x = x[:, :out_tokens]
-        q = _project_rows(attn, h[:, :out_tokens], slice(0, 1), 1)[0]
+        q = _project_rows(attn, h[:, :out_tokens], slice(0, 1))[0]
         k, v = _project_kv(attn, h)
     q, k = attn.q_norm(q), attn.k_norm(k)
     o = _attend(q, [k, *(pk.to(k.dtype) for pk, _ in prompts_kv)], [v, *(pv.to(v.dtype) for _, pv in prompts_kv)])
