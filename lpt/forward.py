@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from lpt.prompt_kv import KV, SharedKV, kv_prompted_block, precompute_shared_kv, prompt_kv, uses_prompt_kv
-from lpt.prompt_set import PromptSet
+from lpt.prompt_set import DEFAULT_HEAD_SCALE, PromptSet
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "PromptBank",
     "PromptedOutput",
     "SharedKV",
+    "autocast",
     "cosine_logits",
     "embed",
     "pool_features",
@@ -44,6 +46,16 @@ __all__ = [
     "prompted_forward",
     "select_group_prompts",
 ]
+
+# Compute dtypes by name (settings and benchmark flags); bf16/fp16 run under autocast.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` on ``device``; float32 runs without it."""
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -94,7 +106,7 @@ class PromptBank:
         pool: torch.Tensor | None = None,
         keys: torch.Tensor | None = None,
         top_k: int = 1,
-        head_scale: float = 20.0,
+        head_scale: float = DEFAULT_HEAD_SCALE,
         shared_kv: SharedKV | None = None,
     ) -> PromptBank:
         """A one-slot bank over live tensors (e.g. the trainer's parameters); autograd flows through.

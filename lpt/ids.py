@@ -6,14 +6,17 @@ import re
 
 from lpt.errors import InvalidTaskId
 
-_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# The one rule for task and tenant ids (they become key prefixes and path parts); ASCII only.
+ID_PATTERN = "^[a-z0-9][a-z0-9._-]{0,63}$"
+ID_MAX_LENGTH = 64
+_ID = re.compile(ID_PATTERN.strip("^$"))
 
 
 def check_task_id(task: str) -> str:
     """Return ``task`` if it matches ``^[a-z0-9][a-z0-9._-]{0,63}$`` (ASCII only), else raise InvalidTaskId."""
     if not isinstance(task, str) or not _ID.fullmatch(task) or not task.isascii():
         shown = task[:80] if isinstance(task, str) else type(task).__name__
-        raise InvalidTaskId("invalid_task_id", f"task id {shown!r} must match ^[a-z0-9][a-z0-9._-]{{0,63}}$", "task")
+        raise InvalidTaskId("invalid_task_id", f"task id {shown!r} must match {ID_PATTERN}", "task")
     return task
 
 
@@ -21,6 +24,6 @@ def check_tenant_id(tenant: str) -> str:
     """Tenants follow the same rule as tasks (they become key prefixes)."""
     if not isinstance(tenant, str) or not _ID.fullmatch(tenant) or not tenant.isascii():
         raise InvalidTaskId(
-            "invalid_tenant_id", f"tenant id {tenant!r} must match ^[a-z0-9][a-z0-9._-]{{0,63}}$", "tenant"
+            "invalid_tenant_id", f"tenant id {tenant!r} must match {ID_PATTERN}", "tenant"
         )
     return tenant

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from lpt.backbone import BackboneInfo
-from lpt.prompt_set import PromptSet
+from lpt.prompt_set import DEFAULT_HEAD_SCALE, PromptSet
 
 INIT_STYLES = ("normal", "vpt")
 
@@ -20,7 +20,7 @@ def init_prompt_set(
     pool_size: int = 20,
     share_blocks: int = 6,
     top_k: int = 2,
-    head_scale: float = 20.0,
+    head_scale: float = DEFAULT_HEAD_SCALE,
     seed: int = 0,
     style: str = "vpt",
 ) -> PromptSet:

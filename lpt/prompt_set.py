@@ -35,6 +35,10 @@ REQUIRED_META = ("format", "backbone", "backbone_fingerprint", "share_blocks", "
 OPTIONAL_META = ("backbone_input_size",)
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HEADER_LIMIT = 16 * 1024 * 1024
+# s in logits = s * cos(feature, w_c): the cosine head's scale when a set does not say otherwise.
+DEFAULT_HEAD_SCALE = 20.0
+# The largest prompt set a store accepts and a service uploads by default (a set is ~1% of the backbone).
+MAX_PROMPT_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class PromptSet:
     backbone_fingerprint: str
     share_blocks: int
     top_k: int = 1
-    head_scale: float = 20.0
+    head_scale: float = DEFAULT_HEAD_SCALE
     group_prompts: torch.Tensor | None = None
     group_keys: torch.Tensor | None = None
     extra: dict[str, str] = field(default_factory=dict)

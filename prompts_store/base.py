@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from lpt.errors import LptError, NotFound, StoreCorrupt, StoreUnavailable, TooLarge
+from lpt.prompt_set import MAX_PROMPT_BYTES
 
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BYTES = MAX_PROMPT_BYTES
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
