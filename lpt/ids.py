@@ -23,7 +23,5 @@ def check_task_id(task: str) -> str:
 def check_tenant_id(tenant: str) -> str:
     """Tenants follow the same rule as tasks (they become key prefixes)."""
     if not isinstance(tenant, str) or not _ID.fullmatch(tenant) or not tenant.isascii():
-        raise InvalidTaskId(
-            "invalid_tenant_id", f"tenant id {tenant!r} must match {ID_PATTERN}", "tenant"
-        )
+        raise InvalidTaskId("invalid_tenant_id", f"tenant id {tenant!r} must match {ID_PATTERN}", "tenant")
     return tenant
