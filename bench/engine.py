@@ -4,7 +4,7 @@ Variants, all on the same images, the same backbone and the same device, in one 
 
 - ``plain``: timm's own forward of the backbone (``forward_features`` + pooling), no prompts: the one-pass limit;
 - ``two_pass``: the published LPT inference (query pass + full final pass), one task per batch
-  (``tests.reference_lpt.two_pass_batched``);
+  (``lpt.reference.two_pass_batched``);
 - ``append_single``: ``lpt.forward.prompted_forward`` with the prompt tokens appended in every block (the
   layout before prompts entered attention as keys/values only), one task per batch;
 - ``ours_single``: ``prompted_forward`` (prompts as keys/values, shared keys/values precomputed per set as the
@@ -54,7 +54,7 @@ from lpt.host_memory import RETAIN_BYTES, retain_freed_memory
 from lpt.init import init_prompt_set
 from lpt.prompt_kv import kv_prompted_block, uses_prompt_kv
 from lpt.prompt_set import PromptSet
-from tests.reference_lpt import two_pass_batched
+from lpt.reference import two_pass_batched
 
 SHARED_WEIGHTS = DEIT_WEIGHTS
 # ``cpu`` counts only the CPU time this process used, so time spent descheduled by other processes on a shared

@@ -12,7 +12,7 @@ from lpt.backbone import Backbone
 from lpt.forward import PromptBank, precompute_shared_kv, prompted_forward
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
-from tests.reference_lpt import two_pass_batched, two_pass_reference
+from lpt.reference import two_pass_batched, two_pass_reference
 
 ATOL = 1e-5  # float32, logits on the head_scale (20) scale
 L, S = 2, 3  # test_vit: depth 6, width 64

@@ -12,10 +12,10 @@ from lpt.forward import PromptBank, pooled_tokens, precompute_shared_kv, prompte
 from lpt.init import init_prompt_set
 from lpt.prompt_kv import kv_prompted_block, kv_structure_supported, prompt_kv, uses_prompt_kv
 from lpt.prompt_set import PromptSet
+from lpt.reference import two_pass_batched
 from prompts_store.base import StoredVersion
 from service.engine import Engine
 from service.resident import make_resident
-from tests.reference_lpt import two_pass_batched
 
 ATOL = 1e-4  # float32 logits on the head_scale (20) scale
 DEPTH, DIM, L, S = 4, 32, 3, 2
