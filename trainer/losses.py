@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lpt.prompt_set import DEFAULT_HEAD_SCALE
+
 # Focusing exponents of the two branches (method note): class-balanced and instance-balanced batches.
 CB_GAMMAS = (0.0, 4.0)
 IB_GAMMAS = (0.5, 8.0)
@@ -66,7 +68,7 @@ class AGCL:
     class_counts: tuple[int, ...]
     gamma_pos: float
     gamma_neg: float
-    scale: float = 20.0
+    scale: float = DEFAULT_HEAD_SCALE
     margin: float = 0.1
     noise_mul: float = 0.5
     eps: float = 0.1
