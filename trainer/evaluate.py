@@ -21,6 +21,8 @@ from lpt.forward import PromptBank, PromptedOutput, prompted_forward
 
 MANY, FEW = 100, 20
 GROUPS = ("many", "medium", "few")
+# matplotlib (plots) and tqdm (progress bars) come with the trainer's extra; serving needs neither.
+INSTALL_TRAIN_EXTRA = "pip install 'lpt-serve[train]'"
 
 
 def group_of(train_count: int) -> str:
@@ -242,8 +244,10 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         report: the trainer's report (``history`` and ``per_class`` are read).
         path: output PNG.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"plotting needs matplotlib: {INSTALL_TRAIN_EXTRA}") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
