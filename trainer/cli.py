@@ -1,20 +1,26 @@
 """``lpt-train``: train an LPT prompt set on a long-tailed image set and write (and optionally push) it.
 
 Run under ``torchrun --nproc_per_node N -m trainer.cli ...`` for data-parallel training (NCCL on CUDA,
-gloo on CPU). Every flag may also come from ``--config FILE`` (JSON or YAML, same keys with dashes or
-underscores); flags given on the command line win.
+gloo on CPU). Every ``TrainConfig`` field is a flag, generated from the field (type, help, default); the run's
+own options (data, backbone, outputs, upload) are declared in ``build_parser``. Every flag may also come from
+``--config FILE`` (JSON or YAML, same keys with dashes or underscores); flags given on the command line win.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import torch
@@ -24,23 +30,25 @@ from lpt import __version__
 from lpt.backbone import describe_mismatch, load_backbone
 from lpt.errors import LptError
 from lpt.prompt_set import encode, sha256, validate
-from trainer.config import LR_PER_256, DistContext, TrainConfig
+from trainer.config import DistContext, TrainConfig
 from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
-from trainer.evaluate import plot_report, summary
+from trainer.evaluate import INSTALL_TRAIN_EXTRA, plot_report, summary
 from trainer.loop import Trainer
-from trainer.prompt_init import HEAD_INITS, PROMPT_INITS
 
 log = logging.getLogger("lpt-train")
 REQUIRED = ("train", "val", "backbone", "backbone_weights", "out", "report")
 PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+# Each setting's resolved annotation (config.py postpones annotations, so the fields hold strings).
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    """The run's own flags (data, backbone, outputs, upload) and one flag per ``TrainConfig`` field."""
     p = argparse.ArgumentParser(
         prog="lpt-train",
         description="Train an LPT prompt set (phase 1: shared prompt; phase 2: group prompt pool) on a frozen ViT. "
-        f"Required, as flags or in --config: {', '.join(_flag(k) for k in REQUIRED)}.",
+        f"Required, as flags or in --config: {', '.join(flag_name(k) for k in REQUIRED)}. Every flag is also a "
+        "--config key (dashes or underscores).",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     io = p.add_argument_group("data and output")
@@ -65,51 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--resume", nargs="?", const="auto", help="resume from the checkpoint (or this file) if present")
 
-    model = p.add_argument_group("backbone and prompts")
+    model = p.add_argument_group("backbone")
     model.add_argument("--backbone", help=f"[required] timm ViT name (paper: {PAPER_BACKBONE})")
     model.add_argument(
         "--backbone-weights", help="[required] hub (timm's pretrained weights) | PATH (local file) | random:SEED"
     )
     model.add_argument("--img-size", type=int, help="build the backbone for this input size")
-    model.add_argument("--prompt-length", type=int, default=d.prompt_length, help="L, prompt tokens per block")
-    model.add_argument("--pool-size", type=int, default=d.pool_size, help="P, group prompts (0: deep VPT only)")
-    model.add_argument("--top-k", type=int, default=d.top_k, help="group prompts averaged per image")
-    model.add_argument("--share-blocks", type=int, default=d.share_blocks, help="S, blocks with the shared prompt only")
-    model.add_argument(
-        "--prompt-init",
-        choices=PROMPT_INITS,
-        default=d.prompt_init,
-        help="data (mean patch tokens + noise), normal (std 0.02, the authors') or vpt (uniform)",
-    )
-    model.add_argument(
-        "--head-init",
-        choices=HEAD_INITS,
-        default=d.head_init,
-        help="class-mean (each row at its class's mean feature) or random (unit-norm rows)",
-    )
-    model.add_argument(
-        "--head-dropout", type=float, default=d.head_dropout, help="dropout before the head while training"
-    )
-    model.add_argument("--head-scale", type=float, default=d.head_scale, help="s of the cosine head")
 
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs1", type=int, default=d.epochs1, help="phase-1 epochs")
-    opt.add_argument("--epochs2", type=int, default=d.epochs2, help="phase-2 epochs")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="B, global batch (each step draws 2 x B)")
-    opt.add_argument("--lr", type=float, help=f"base learning rate (default {LR_PER_256} * B / 256)")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    opt.add_argument("--momentum", type=float, default=d.momentum)
-    opt.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-    opt.add_argument("--min-crop-scale", type=float, default=d.min_crop_scale, help="RandomResizedCrop lower bound")
-    opt.add_argument("--steps-per-epoch", type=int, help="default ceil(train images / B)")
-    opt.add_argument("--seed", type=int, default=d.seed)
+    add_field_flags(p.add_argument_group("training settings (TrainConfig)"))
 
     run = p.add_argument_group("execution")
     run.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    run.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process")
-    run.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
-    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    run.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     run.add_argument("--stop-after-epochs", type=int, help=argparse.SUPPRESS)  # tests: simulate an interruption
 
     push = p.add_argument_group("upload")
@@ -119,12 +93,136 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flag(dest: str) -> str:
-    return f"--{dest.replace('_', '-')}"
+def flag_name(name: str) -> str:
+    """The flag of a setting or option (``batch_size`` -> ``--batch-size``)."""
+    return f"--{name.replace('_', '-')}"
+
+
+def add_field_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per ``TrainConfig`` field: type from the annotation, help and default from the field."""
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            raise TypeError(f"TrainConfig.{f.name} has no help: declare it with trainer.config.setting")
+        # The defaults go in through set_defaults below: BooleanOptionalAction given a default appends its own
+        # "(default: True)" to the help.
+        group.add_argument(flag_name(f.name), dest=f.name, help=_field_help(f), **argparse_kind(FIELD_TYPES[f.name]))
+    group.set_defaults(**{f.name: _field_default(f) for f in dataclasses.fields(TrainConfig)})
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    default = _field_default(f)
+    if default is None:
+        shown = f.metadata.get("unset") or "unset"
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, tuple | list):
+        shown = " ".join(str(v) for v in default)
+    else:
+        shown = str(default)
+    # argparse treats '%' in help as a format directive.
+    return f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+
+
+def _without_none(annotation: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; any other annotation -> ``(it, False)``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"no flag type for the union {annotation!r}")
+        return rest[0], True
+    return annotation, False
+
+
+def _sequence_items(annotation: Any) -> tuple[Any, int | None]:
+    """The item type of ``tuple[X, ...]``, ``tuple[X, X]`` or ``list[X]``, and the fixed length if there is one."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list or args[-1] is Ellipsis:
+        return args[0], None
+    if len(set(args)) != 1:
+        raise TypeError(f"no flag type for the mixed tuple {annotation!r}")
+    return args[0], len(args)
+
+
+def argparse_kind(annotation: Any) -> dict[str, Any]:
+    """argparse's action, type, choices and nargs for a field's annotation (``X | None`` is treated as ``X``).
+
+    Args:
+        annotation: a resolved annotation: bool, int, float, str, Path, a ``Literal``, or a tuple or list of
+            one of those.
+    """
+    annotation, _ = _without_none(annotation)
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin in (tuple, list):
+        item, length = _sequence_items(annotation)
+        if item is bool or typing.get_origin(item) in (tuple, list):
+            raise TypeError(f"no flag type for {annotation!r}")
+        return {"nargs": length or "+", **argparse_kind(item)}
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return {"choices": choices, "type": type(choices[0])}
+    if annotation in (int, float, str, Path):
+        return {"type": annotation}
+    raise TypeError(f"no flag type for annotation {annotation!r}")
+
+
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def coerce(annotation: Any, value: Any) -> Any:
+    """A ``--config`` value as the field's type (YAML and JSON give bools, numbers, strings, lists, null).
+
+    Raises:
+        ValueError: the value does not fit the annotation (the message says what was expected).
+    """
+    annotation, optional = _without_none(annotation)
+    origin = typing.get_origin(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError("expected a value, got null")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
+        raise ValueError(f"expected true or false, got {value!r}")
+    if origin in (tuple, list):
+        item, length = _sequence_items(annotation)
+        if not isinstance(value, list | tuple) or (length is not None and len(value) != length):
+            raise ValueError(f"expected a list of {length or 'one or more'} values, got {value!r}")
+        items = [coerce(item, v) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ValueError(f"expected one of {', '.join(map(str, typing.get_args(annotation)))}, got {value!r}")
+        return value
+    return _coerce_scalar(annotation, value)
+
+
+def _coerce_scalar(annotation: Any, value: Any) -> Any:
+    if isinstance(value, bool) or (annotation is not Path and isinstance(value, Path)):
+        raise ValueError(f"expected {annotation.__name__}, got {value!r}")
+    if annotation is int and isinstance(value, int | str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    elif annotation is float and isinstance(value, int | float | str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    elif annotation is str and isinstance(value, str):
+        return value
+    elif annotation is Path and isinstance(value, str | Path):
+        return Path(value)
+    raise ValueError(f"expected {annotation.__name__}, got {value!r}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or YAML config; keys may use dashes or underscores."""
+    """Read a JSON or YAML config: a mapping of option -> value, keys as written (dashes or underscores)."""
     text = Path(path).read_text()
     if str(path).endswith((".yaml", ".yml")):
         import yaml
@@ -134,53 +232,99 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise SystemExit(f"lpt-train: {path} must hold a mapping of option -> value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k): v for k, v in data.items()}
+
+
+def config_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's values as parser defaults: settings typed and checked, ``no_X: true`` as ``X: false``.
+
+    Raises:
+        ValueError: an unknown key, or a setting's value that does not fit its type (naming the key).
+    """
+    options = {a.dest for a in parser._actions} - {"help", "version", "config"}
+    negations = {f"no_{name}": name for name, kind in FIELD_TYPES.items() if kind is bool}
+    unknown = [key for key in values if _dest(key) not in options | set(negations)]
+    if unknown:
+        raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        negated = _dest(key) in negations
+        name = negations[_dest(key)] if negated else _dest(key)
+        if name in out:
+            raise ValueError(f"{key}: {name} is set twice")
+        if name not in FIELD_TYPES:
+            out[name] = value
+            continue
+        try:
+            typed = coerce(FIELD_TYPES[name], value)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+        out[name] = not typed if negated else typed
+    return out
+
+
+def _dest(key: str) -> str:
+    """The argparse dest of a config key (``batch-size`` and ``batch_size`` -> ``batch_size``)."""
+    return key.replace("-", "_")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags over ``--config`` over the defaults, then the checks that need every value."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        values = load_config_file(first.config)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"unknown keys in {first.config}: {', '.join(unknown)}")
-        parser.set_defaults(**values)
+        try:
+            parser.set_defaults(**config_defaults(parser, load_config_file(first.config)))
+        except ValueError as exc:
+            parser.error(f"{first.config}: {exc}")
     args = parser.parse_args(argv)
-    missing = [_flag(k) for k in REQUIRED if getattr(args, k) in (None, "")]
+    missing = [flag_name(k) for k in REQUIRED if getattr(args, k) in (None, "")]
     if missing:
         parser.error(f"required (as flags or in --config): {', '.join(missing)}")
     if args.push and not args.task:
         parser.error("--push needs --task")
+    if problems := missing_train_extra(args):
+        parser.error("; ".join(problems))
     return args
 
 
+def missing_train_extra(args: argparse.Namespace) -> list[str]:
+    """What this run needs from the ``train`` extra and lacks; checked before training, not when plotting."""
+    wanted = [("matplotlib", "--plot")] if args.plot else []
+    if args.progress:
+        wanted.append(("tqdm", "progress bars (--no-progress turns them off)"))
+    return [
+        f"{purpose} needs {module}: {INSTALL_TRAIN_EXTRA}"
+        for module, purpose in wanted
+        if importlib.util.find_spec(module) is None
+    ]
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs1=args.epochs1,
-        epochs2=args.epochs2,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        prompt_length=args.prompt_length,
-        pool_size=args.pool_size,
-        top_k=args.top_k,
-        share_blocks=args.share_blocks,
-        head_scale=args.head_scale,
-        min_crop_scale=args.min_crop_scale,
-        prompt_init=args.prompt_init,
-        head_init=args.head_init,
-        head_dropout=args.head_dropout,
-        steps_per_epoch=args.steps_per_epoch,
-        seed=args.seed,
-        workers=args.workers,
-        amp=not args.no_amp,
-        eval_batch_size=args.eval_batch_size,
-        progress=not args.no_progress,
-    )
+    """The ``TrainConfig`` of parsed arguments: one value per field, tuples where the field is a tuple."""
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        kind, _ = _without_none(FIELD_TYPES[f.name])
+        values[f.name] = tuple(value) if typing.get_origin(kind) is tuple and value is not None else value
+    return TrainConfig(**values)
+
+
+def options_markdown(parser: argparse.ArgumentParser | None = None) -> str:
+    """Every flag of ``lpt-train`` as a Markdown table, one section per group (docs/trainer.md holds it)."""
+    parser = parser or build_parser()
+    formatter = parser._get_formatter()
+    lines = ["| flag | meaning |", "|---|---|"]
+    for group in parser._action_groups:
+        shown = [a for a in group._group_actions if a.help not in (None, argparse.SUPPRESS) and a.dest != "help"]
+        if not shown:
+            continue
+        lines.append(f"| **{group.title}** | |")
+        for action in shown:
+            invocation = formatter._format_action_invocation(action)
+            meaning = (action.help % {"prog": parser.prog}).replace("|", "\\|")
+            lines.append(f"| `{invocation}` | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def setup_distributed(device_arg: str | None) -> DistContext:

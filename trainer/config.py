@@ -6,12 +6,12 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from lpt.prompt_set import PromptSet
+from lpt.prompt_set import DEFAULT_HEAD_SCALE, PromptSet
 
 # 40x the authors' 0.02 * B / 256, which comes with thousands of steps: at a few hundred steps their rate leaves
 # the prompts where they started. The largest rate of a short-run sweep at which phase 2 never lost to phase 1,
@@ -19,73 +19,64 @@ from lpt.prompt_set import PromptSet
 LR_PER_256 = 0.8
 
 
-@dataclass
-class TrainConfig:
-    """Hyper-parameters (defaults: the method note's ViT-B/16 settings).
+# The choices of ``TrainConfig.prompt_init`` and ``head_init`` (``trainer.prompt_init`` implements them).
+PromptInit = Literal["data", "normal", "vpt"]
+HeadInit = Literal["class-mean", "random"]
+
+
+def setting(default: Any, help: str, unset: str | None = None) -> Any:
+    """A ``TrainConfig`` field: its default and the help ``lpt-train --help`` shows for its flag.
 
     Args:
-        epochs1: phase-1 epochs.
-        epochs2: phase-2 epochs (0, or pool_size 0, gives a plain deep-VPT prompt set).
-        batch_size: B, images per batch summed over data-parallel processes (each step draws two).
-        lr: base learning rate; ``None`` gives ``LR_PER_256 * B / 256``.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        warmup_epochs: linear warm-up from ``warmup_lr``, then cosine to 0, per phase.
-        warmup_lr: first learning rate of the warm-up.
-        prompt_length: L.
-        pool_size: P.
-        top_k: k.
-        share_blocks: S.
-        head_scale: s.
-        images_per_class: images per sampled class in class-balanced batches.
-        ib_weight: instance-balanced loss weight at epoch 0 (decays linearly to 0).
-        sim_weight: weight of the key-similarity term.
-        margin: A-GCL target margin.
-        noise_mul: A-GCL cloud multiplier.
-        label_smoothing: A-GCL label smoothing.
-        min_crop_scale: RandomResizedCrop's lower area bound.
-        prompt_init: ``data`` (mean patch tokens plus the authors' noise), ``normal`` (the authors' truncated
-            normal, std 0.02) or ``vpt`` (VPT's uniform init); see ``trainer.prompt_init``.
-        head_init: ``class-mean`` (each head row starts at its class's mean feature under the starting
-            prompt) or ``random`` (unit-norm random rows, the authors').
-        head_dropout: dropout on the feature before the cosine head while training (the authors': 0.1).
-        steps_per_epoch: ``None`` gives ``ceil(len(train) / batch_size)``.
-        seed: seeds the init, the samplers, the augmentation and the A-GCL noise.
-        workers: DataLoader workers per process.
-        amp: bf16 autocast on CUDA.
-        eval_batch_size: images per evaluation forward.
-        progress: tqdm bars (rank 0).
+        default: the field's default.
+        help: what the setting does (one line).
+        unset: what a ``None`` default resolves to, shown as the flag's default.
+    """
+    return field(default=default, metadata={"help": help, "unset": unset})
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters (defaults: the method note's ViT-B/16 settings, except the recipe in docs/trainer.md).
+
+    Every field is a flag of ``lpt-train`` (``batch_size``: ``--batch-size``) and a ``--config`` key;
+    ``trainer.cli`` generates both from the fields, with the help and default declared here.
     """
 
-    epochs1: int = 40
-    epochs2: int = 90
-    batch_size: int = 256
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    prompt_length: int = 10
-    pool_size: int = 20
-    top_k: int = 2
-    share_blocks: int = 6
-    head_scale: float = 20.0
-    images_per_class: int = 4
-    ib_weight: float = 0.5
-    sim_weight: float = 0.5
-    margin: float = 0.1
-    noise_mul: float = 0.5
-    label_smoothing: float = 0.1
-    min_crop_scale: float = 0.08
-    prompt_init: str = "data"
-    head_init: str = "class-mean"
-    head_dropout: float = 0.1
-    steps_per_epoch: int | None = None
-    seed: int = 0
-    workers: int = 0
-    amp: bool = True
-    eval_batch_size: int = 128
-    progress: bool = True
+    epochs1: int = setting(40, "phase-1 epochs (shared prompt and head)")
+    epochs2: int = setting(90, "phase-2 epochs (group-prompt pool); 0, or --pool-size 0, gives a deep-VPT prompt set")
+    batch_size: int = setting(256, "B, images per step summed over processes (each step draws 2 x B)")
+    lr: float | None = setting(None, "base learning rate", unset=f"{LR_PER_256} * B / 256")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(0.01, "SGD weight decay")
+    warmup_epochs: int = setting(1, "epochs of linear warm-up from --warmup-lr, then cosine to 0 (per phase)")
+    warmup_lr: float = setting(1e-6, "first learning rate of the warm-up")
+    prompt_length: int = setting(10, "L, prompt tokens per block")
+    pool_size: int = setting(20, "P, group prompts (0: deep VPT only)")
+    top_k: int = setting(2, "k, group prompts averaged per image")
+    share_blocks: int = setting(6, "S, blocks with the shared prompt only")
+    head_scale: float = setting(DEFAULT_HEAD_SCALE, "s, scale of the cosine head")
+    images_per_class: int = setting(4, "images per sampled class in the class-balanced batches")
+    ib_weight: float = setting(0.5, "instance-balanced loss weight at epoch 0 (decays linearly to 0)")
+    sim_weight: float = setting(0.5, "weight of the key-similarity term")
+    margin: float = setting(0.1, "A-GCL margin, subtracted from the target cosine logit")
+    noise_mul: float = setting(0.5, "A-GCL cloud multiplier")
+    label_smoothing: float = setting(0.1, "A-GCL label smoothing")
+    min_crop_scale: float = setting(0.08, "RandomResizedCrop's lower area bound")
+    # setting() returns a dataclasses.field; ruff knows that only for the plain immutable annotations.
+    prompt_init: PromptInit = setting(  # noqa: RUF009
+        "data", "data (mean patch tokens + noise), normal (truncated normal, std 0.02, the authors') or vpt (uniform)"
+    )
+    head_init: HeadInit = setting(  # noqa: RUF009
+        "class-mean", "class-mean (each row at its class's mean feature) or random (unit-norm rows, the authors')"
+    )
+    head_dropout: float = setting(0.1, "dropout on the feature before the cosine head while training")
+    steps_per_epoch: int | None = setting(None, "steps per epoch", unset="ceil(train images / B)")
+    seed: int = setting(0, "seeds the init, the samplers, the augmentation and the A-GCL noise")
+    workers: int = setting(0, "DataLoader workers per process")
+    amp: bool = setting(True, "bf16 autocast on CUDA")
+    eval_batch_size: int = setting(128, "images per evaluation forward")
+    progress: bool = setting(True, "tqdm progress bars (rank 0)")
 
     @property
     def base_lr(self) -> float:

@@ -17,18 +17,20 @@ data sets go into the prompts instead of into first finding the classes.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
 from lpt.backbone import Backbone
 from lpt.forward import PromptBank, embed, prompted_block, prompted_forward
 from lpt.prompt_set import PromptSet
-from trainer.config import TrainConfig
+from trainer.config import HeadInit, PromptInit, TrainConfig
 from trainer.data import ImageDataset
 from trainer.evaluate import autocast
 from trainer.samplers import stream_seed
 
-PROMPT_INITS = ("data", "normal", "vpt")
-HEAD_INITS = ("class-mean", "random")
+PROMPT_INITS: tuple[str, ...] = get_args(PromptInit)
+HEAD_INITS: tuple[str, ...] = get_args(HeadInit)
 HEAD_INIT_IMAGES_PER_CLASS = 64  # enough for a class mean; bounds the start-up pass on large data sets
 COLLAPSE_CHECK_IMAGES_PER_CLASS = 8
 MEAN_TOKEN_IMAGES = 256
