@@ -168,9 +168,6 @@ class SharedKV:
         """Device bytes these keys and values take (what a cache must count)."""
         return self.kv.numel() * self.kv.element_size()
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SharedKV:
-        return SharedKV(self.kv.to(device=device, dtype=dtype))
-
 
 def precompute_shared_kv(
     model: torch.nn.Module, prompt_set: PromptSet | torch.Tensor, dtype: torch.dtype | None = None

@@ -1,4 +1,4 @@
-"""``create_app(config)``: the lifespan wires backbone, store, cache, queue, engine and worker; routes only here."""
+"""``create_app(config)``: the ASGI app; its lifespan builds, starts and stops the ``Service``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -17,24 +16,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 import lpt
-from lpt.backbone import Backbone, load_backbone
+from lpt.backbone import Backbone
 from lpt.errors import LptError
-from lpt.forward import PromptBank, prompted_forward
-from lpt.init import init_prompt_set
-from lpt.prompt_set import ValidationLimits
-from prompts_store import open_store
 from prompts_store.base import PromptStore
 from service.api.routes import error_response, router
-from service.auth import Authenticator
+from service.application import Service
 from service.demo import install_demo
-from service.engine import DTYPES, Engine
-from service.images import DecodePool, ImageDecoder
-from service.metrics import ServiceMetrics
-from service.prompt_cache import PromptCache
-from service.queue import FairQueue
 from service.settings import ServiceConfig
-from service.state import ServiceState
-from service.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -50,83 +38,24 @@ ENDPOINTS = {
 }
 
 
-def build_state(config: ServiceConfig, backbone: Backbone | None, store: PromptStore | None) -> ServiceState:
-    """Load what is missing (backbone, store) and wire the parts together."""
-    metrics = ServiceMetrics()
-    dtype = DTYPES[config.compute_dtype]
-    if backbone is None:
-        backbone = load_backbone(config.backbone, config.backbone_weights, config.img_size)
-    backbone.to(config.device)
-    if store is None:
-        store = open_store(config.store, max_bytes=config.max_prompt_bytes, timeout_s=config.store_timeout)
-    limits = ValidationLimits(max_classes=config.max_classes)
-    cache = PromptCache(
-        store, backbone.info, config.device, dtype, config.cache_bytes, metrics, limits, model=backbone.model
-    )
-    queue = FairQueue(config.queue_size, config.tenant_queue_size)
-    engine = Engine(backbone, config.device, dtype)
-    worker = EngineWorker(engine, queue, metrics, config.max_batch_size, config.max_wait_ms / 1000.0)
-    metrics.backbone_info.labels(backbone.info.name, backbone.info.fingerprint[:16]).set(1)
-    return ServiceState(
-        config=config,
-        backbone=backbone,
-        store=store,
-        cache=cache,
-        engine=engine,
-        worker=worker,
-        queue=queue,
-        metrics=metrics,
-        auth=Authenticator(config.api_keys),
-        decode_pool=DecodePool(
-            ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels),
-            config.decode_threads,
-            config.decode_niceness,
-        ),
-        limits=limits,
-    )
-
-
-def warm_up(state: ServiceState) -> None:
-    """One mixed two-task forward before /readyz says ready, so the first request pays no lazy init."""
-    info = state.backbone.info
-    sets = [
-        init_prompt_set(info, ["a", "b"], prompt_length=2, pool_size=p, share_blocks=info.depth // 2, seed=i)
-        for i, p in enumerate((2, 0))
-    ]
-    bank = PromptBank.stack(sets, device=state.engine.device, dtype=state.engine.dtype)
-    images = torch.zeros(2, *info.input_size, device=state.engine.device)
-    with torch.inference_mode(), state.engine._autocast():
-        prompted_forward(state.backbone.model, images, bank, torch.tensor([0, 1], device=state.engine.device))
-    state.warmed_up = True
-
-
 def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: PromptStore | None = None) -> FastAPI:
     """The ASGI app. ``backbone`` and ``store`` may be passed in (tests share one); else built from config."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await run_in_threadpool(build_state, config, backbone, store)
-        app.state.lpt = state
-        if state.auth.single_tenant:
+        service = await run_in_threadpool(Service.build, config, backbone, store)
+        app.state.lpt = service
+        if service.auth.single_tenant:
             log.warning("no API keys configured: single-tenant mode, every caller is tenant 'default'")
-        state.worker.start()
-        await run_in_threadpool(warm_up, state)
+        await run_in_threadpool(service.start)
         if config.demo:
-            await run_in_threadpool(install_demo, state)
-        state.subscription = state.store.subscribe(state.cache.on_change, config.reconcile_s)
+            await run_in_threadpool(install_demo, service)
         # "ready" is logged by the server once its socket accepts connections (service/cli.py), not here.
-        log.debug("application started: backbone %s on %s", state.backbone.info.name, config.device)
+        log.debug("application started: backbone %s on %s", service.backbone.info.name, config.device)
         try:
             yield
         finally:
-            state.draining = True
-            await run_in_threadpool(state.worker.stop, config.shutdown_timeout)
-            if state.subscription is not None:
-                state.subscription.close()
-            state.cache.close()
-            state.decode_pool.close()
-            if store is None:
-                state.store.close()
+            await run_in_threadpool(service.stop)
 
     app = FastAPI(
         title="lpt-serve",
@@ -146,10 +75,10 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         response = await call_next(request)
         route = request.scope.get("route")
         endpoint = route.path if route is not None and route.path in ENDPOINTS else "other"
-        state: ServiceState | None = getattr(request.app.state, "lpt", None)
-        if state is not None:
-            state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-            state.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+        service: Service | None = getattr(request.app.state, "lpt", None)
+        if service is not None:
+            service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+            service.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
         response.headers["X-LPT-Replica"] = config.replica_id
         return response
 

@@ -8,7 +8,9 @@ import re
 from collections.abc import Mapping
 
 from service.errors import Unauthorized
-from service.settings import DEFAULT_TENANT
+
+# Every caller's tenant when no API keys are configured (single-tenant mode).
+DEFAULT_TENANT = "default"
 
 # Where keys come from, named in every refusal so the operator knows what to fix.
 KEY_VARIABLES = "LPT_API_KEYS / LPT_API_KEYS_FILE"

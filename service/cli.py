@@ -133,9 +133,9 @@ class _Server(uvicorn.Server):
             log.info(ready_line(self.service_config, self.config.app, self.sock))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = getattr(self.config.app.state, "lpt", None)
-        if state is not None:
-            state.draining = True
+        service = getattr(self.config.app.state, "lpt", None)
+        if service is not None:
+            service.draining.set()
         super().handle_exit(sig, frame)
 
 

@@ -11,10 +11,10 @@ from PIL import Image
 from lpt.errors import NotFound
 from lpt.init import init_prompt_set
 from lpt.prompt_set import encode
-from service.settings import DEFAULT_TENANT
+from service.auth import DEFAULT_TENANT
 
 if TYPE_CHECKING:
-    from service.state import ServiceState
+    from service.application import Service
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ DEMO_TASK = "demo"
 DEMO_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def install_demo(state: ServiceState) -> None:
+def install_demo(state: Service) -> None:
     """Install task ``demo`` for every tenant unless present; write ``demo.safetensors`` and ``demo.jpg``."""
     info = state.backbone.info
     ps = init_prompt_set(

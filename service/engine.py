@@ -10,10 +10,9 @@ from collections import defaultdict
 import torch
 
 from lpt.backbone import Backbone
-from lpt.forward import PromptBank, prompted_forward
+from lpt.forward import PromptBank, autocast, prompted_forward
+from lpt.init import init_prompt_set
 from service.resident import ResidentSet
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Engine:
@@ -59,11 +58,19 @@ class Engine:
                 [e.prompt_set for e in distinct], self.device, self.dtype, [e.shared_kv for e in distinct]
             )
         slots = torch.tensor([slot_of[e.key] for e in entries], device=self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), autocast(self.device, self.dtype):
             out = prompted_forward(self.backbone.model, images, bank, slots)
             return out.logits.float().softmax(dim=-1)
 
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def warm_up(self) -> None:
+        """One mixed two-task forward (with and without a group-prompt pool), so the first request pays no lazy
+        initialisation (kernel selection, allocator growth)."""
+        info = self.backbone.info
+        sets = [
+            init_prompt_set(info, ["a", "b"], prompt_length=2, pool_size=p, share_blocks=info.depth // 2, seed=i)
+            for i, p in enumerate((2, 0))
+        ]
+        bank = PromptBank.stack(sets, device=self.device, dtype=self.dtype)
+        images = torch.zeros(2, *info.input_size, device=self.device)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            prompted_forward(self.backbone.model, images, bank, torch.tensor([0, 1], device=self.device))

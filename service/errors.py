@@ -92,6 +92,14 @@ class ShuttingDown(ServiceError):
     code = "shutting_down"
 
 
+class SetChanged(ServiceError):
+    """The store no longer holds the bytes this replica expected for a version (it changed, or data was lost);
+    the caller re-reads the task's state and retries once, so a client sees this only if it changes again."""
+
+    status = 503
+    code = "prompt_set_changed"
+
+
 class DeadlineExceeded(ServiceError):
     """The request waited past its deadline."""
 

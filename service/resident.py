@@ -10,9 +10,10 @@ an entry is never replaced while it may be in use, so every lease counts against
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -24,11 +25,16 @@ from service.metrics import ServiceMetrics
 
 
 class SetKey(NamedTuple):
-    """One immutable prompt-set version of one tenant's task."""
+    """One immutable prompt-set version of one tenant's task, named by its number and its bytes' sha256.
+
+    The sha256 is part of the identity so that a version number the store reissues after losing data (a Redis
+    failover, an older backup imported) can never be answered with the lost version's bytes.
+    """
 
     tenant: str
     task: str
     version: int
+    sha256: str
 
 
 @dataclass(eq=False)
@@ -42,8 +48,6 @@ class ResidentSet:
         bank: a one-slot bank of views over ``prompt_set`` (no extra memory).
         shared_kv: the shared prompt's attention keys/values in every block, computed once when the set becomes
             resident (``None``: computed per forward); counted in ``nbytes``.
-        extras: further per-set device tensors derived from the set; build them before the entry is inserted,
-            so that ``nbytes`` (and the budget) counts them.
     """
 
     key: SetKey
@@ -51,20 +55,17 @@ class ResidentSet:
     prompt_set: PromptSet
     bank: PromptBank
     shared_kv: SharedKV | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def geometry(self) -> tuple[int, int]:
         return self.bank.geometry
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every device tensor this entry owns (the bank's views are the set's tensors, not counted twice)."""
-        kv = {"shared_kv": self.shared_kv.kv} if self.shared_kv is not None else {}
-        return {**self.prompt_set.tensors(), **kv, **{f"extras.{k}": t for k, t in self.extras.items()}}
-
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Device bytes this entry owns: the set's tensors and its shared keys/values (the bank's views over
+        them are not counted twice)."""
+        kv = self.shared_kv.nbytes if self.shared_kv is not None else 0
+        return sum(t.numel() * t.element_size() for t in self.prompt_set.tensors().values()) + kv
 
 
 def to_device(ps: PromptSet, device: torch.device | str, dtype: torch.dtype) -> PromptSet:
@@ -73,18 +74,12 @@ def to_device(ps: PromptSet, device: torch.device | str, dtype: torch.dtype) -> 
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype).contiguous()
 
-    return PromptSet(
+    return dataclasses.replace(
+        ps,
         shared_prompt=move(ps.shared_prompt),
         head_weight=move(ps.head_weight),
-        class_names=ps.class_names,
-        backbone=ps.backbone,
-        backbone_fingerprint=ps.backbone_fingerprint,
-        share_blocks=ps.share_blocks,
-        top_k=ps.top_k,
-        head_scale=ps.head_scale,
         group_prompts=move(ps.group_prompts),
         group_keys=move(ps.group_keys),
-        extra=ps.extra,
     )
 
 
@@ -117,7 +112,7 @@ def make_resident(
     if model is not None:
         with torch.inference_mode():
             kv = precompute_shared_kv(model, moved)
-    key = SetKey(info.tenant, info.task, info.version)
+    key = SetKey(info.tenant, info.task, info.version, info.sha256)
     return ResidentSet(key, info, moved, single_bank(moved, kv), shared_kv=kv)
 
 

@@ -19,8 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lpt.host_memory import RETAIN_BYTES
 from lpt.ids import check_tenant_id
+from lpt.prompt_set import MAX_PROMPT_BYTES, ValidationLimits
+from service.auth import check_api_keys
 
-DEFAULT_TENANT = "default"
 ENV_PREFIX = "LPT_"
 # The demo runs offline: a seeded DeiT-Tiny unless a backbone is chosen explicitly.
 DEMO_BACKBONE = ("deit_tiny_patch16_224", "random:0")
@@ -64,8 +65,8 @@ class ServiceSettings(BaseSettings):
     host_memory_retain_bytes: int = setting(
         RETAIN_BYTES, "freed host memory the allocator keeps instead of returning it (glibc; 0: its defaults)"
     )
-    max_prompt_bytes: int = setting(64 * 1024 * 1024, "largest prompt set upload in bytes")
-    max_classes: int = setting(8192, "largest class count a prompt set may have")
+    max_prompt_bytes: int = setting(MAX_PROMPT_BYTES, "largest prompt set upload in bytes")
+    max_classes: int = setting(ValidationLimits.max_classes, "largest class count a prompt set may have")
     api_keys: str | None = setting(
         None,
         "'tenant:secret' pairs, comma-separated; prefer the variable or a file (a flag shows in ps)",
@@ -201,8 +202,6 @@ def _parse_keys(inline: str | None, path: Path | None) -> dict[str, str]:
         if not sep or not secret:
             raise SystemExit("API keys must be 'tenant:secret' pairs (the secret is not shown here)")
         keys[check_tenant_id(tenant)] = secret
-    from service.auth import check_api_keys  # late: auth imports this module's DEFAULT_TENANT
-
     check_api_keys(keys)  # refused here, before the backbone loads, with the rule the authenticator applies
     return keys
 

@@ -21,9 +21,15 @@ class Prediction(BaseModel):
     score: float = Field(description="softmax probability")
 
 
+SHA256_FIELD = Field(
+    description="sha256 of the prompt set's bytes that answered: tells apart two sets that claim one version"
+)
+
+
 class ClassifyResponse(BaseModel):
     task: str
     version: int
+    sha256: str = SHA256_FIELD
     predictions: list[Prediction]
 
 
@@ -34,6 +40,7 @@ class ImageResult(BaseModel):
 class ClassifyBatchResponse(BaseModel):
     task: str
     version: int
+    sha256: str = SHA256_FIELD
     results: list[ImageResult]
 
 
