@@ -1,4 +1,4 @@
-"""Pieces both backends share: argument checks, metadata encoding, snapshot diffs, the watcher thread."""
+"""Pieces both backends share: argument checks, metadata encoding, the revision clock, snapshot diffs, the watcher."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from lpt.errors import InvalidTaskId, StoreCorrupt, TooLarge
 from lpt.ids import check_task_id, check_tenant_id
-from prompts_store.base import ChangeEvent, StoredVersion
+from prompts_store.base import ChangeEvent, StoredVersion, TaskState
 
 log = logging.getLogger("prompts_store")
 
@@ -20,7 +20,29 @@ log = logging.getLogger("prompts_store")
 MAX_META_ITEMS = 64
 MAX_META_BYTES = 16 * 1024
 
-Snapshot = dict[tuple[str, str], int]
+Snapshot = dict[tuple[str, str], TaskState]
+
+
+def next_revision(previous: int, now_us: int | None = None) -> int:
+    """The revision a write gives a task: a hybrid clock, one past ``previous`` but never behind the wall clock.
+
+    The counter part keeps revisions growing when the clock stands still or steps back. The clock part keeps
+    them growing across data loss: a store that lost the task's last writes (or was wiped and re-imported)
+    restarts from a lower ``previous``, but every revision issued before the loss is at most the time of that
+    write in microseconds (a task gets far less than one write per microsecond), so a later write is above it.
+
+    Args:
+        previous: the task's current revision (0 if it has none).
+        now_us: the writer's time in microseconds since the epoch; the local wall clock when None.
+    """
+    if now_us is None:
+        now_us = time.time_ns() // 1000
+    return max(previous + 1, now_us)
+
+
+def unknown_state(tenant: str, task: str) -> TaskState:
+    """The state of a task the store does not hold at all (never written, or lost)."""
+    return TaskState(tenant, task, 0, None, None)
 
 
 def check_ids(tenant: str, task: str) -> None:
@@ -67,9 +89,11 @@ def encode_info(sha256: str, size: int, created: float, meta: dict[str, str]) ->
     return json.dumps({"sha256": sha256, "size": size, "created": created, "meta": meta}, sort_keys=True)
 
 
-def decode_info(tenant: str, task: str, version: int, raw: str | bytes) -> StoredVersion:
+def decode_info(tenant: str, task: str, version: int, raw: str | bytes, revision: int = 0) -> StoredVersion:
+    """A version's metadata from ``encode_info``'s JSON, stamped with the task ``revision`` it was read at."""
     d = json.loads(raw)
-    return StoredVersion(tenant, task, version, d["sha256"], int(d["size"]), float(d["created"]), dict(d["meta"]))
+    size, created, meta = int(d["size"]), float(d["created"]), dict(d["meta"])
+    return StoredVersion(tenant, task, version, d["sha256"], size, created, meta, revision=revision)
 
 
 def verify_blob(info: StoredVersion, data: bytes) -> None:
@@ -81,10 +105,15 @@ def verify_blob(info: StoredVersion, data: bytes) -> None:
 
 
 def diff_snapshots(old: Snapshot, new: Snapshot) -> list[ChangeEvent]:
-    """Events that turn ``old`` into ``new``: changed or added tasks, then deleted ones (active None)."""
-    events = [ChangeEvent(t, k, v) for (t, k), v in sorted(new.items()) if old.get((t, k)) != v]
-    events += [ChangeEvent(t, k, None) for (t, k) in sorted(old) if (t, k) not in new]
-    return events
+    """Events that turn ``old`` into ``new``: every state of ``new`` that differs from ``old`` (tombstones
+    included), then a revision-0 state for each task ``new`` no longer holds at all (lost, not deleted).
+
+    States are compared whole; two states of a task differ in their revision unless a writer without revisions
+    changed it.
+    """
+    events = [s for key, s in sorted(new.items()) if old.get(key, unknown_state(*key)) != s]
+    lost = (unknown_state(*key) for key in sorted(old) if key not in new)
+    return events + [s for s in lost if old[(s.tenant, s.task)] != s]
 
 
 class Watcher:
@@ -96,9 +125,11 @@ class Watcher:
     state, error logging with backoff, and prompt shutdown on ``close()``. The thread never dies on a backend
     or callback error, so a replica keeps receiving changes after Redis or the disk comes back.
 
-    Events are level-triggered ("task X is now at version N"), may repeat, and a pushed message can be
-    briefly older than a reconciled snapshot; the last event delivered for a task is always its current state.
-    Callbacks run on this thread and should be quick (hand work to a queue).
+    Events are states ("task X is now at revision R, version N, sha256 S"). A pushed state is delivered only
+    if its revision is above the last one known for the task, so a late message never follows a newer state.
+    A reconciled snapshot is the store's truth and is delivered whenever it differs from what was known (a
+    lower revision there means the store lost writes). The last event delivered for a task is its current
+    state. Callbacks run on this thread and should be quick (hand work to a queue).
 
     Args:
         callback: called with each ``ChangeEvent``.
@@ -164,14 +195,11 @@ class Watcher:
     def _apply_pushed(self, events: list[ChangeEvent]) -> None:
         fresh = []
         for ev in events:
-            key = (ev.tenant, ev.task)
             if self._known is not None:
-                if self._known.get(key) == ev.active:
-                    continue  # already delivered (e.g. by a reconcile that ran first)
-                if ev.active is None:
-                    self._known.pop(key, None)
-                else:
-                    self._known[key] = ev.active
+                key = (ev.tenant, ev.task)
+                if ev.revision <= self._known.get(key, unknown_state(*key)).revision:
+                    continue  # delivered already (e.g. by a reconcile that ran first), or older than that
+                self._known[key] = ev
             fresh.append(ev)
         self._emit(fresh)
 

@@ -4,6 +4,15 @@ Versions are immutable and numbered 1, 2, 3... per (tenant, task); each is conte
 sha256. ``put`` makes the new version active. Callers validate bytes before ``put``; the store checks
 ids and the size limit before it writes anything. All methods are synchronous and thread-safe; the
 service calls them from worker threads.
+
+Every write that changes a task (``put`` of new bytes, ``activate`` of another version, ``delete``,
+``restore_version``) gives the task a new *revision* in the same transaction: a hybrid clock,
+``max(previous + 1, now in microseconds)``, so revisions of a task only grow, also across a delete (the
+revision survives as a tombstone) and across data loss (a Redis failover that lost writes, an import of an
+older backup into a wiped store): the clock has moved past every revision issued before the loss. Of two
+states of a task, the one with the higher revision is the later one. Only data loss can make the store hold
+a state with a lower revision than one already seen (the lost write's); ``state`` and ``snapshot`` then report
+what the store holds, and the task's next write gets a revision above both.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ __all__ = [
     "StoredVersion",
     "Subscription",
     "SupportsRestore",
+    "TaskState",
     "TooLarge",
     "VersionConflict",
 ]
@@ -47,6 +57,8 @@ class StoredVersion:
         meta: small string metadata given at put time (e.g. num_classes), returned as-is.
         new: True only on the answer of the ``put`` that wrote this version (False for an idempotent hit and on
             every read); not part of equality.
+        revision: the task's revision at the read or write that returned this version (for ``get``, read
+            together with the active pointer, so it names the state the bytes belong to); not part of equality.
     """
 
     tenant: str
@@ -57,6 +69,7 @@ class StoredVersion:
     created: float
     meta: dict[str, str] = field(default_factory=dict)
     new: bool = field(default=False, compare=False)
+    revision: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -66,12 +79,30 @@ class StoredBlob:
 
 
 @dataclass(frozen=True)
-class ChangeEvent:
-    """The active version of a task changed; ``active`` is None when the task was deleted."""
+class TaskState:
+    """What the store holds for one task at one revision: the active version and its sha256 (both None once
+    the task is deleted: a tombstone).
+
+    A task the store has never held (or lost entirely) is ``TaskState(tenant, task, 0, None, None)``; a task
+    written before the store had revisions reads as revision 0 with its active version until its next write.
+
+    Attributes:
+        tenant: owner namespace.
+        task: task id.
+        revision: the task's hybrid-clock revision (see the module docstring); 0 for no revision.
+        active: the active version, None when the task does not exist.
+        sha256: hex digest of the active version's bytes, None when the task does not exist.
+    """
 
     tenant: str
     task: str
+    revision: int
     active: int | None
+    sha256: str | None
+
+
+# Change events are states ("task X is now at state S"), so a consumer can compare revisions.
+ChangeEvent = TaskState
 
 
 class Subscription(Protocol):
@@ -85,11 +116,13 @@ class PromptStore(Protocol):
     max_bytes: int
 
     def put(self, tenant: str, task: str, data: bytes, meta: dict[str, str] | None = None) -> StoredVersion:
-        """Store ``data`` as a new version and activate it (``new`` set); bytes equal to the active one return it."""
+        """Store ``data`` as a new version and activate it (``new`` set, a new revision); bytes equal to the
+        active one return it at the current revision, writing nothing."""
         ...
 
     def get(self, tenant: str, task: str, version: int | None = None) -> StoredBlob:
-        """The active version (or the given one), bytes and metadata."""
+        """The active version (or the given one), bytes and metadata; ``info.revision`` is the task's revision
+        read together with the active pointer."""
         ...
 
     def active_version(self, tenant: str, task: str) -> StoredVersion:
@@ -103,20 +136,27 @@ class PromptStore(Protocol):
     def list_tenants(self) -> list[str]: ...
 
     def activate(self, tenant: str, task: str, version: int) -> StoredVersion:
-        """Make an existing version active (rollback or roll forward)."""
+        """Make an existing version active (rollback or roll forward) at a new revision; activating the version
+        that is already active writes nothing and keeps the revision."""
         ...
 
     def delete(self, tenant: str, task: str) -> None:
-        """Delete a task and all its versions."""
+        """Delete a task and all its versions; its revision survives, bumped, as a tombstone."""
         ...
 
-    def snapshot(self) -> dict[tuple[str, str], int]:
-        """Every (tenant, task) -> active version: what reconciliation diffs against."""
+    def state(self, tenant: str, task: str) -> TaskState:
+        """The task's revision, active version and sha256 in one cheap consistent read (no bytes); a deleted
+        task returns its tombstone, an unknown one revision 0."""
+        ...
+
+    def snapshot(self) -> dict[tuple[str, str], TaskState]:
+        """Every (tenant, task) -> its state, tombstones included: what reconciliation diffs against."""
         ...
 
     def subscribe(self, callback: Callable[[ChangeEvent], None], reconcile_s: float = 2.0) -> Subscription:
-        """Call ``callback`` from a background thread on every change (push where the backend has it),
-        and re-derive changes from ``snapshot`` every ``reconcile_s`` so missed messages are recovered."""
+        """Call ``callback`` from a background thread with the task's new state on every change (push where
+        the backend has it), and re-derive changes from ``snapshot`` every ``reconcile_s`` so missed messages
+        are recovered."""
         ...
 
     def ping(self) -> None:
@@ -144,5 +184,7 @@ class SupportsRestore(Protocol):
     ) -> StoredVersion:
         """Write version ``version`` of a task unless it exists with the same sha256 (then return it); raise
         VersionConflict if it exists with other bytes. Later ``put``s number after the highest restored
-        version. A task created by a restore is active at that version until ``activate`` says otherwise."""
+        version. A task created by a restore is active at that version until ``activate`` says otherwise.
+        A write gives the task a new revision (from the clock, so above every revision the store issued
+        before a wipe)."""
         ...

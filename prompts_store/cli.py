@@ -10,7 +10,8 @@ Export archive (plain tar)::
 
 Import checks everything (format, ids, every blob's sha256 and size, version conflicts with the target) before
 it writes anything, then recreates each version with its original number and time, then sets each active pointer.
-Re-importing the same archive is a no-op.
+Re-importing the same archive is a no-op. Revisions are not exported: every write of an import gives its task a
+fresh revision from the target's clock, above any revision the tasks had before a wipe.
 """
 
 from __future__ import annotations
@@ -103,7 +104,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     def body(store: PromptStore) -> int:
         snap = store.snapshot()
         tenants = [check_tenant_id(args.tenant)] if args.tenant else store.list_tenants()
-        rows = [{"tenant": t, "task": k, "active": snap.get((t, k))} for t in tenants for k in store.list_tasks(t)]
+        rows = [
+            {"tenant": t, "task": k, "active": snap[(t, k)].active if (t, k) in snap else None}
+            for t in tenants
+            for k in store.list_tasks(t)
+        ]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -116,10 +121,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     def body(store: PromptStore) -> int:
-        active = store.active_version(args.tenant, args.task).version
+        current = store.active_version(args.tenant, args.task)
+        active = current.version
         versions = store.list_versions(args.tenant, args.task)
         if args.json:
-            out = {"tenant": args.tenant, "task": args.task, "active": active}
+            out = {"tenant": args.tenant, "task": args.task, "active": active, "revision": current.revision}
             print(json.dumps(out | {"versions": [_info_dict(v) for v in versions]}, indent=2))
             return 0
         for v in versions:

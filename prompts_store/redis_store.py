@@ -9,13 +9,24 @@ Keys (``p`` is the prefix, ``lpt:`` by default; ids never contain ``:`` or ``/``
     {p}blobs:{tenant}:{task}         SET    sha256 of every blob key above, so delete finds them all
     {p}seq:{tenant}:{task}           STRING last version number issued; kept on delete so numbers never repeat
     {p}upload:{tenant}:{task}:{sha256}:{uuid}  STRING a blob being uploaded (expires after an hour)
-    {p}active                        HASH   "{tenant}/{task}" -> N for every task: snapshot() is one HGETALL
-    channel {p}changes               JSON {tenant, task, active} published inside the same MULTI as the write
+    {p}active                        HASH   "{tenant}/{task}" -> JSON {revision, active, sha256}: every task's
+                                            state, tombstones (active and sha256 null) included; state() is one
+                                            HGET, snapshot() one HGETALL
+    channel {p}changes               JSON {tenant, task, revision, active, sha256} published inside the same MULTI
+                                     as the write
 
-A version becomes visible only through the MULTI that writes its ``v:N`` field and the active pointers, so
-readers never see a partial version. The blob is written before that MULTI (so contention retries do not
-resend megabytes), in 1 MiB chunks to an expiring ``{p}upload:...`` key that is then renamed; a blob without a
-version is harmless and is removed with its task.
+A version becomes visible only through the MULTI that writes its ``v:N`` field, the active pointer and the
+task's state, so readers never see a partial version. The blob is written before that MULTI (so contention
+retries do not resend megabytes), in 1 MiB chunks to an expiring ``{p}upload:...`` key that is then renamed; a
+blob without a version is harmless and is removed with its task.
+
+Every write of a task WATCHes its task hash and changes it in the MULTI, so two writes of one task never
+interleave; the task's ``{p}active`` entry changes only in those MULTIs and needs no WATCH of its own (watching
+the shared hash would make writes of unrelated tasks conflict). A revision takes Redis's ``TIME``, read after
+the WATCH: one clock for every writer, so a client with a slow clock cannot issue revisions behind the others.
+
+Stores written before revisions hold a bare version number N in ``{p}active``: it reads as revision 0 with the
+sha256 of ``v:N``, and the task's next write replaces it with the JSON state.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import asdict, replace
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -43,10 +55,12 @@ from prompts_store._common import (
     decode_info,
     encode_info,
     log,
+    next_revision,
     sha256_hex,
+    unknown_state,
     verify_blob,
 )
-from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, StoredVersion, VersionConflict
+from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, StoredVersion, TaskState, VersionConflict
 
 # Optimistic transactions retry on conflict; this bounds a put under pathological contention.
 _MAX_ATTEMPTS = 500
@@ -96,7 +110,7 @@ class RedisPromptStore:
         self.prefix = prefix
         self.url = redact_url(url)
         self.channel = f"{prefix}changes"
-        self._active_key = f"{prefix}active"
+        self._states_key = f"{prefix}active"
         self._r = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -135,8 +149,24 @@ class RedisPromptStore:
                 "store_unavailable", f"redis {what} failed ({self.url}): {type(e).__name__}: {e}"
             ) from e
 
-    def _publish(self, pipe: redis.client.Pipeline, tenant: str, task: str, active: int | None) -> None:
-        pipe.publish(self.channel, json.dumps({"tenant": tenant, "task": task, "active": active}))
+    def _read_state(self, r: redis.Redis | redis.client.Pipeline, tenant: str, task: str) -> TaskState:
+        """The task's state from ``{p}active`` (in a WATCHed pipeline: read at once, like every command there)."""
+        state = _decode_state(tenant, task, r.hget(self._states_key, f"{tenant}/{task}"))
+        if state.active is not None and state.sha256 is None:  # written before revisions: a bare number
+            raw = r.hget(self._task_key(tenant, task), f"v:{state.active}")
+            state = replace(state, sha256=json.loads(raw)["sha256"] if raw is not None else None)
+        return state
+
+    def _record(self, pipe: redis.client.Pipeline, state: TaskState) -> None:
+        """Inside the caller's MULTI: store the task's new state and publish it."""
+        pipe.hset(self._states_key, f"{state.tenant}/{state.task}", _encode_state(state))
+        pipe.publish(self.channel, json.dumps(asdict(state)))
+
+    @staticmethod
+    def _next_revision(pipe: redis.client.Pipeline, previous: int) -> int:
+        """The hybrid-clock revision after ``previous``, on Redis's clock (``TIME``, read at once)."""
+        seconds, micros = pipe.time()
+        return next_revision(previous, int(seconds) * 1_000_000 + int(micros))
 
     @staticmethod
     def _backoff(attempt: int) -> None:
@@ -188,27 +218,27 @@ class RedisPromptStore:
                 with self._r.pipeline(transaction=True) as p:
                     try:
                         p.watch(tk, sk)
-                        active = p.hget(tk, "active")
-                        if active is not None:
-                            raw = p.hget(tk, f"v:{int(active)}")
+                        current = self._read_state(p, tenant, task)
+                        if current.active is not None and current.sha256 == sha:
+                            raw = p.hget(tk, f"v:{current.active}")
                             if raw is not None:
-                                info = decode_info(tenant, task, int(active), raw)
-                                if info.sha256 == sha:
-                                    return info
+                                return decode_info(tenant, task, current.active, raw, current.revision)
                         if not p.exists(self._blob_key(tenant, task, sha)):
                             p.unwatch()
                             self._upload_blob(tenant, task, sha, data)
                             continue
                         version = int(p.get(sk) or 0) + 1
-                        info = StoredVersion(tenant, task, version, sha, len(data), time.time(), meta, new=True)
+                        revision = self._next_revision(p, current.revision)
+                        info = StoredVersion(
+                            tenant, task, version, sha, len(data), time.time(), meta, new=True, revision=revision
+                        )
                         p.multi()
                         p.set(sk, version)
                         encoded = encode_info(sha, len(data), info.created, meta)
                         p.hset(tk, mapping={"active": version, f"v:{version}": encoded})
-                        p.hset(self._active_key, f"{tenant}/{task}", version)
                         p.sadd(self._tasks_key(tenant), task)
                         p.sadd(f"{self.prefix}tenants", tenant)
-                        self._publish(p, tenant, task, version)
+                        self._record(p, TaskState(tenant, task, revision, version, sha))
                         p.execute()
                         return info
                     except redis.WatchError:
@@ -216,7 +246,7 @@ class RedisPromptStore:
         raise StoreUnavailable("store_contention", f"put of {tenant}/{task} lost {_MAX_ATTEMPTS} optimistic retries")
 
     def activate(self, tenant: str, task: str, version: int) -> StoredVersion:
-        """Make an existing version active (rollback or roll forward)."""
+        """Make an existing version active at a new revision; the active version itself writes nothing."""
         check_ids(tenant, task)
         check_version(version)
         tk = self._task_key(tenant, task)
@@ -225,16 +255,17 @@ class RedisPromptStore:
                 with self._r.pipeline(transaction=True) as p:
                     try:
                         p.watch(tk)
-                        active, raw = p.hmget(tk, ["active", f"v:{version}"])
+                        raw = p.hget(tk, f"v:{version}")
                         if raw is None:
                             raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
-                        info = decode_info(tenant, task, version, raw)
-                        if active is not None and int(active) == version:
+                        current = self._read_state(p, tenant, task)
+                        info = decode_info(tenant, task, version, raw, current.revision)
+                        if current.active == version:
                             return info
+                        info = replace(info, revision=self._next_revision(p, current.revision))
                         p.multi()
                         p.hset(tk, "active", version)
-                        p.hset(self._active_key, f"{tenant}/{task}", version)
-                        self._publish(p, tenant, task, version)
+                        self._record(p, TaskState(tenant, task, info.revision, version, info.sha256))
                         p.execute()
                         return info
                     except redis.WatchError:
@@ -242,7 +273,8 @@ class RedisPromptStore:
         raise StoreUnavailable("store_contention", f"activate of {tenant}/{task} lost {_MAX_ATTEMPTS} retries")
 
     def delete(self, tenant: str, task: str) -> None:
-        """Delete a task, all its versions and blobs. Its version numbers are not reused."""
+        """Delete a task, all its versions and blobs. Its version numbers are not reused; its revision is bumped
+        and kept (the tombstone)."""
         check_ids(tenant, task)
         tk, bk, tasks_key = self._task_key(tenant, task), self._blobs_key(tenant, task), self._tasks_key(tenant)
         executed = False
@@ -257,13 +289,13 @@ class RedisPromptStore:
                             raise NotFound("not_found", f"task {task!r} does not exist", "task")
                         shas = [s.decode() for s in p.smembers(bk)]
                         others = p.scard(tasks_key) - (1 if p.sismember(tasks_key, task) else 0)
+                        revision = self._next_revision(p, self._read_state(p, tenant, task).revision)
                         p.multi()
                         p.delete(tk, bk, *(self._blob_key(tenant, task, s) for s in shas))
-                        p.hdel(self._active_key, f"{tenant}/{task}")
                         p.srem(tasks_key, task)
                         if others == 0:
                             p.srem(f"{self.prefix}tenants", tenant)
-                        self._publish(p, tenant, task, None)
+                        self._record(p, TaskState(tenant, task, revision, None, None))
                         executed = True
                         p.execute()
                         return
@@ -286,9 +318,10 @@ class RedisPromptStore:
                 with self._r.pipeline(transaction=True) as p:
                     try:
                         p.watch(tk, sk)
-                        active, raw = p.hmget(tk, ["active", f"v:{version}"])
+                        raw = p.hget(tk, f"v:{version}")
+                        current = self._read_state(p, tenant, task)
                         if raw is not None:
-                            info = decode_info(tenant, task, version, raw)
+                            info = decode_info(tenant, task, version, raw, current.revision)
                             if info.sha256 != sha:
                                 raise VersionConflict(
                                     "version_conflict", f"{tenant}/{task} v{version} exists with other bytes", "version"
@@ -299,33 +332,38 @@ class RedisPromptStore:
                             self._upload_blob(tenant, task, sha, data)
                             continue
                         seq = int(p.get(sk) or 0)
+                        state = TaskState(tenant, task, self._next_revision(p, current.revision), version, sha)
+                        if current.active is not None:  # an existing task keeps its pointer
+                            state = replace(state, active=current.active, sha256=current.sha256)
                         p.multi()
                         p.set(sk, max(seq, version))
                         p.hset(tk, f"v:{version}", encode_info(sha, len(data), created, meta))
-                        if active is None:  # a new task needs an active pointer; the importer sets the real one
+                        if current.active is None:  # a new task needs an active pointer; the importer sets the real one
                             p.hset(tk, "active", version)
-                            p.hset(self._active_key, f"{tenant}/{task}", version)
                             p.sadd(self._tasks_key(tenant), task)
                             p.sadd(f"{self.prefix}tenants", tenant)
-                            self._publish(p, tenant, task, version)
+                        self._record(p, state)
                         p.execute()
-                        return StoredVersion(tenant, task, version, sha, len(data), created, meta)
+                        return StoredVersion(
+                            tenant, task, version, sha, len(data), created, meta, revision=state.revision
+                        )
                     except redis.WatchError:
                         self._backoff(attempt)
         raise StoreUnavailable("store_contention", f"restore of {tenant}/{task} lost {_MAX_ATTEMPTS} retries")
 
     # -- reads --------------------------------------------------------------------------------------
     def _info(self, tenant: str, task: str, version: int | None) -> StoredVersion:
-        tk = self._task_key(tenant, task)
+        """The version's metadata at the task's revision; the state (revision and active pointer) is read first,
+        in one HGET, and versions are immutable with numbers never reused, so the answer belongs to that state."""
+        state = self._read_state(self._r, tenant, task)
         if version is None:
-            active = self._r.hget(tk, "active")
-            if active is None:
+            if state.active is None:
                 raise NotFound("not_found", f"task {task!r} does not exist", "task")
-            version = int(active)
-        raw = self._r.hget(tk, f"v:{version}")
+            version = state.active
+        raw = self._r.hget(self._task_key(tenant, task), f"v:{version}")
         if raw is None:
             raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
-        return decode_info(tenant, task, version, raw)
+        return decode_info(tenant, task, version, raw, state.revision)
 
     def get(self, tenant: str, task: str, version: int | None = None) -> StoredBlob:
         """The active version (or the given one), checksum-verified bytes and metadata."""
@@ -356,20 +394,38 @@ class RedisPromptStore:
 
     def list_versions(self, tenant: str, task: str) -> list[StoredVersion]:
         check_ids(tenant, task)
-        with self._unavailable("list_versions"):
-            fields = self._r.hgetall(self._task_key(tenant, task))
+        with self._unavailable("list_versions"), self._r.pipeline(transaction=True) as p:
+            p.hgetall(self._task_key(tenant, task))
+            p.hget(self._states_key, f"{tenant}/{task}")
+            fields, raw_state = p.execute()
         if not fields:
             raise NotFound("not_found", f"task {task!r} does not exist", "task")
-        out = [decode_info(tenant, task, int(k[2:]), v) for k, v in fields.items() if k.startswith(b"v:")]
+        revision = _decode_state(tenant, task, raw_state).revision
+        out = [decode_info(tenant, task, int(k[2:]), v, revision) for k, v in fields.items() if k.startswith(b"v:")]
         return sorted(out, key=lambda i: i.version)
+
+    def state(self, tenant: str, task: str) -> TaskState:
+        """The task's revision, active version and its sha256 (one HGET); a tombstone once deleted."""
+        check_ids(tenant, task)
+        with self._unavailable("state"):
+            return self._read_state(self._r, tenant, task)
 
     def snapshot(self) -> Snapshot:
         with self._unavailable("snapshot"):
-            raw = self._r.hgetall(self._active_key)
-        out: Snapshot = {}
-        for k, v in raw.items():
-            tenant, _, task = k.decode().partition("/")
-            out[(tenant, task)] = int(v)
+            raw = self._r.hgetall(self._states_key)
+            out: Snapshot = {}
+            for k, v in raw.items():
+                tenant, _, task = k.decode().partition("/")
+                out[(tenant, task)] = _decode_state(tenant, task, v)
+            legacy = [s for s in out.values() if s.active is not None and s.sha256 is None]
+            if legacy:  # bare numbers from before revisions: the sha256 is in the version's record
+                with self._r.pipeline(transaction=False) as p:
+                    for s in legacy:
+                        p.hget(self._task_key(s.tenant, s.task), f"v:{s.active}")
+                    infos = p.execute()
+                for s, info in zip(legacy, infos, strict=True):
+                    if info is not None:
+                        out[(s.tenant, s.task)] = replace(s, sha256=json.loads(info)["sha256"])
         return out
 
     def ping(self) -> None:
@@ -412,9 +468,12 @@ class _RedisWatcher(Watcher):
         events: list[ChangeEvent] = []
         msg = self._pubsub.get_message(timeout=timeout)
         while msg is not None and len(events) < 10_000:
-            ev = _parse_message(msg)
-            if ev is not None:
-                events.append(ev)
+            if msg.get("type") == "message":
+                ev = _parse_message(msg["data"])
+                if ev is None:
+                    due = True  # something changed, but the message does not say what: a snapshot diff will
+                else:
+                    events.append(ev)
             msg = self._pubsub.get_message(timeout=0)
         return events, due
 
@@ -429,16 +488,48 @@ class _RedisWatcher(Watcher):
                 ps.close()
 
 
-def _parse_message(msg: dict) -> ChangeEvent | None:
-    """A change message, or None for anything malformed (anyone with access can publish on the channel)."""
-    if msg.get("type") != "message":
-        return None
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _encode_state(state: TaskState) -> str:
+    return json.dumps({"revision": state.revision, "active": state.active, "sha256": state.sha256})
+
+
+def _decode_state(tenant: str, task: str, raw: bytes | None) -> TaskState:
+    """A task's ``{p}active`` entry; None (never written) is revision 0, and a bare version number (written
+    before revisions) is revision 0 with its sha256 left for the caller to look up."""
+    if raw is None:
+        return unknown_state(tenant, task)
+    d = json.loads(raw)
+    if isinstance(d, int):
+        return TaskState(tenant, task, 0, d, None)
+    return TaskState(tenant, task, int(d["revision"]), d["active"], d["sha256"])
+
+
+def _well_formed(state: TaskState) -> bool:
+    """A revision >= 0, and a version >= 1 with a sha256 (live) or neither (tombstone)."""
+    if not _is_int(state.revision) or state.revision < 0:
+        return False
+    if state.active is None:
+        return state.sha256 is None
+    return _is_int(state.active) and state.active >= 1 and isinstance(state.sha256, str)
+
+
+def _parse_message(data: bytes | str) -> ChangeEvent | None:
+    """The state a change message carries, or None when it carries none: a message from a writer that predates
+    revisions ({tenant, task, active}), or anything malformed (anyone with access can publish on the channel)."""
     try:
-        d = json.loads(msg["data"])
-        active = d["active"]
-        if active is not None and (isinstance(active, bool) or not isinstance(active, int)):
+        d = json.loads(data)
+        if isinstance(d, dict) and "active" in d and "revision" not in d:
+            log.debug("change message without a revision (a writer from before revisions): %r", data)
             return None
-        return ChangeEvent(check_tenant_id(d["tenant"]), check_task_id(d["task"]), active)
+        state = TaskState(
+            check_tenant_id(d["tenant"]), check_task_id(d["task"]), d["revision"], d["active"], d["sha256"]
+        )
+        if _well_formed(state):
+            return state
     except (ValueError, KeyError, TypeError, InvalidTaskId):
-        log.warning("ignoring malformed prompt store change message: %r", msg.get("data"))
-        return None
+        pass
+    log.warning("ignoring malformed prompt store change message: %r", data)
+    return None

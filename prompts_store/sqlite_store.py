@@ -5,12 +5,17 @@ Tables::
     tasks(tenant, task, active)                        the active pointer; a row exists iff the task exists
     versions(tenant, task, version, sha256, size, created, meta)
     blobs(tenant, task, sha256, data)                  content-addressed inside the task
-    seqs(tenant, task, last)                           last version issued; kept on delete so numbers never repeat
+    seqs(tenant, task, last, revision)                 last version issued and the task's revision; written by
+                                                       every put and restore, kept on delete (the tombstone),
+                                                       so numbers never repeat and revisions never go back
 
 Every write is one ``BEGIN IMMEDIATE`` transaction (writers serialize on SQLite's lock, readers never block),
 committed with ``synchronous=FULL``: an acknowledged put survives a process kill and a power loss. Change
 notification polls ``PRAGMA data_version`` (cheap, changes when another connection commits) every 0.1 s.
 Keep the file on a local disk: WAL needs shared memory, so network filesystems are not supported.
+
+A file whose ``seqs`` lacks ``revision`` (written before the store had revisions) gets the column on open, in
+place, with 0 for every task; each task's next write gives it a clock-based revision.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 
 from lpt.errors import NotFound, StoreUnavailable
@@ -32,10 +38,11 @@ from prompts_store._common import (
     check_put,
     check_version,
     log,
+    next_revision,
     sha256_hex,
     verify_blob,
 )
-from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, StoredVersion, VersionConflict
+from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, StoredVersion, TaskState, VersionConflict
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -50,21 +57,46 @@ CREATE TABLE IF NOT EXISTS blobs (
     PRIMARY KEY (tenant, task, sha256)
 );
 CREATE TABLE IF NOT EXISTS seqs (
-    tenant TEXT NOT NULL, task TEXT NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (tenant, task)
+    tenant TEXT NOT NULL, task TEXT NOT NULL, last INTEGER NOT NULL, revision INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant, task)
 ) WITHOUT ROWID;
 """
+_ADD_REVISION = "ALTER TABLE seqs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0"
 
-_COLS = "SELECT v.version, v.sha256, v.size, v.created, v.meta"
-_INFO = f"{_COLS} FROM versions v"
+# Version columns plus the task's revision, read in the same statement (one consistent snapshot).
+_COLS = "SELECT v.version, v.sha256, v.size, v.created, v.meta, COALESCE(s.revision, 0)"
+_JOIN_SEQ = " LEFT JOIN seqs s ON s.tenant = v.tenant AND s.task = v.task"
+_INFO = f"{_COLS} FROM versions v{_JOIN_SEQ}"
 _BLOB = (
     f"{_COLS}, b.data FROM versions v JOIN blobs b ON b.tenant = v.tenant AND b.task = v.task AND b.sha256 = v.sha256"
+    f"{_JOIN_SEQ}"
 )
 _JOIN_ACTIVE = " JOIN tasks t ON t.tenant = v.tenant AND t.task = v.task AND t.active = v.version"
+_STATE = """
+SELECT COALESCE((SELECT revision FROM seqs WHERE tenant = ?1 AND task = ?2), 0), t.active, v.sha256
+FROM (SELECT 1) LEFT JOIN tasks t ON t.tenant = ?1 AND t.task = ?2
+LEFT JOIN versions v ON v.tenant = t.tenant AND v.task = t.task AND v.version = t.active
+"""
+# Live tasks, then tombstones (a seqs row without a task; revision 0 ones predate revisions and say nothing).
+_SNAPSHOT = """
+SELECT t.tenant, t.task, COALESCE(s.revision, 0), t.active, v.sha256 FROM tasks t
+LEFT JOIN seqs s ON s.tenant = t.tenant AND s.task = t.task
+LEFT JOIN versions v ON v.tenant = t.tenant AND v.task = t.task AND v.version = t.active
+UNION ALL
+SELECT s.tenant, s.task, s.revision, NULL, NULL FROM seqs s
+WHERE s.revision > 0 AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.tenant = s.tenant AND t.task = s.task)
+"""
 _POLL_S = 0.1
 
 
 def _row_info(tenant: str, task: str, row: tuple) -> StoredVersion:
-    return StoredVersion(tenant, task, int(row[0]), row[1], int(row[2]), float(row[3]), json.loads(row[4]))
+    return StoredVersion(
+        tenant, task, int(row[0]), row[1], int(row[2]), float(row[3]), json.loads(row[4]), revision=int(row[5])
+    )
+
+
+def _read_snapshot(conn: sqlite3.Connection) -> Snapshot:
+    return {(t, k): TaskState(t, k, int(r), a, sha) for t, k, r, a, sha in conn.execute(_SNAPSHOT).fetchall()}
 
 
 class SqlitePromptStore:
@@ -96,6 +128,8 @@ class SqlitePromptStore:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                if "revision" not in {row[1] for row in conn.execute("PRAGMA table_info(seqs)")}:
+                    conn.execute(_ADD_REVISION)  # a store from before revisions: every task starts at 0
         except (sqlite3.Error, OSError) as e:
             raise StoreUnavailable("store_unavailable", f"cannot open sqlite store {self.path}: {e}") from e
 
@@ -146,16 +180,25 @@ class SqlitePromptStore:
         return conn.execute(f"{_INFO}{_JOIN_ACTIVE} WHERE t.tenant = ? AND t.task = ?", (tenant, task)).fetchone()
 
     @staticmethod
-    def _write_version(
-        conn: sqlite3.Connection, tenant: str, task: str, info: StoredVersion, data: bytes, seq: int
-    ) -> None:
+    def _write_version(conn: sqlite3.Connection, tenant: str, task: str, info: StoredVersion, data: bytes) -> None:
         conn.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)", (tenant, task, info.sha256, data))
         conn.execute(
             "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
             (tenant, task, info.version, info.sha256, info.size, info.created, json.dumps(info.meta)),
         )
+
+    @staticmethod
+    def _read_seq(conn: sqlite3.Connection, tenant: str, task: str) -> tuple[int, int]:
+        """(last version issued, revision) of a task; (0, 0) for a task never written."""
+        row = conn.execute("SELECT last, revision FROM seqs WHERE tenant = ? AND task = ?", (tenant, task)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    @staticmethod
+    def _write_seq(conn: sqlite3.Connection, tenant: str, task: str, last: int, revision: int) -> None:
         conn.execute(
-            "INSERT INTO seqs VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET last = excluded.last", (tenant, task, seq)
+            "INSERT INTO seqs VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO UPDATE SET last = excluded.last, revision = excluded.revision",
+            (tenant, task, last, revision),
         )
 
     # -- writes -------------------------------------------------------------------------------------
@@ -171,10 +214,13 @@ class SqlitePromptStore:
                 row = self._active_row(conn, tenant, task)
                 if row is not None and row[1] == sha:
                     return _row_info(tenant, task, row)
-                last = conn.execute("SELECT last FROM seqs WHERE tenant = ? AND task = ?", (tenant, task)).fetchone()
-                version = (last[0] if last else 0) + 1
-                info = StoredVersion(tenant, task, version, sha, len(data), time.time(), meta, new=True)
-                self._write_version(conn, tenant, task, info, data, info.version)
+                last, revision = self._read_seq(conn, tenant, task)
+                revision = next_revision(revision)
+                info = StoredVersion(
+                    tenant, task, last + 1, sha, len(data), time.time(), meta, new=True, revision=revision
+                )
+                self._write_version(conn, tenant, task, info, data)
+                self._write_seq(conn, tenant, task, info.version, info.revision)
                 conn.execute(
                     "INSERT INTO tasks VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET active = excluded.active",
                     (tenant, task, info.version),
@@ -182,7 +228,7 @@ class SqlitePromptStore:
             return info
 
     def activate(self, tenant: str, task: str, version: int) -> StoredVersion:
-        """Make an existing version active (rollback or roll forward)."""
+        """Make an existing version active at a new revision; the active version itself writes nothing."""
         check_ids(tenant, task)
         check_version(version)
         with self._unavailable("activate"):
@@ -193,11 +239,19 @@ class SqlitePromptStore:
                 ).fetchone()
                 if row is None:
                     raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
+                info = _row_info(tenant, task, row)
+                active = conn.execute("SELECT active FROM tasks WHERE tenant = ? AND task = ?", (tenant, task))
+                if active.fetchone() == (version,):
+                    return info
+                last, revision = self._read_seq(conn, tenant, task)
+                info = replace(info, revision=next_revision(revision))
                 conn.execute("UPDATE tasks SET active = ? WHERE tenant = ? AND task = ?", (version, tenant, task))
-            return _row_info(tenant, task, row)
+                self._write_seq(conn, tenant, task, last, info.revision)
+            return info
 
     def delete(self, tenant: str, task: str) -> None:
-        """Delete a task, all its versions and blobs. Its version numbers are not reused."""
+        """Delete a task, all its versions and blobs. Its version numbers are not reused; its revision is bumped
+        and kept (the tombstone)."""
         check_ids(tenant, task)
         with self._unavailable("delete"):
             conn = self._conn()
@@ -206,6 +260,8 @@ class SqlitePromptStore:
                     raise NotFound("not_found", f"task {task!r} does not exist", "task")
                 conn.execute("DELETE FROM versions WHERE tenant = ? AND task = ?", (tenant, task))
                 conn.execute("DELETE FROM blobs WHERE tenant = ? AND task = ?", (tenant, task))
+                last, revision = self._read_seq(conn, tenant, task)
+                self._write_seq(conn, tenant, task, last, next_revision(revision))
 
     def restore_version(
         self, tenant: str, task: str, version: int, data: bytes, created: float, meta: dict[str, str] | None = None
@@ -228,8 +284,10 @@ class SqlitePromptStore:
                             "version_conflict", f"{tenant}/{task} v{version} exists with other bytes", "version"
                         )
                     return _row_info(tenant, task, row)
-                last = conn.execute("SELECT last FROM seqs WHERE tenant = ? AND task = ?", (tenant, task)).fetchone()
-                self._write_version(conn, tenant, task, info, data, max(version, last[0] if last else 0))
+                last, revision = self._read_seq(conn, tenant, task)
+                info = replace(info, revision=next_revision(revision))
+                self._write_version(conn, tenant, task, info, data)
+                self._write_seq(conn, tenant, task, max(version, last), info.revision)
                 conn.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?)", (tenant, task, version))
             return info
 
@@ -251,7 +309,7 @@ class SqlitePromptStore:
             what = f"version {version}" if version is not None else "active version"
             raise NotFound("not_found", f"task {task!r} has no {what}", "version" if version else "task")
         info = _row_info(tenant, task, row)
-        data = bytes(row[5])
+        data = bytes(row[6])
         verify_blob(info, data)
         return StoredBlob(info, data)
 
@@ -290,10 +348,16 @@ class SqlitePromptStore:
             raise NotFound("not_found", f"task {task!r} does not exist", "task")
         return [_row_info(tenant, task, r) for r in rows]
 
+    def state(self, tenant: str, task: str) -> TaskState:
+        """The task's revision, active version and its sha256 from one statement; a tombstone once deleted."""
+        check_ids(tenant, task)
+        with self._unavailable("state"):
+            revision, active, sha = self._conn().execute(_STATE, (tenant, task)).fetchone()
+        return TaskState(tenant, task, int(revision), active, sha)
+
     def snapshot(self) -> Snapshot:
         with self._unavailable("snapshot"):
-            rows = self._conn().execute("SELECT tenant, task, active FROM tasks").fetchall()
-        return {(t, k): int(a) for t, k, a in rows}
+            return _read_snapshot(self._conn())
 
     def ping(self) -> None:
         with self._unavailable("ping"):
@@ -348,8 +412,7 @@ class _SqliteWatcher(Watcher):
     def _snapshot(self) -> Snapshot:
         if self._conn is None:
             raise StoreUnavailable("store_unavailable", "watcher connection is not open")
-        rows = self._conn.execute("SELECT tenant, task, active FROM tasks").fetchall()
-        return {(t, k): int(a) for t, k, a in rows}
+        return _read_snapshot(self._conn)
 
     def _reset(self) -> None:
         conn, self._conn = self._conn, None

@@ -20,15 +20,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 
 from lpt.errors import InvalidTaskId, NotFound, StoreUnavailable, TooLarge
-from prompts_store import ChangeEvent, PromptStore, open_store
+from prompts_store import ChangeEvent, PromptStore, TaskState, open_store
+from prompts_store.cli import main as lpt_main
 from prompts_store.redis_store import RedisPromptStore
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 0.25  # the Redis socket/connect timeout under test; StoreUnavailable must come within it
@@ -77,6 +78,15 @@ def blob(n: int = 256) -> bytes:
     return os.urandom(n)
 
 
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def live(snapshot: dict[tuple[str, str], TaskState]) -> dict[tuple[str, str], int]:
+    """The active version of every task a snapshot holds, tombstones left out."""
+    return {key: s.active for key, s in snapshot.items() if s.active is not None}
+
+
 class Events:
     """Collects change events from a subscription callback and waits for a given one."""
 
@@ -119,10 +129,10 @@ def test_put_get_list_versions_rollback_delete(store):
     assert store.get("acme", "birds", 1).data == a and store.get("acme", "birds", 1).info == v1
     assert store.list_versions("acme", "birds") == [v1, v2]
     assert store.list_tasks("acme") == ["birds"] and store.list_tenants() == ["acme"]
-    assert store.snapshot() == {("acme", "birds"): 2}
+    assert live(store.snapshot()) == {("acme", "birds"): 2}
 
     assert store.activate("acme", "birds", 1) == v1  # rollback
-    assert store.get("acme", "birds").data == a and store.snapshot() == {("acme", "birds"): 1}
+    assert store.get("acme", "birds").data == a and live(store.snapshot()) == {("acme", "birds"): 1}
     assert store.put("acme", "birds", b).version == 3  # equal to a non-active version: a new version
     with pytest.raises(NotFound):
         store.activate("acme", "birds", 9)
@@ -131,7 +141,7 @@ def test_put_get_list_versions_rollback_delete(store):
 
     store.put("acme", "cars", blob())
     store.delete("acme", "birds")
-    assert store.list_tasks("acme") == ["cars"] and store.snapshot() == {("acme", "cars"): 1}
+    assert store.list_tasks("acme") == ["cars"] and live(store.snapshot()) == {("acme", "cars"): 1}
     for call in (
         lambda: store.get("acme", "birds"),
         lambda: store.get("acme", "birds", 1),
@@ -145,7 +155,7 @@ def test_put_get_list_versions_rollback_delete(store):
     assert store.put("acme", "birds", a).version == 4
     store.delete("acme", "birds")
     store.delete("acme", "cars")
-    assert store.list_tenants() == [] and store.snapshot() == {}
+    assert store.list_tenants() == [] and live(store.snapshot()) == {}
 
 
 def test_reupload_equal_to_active_is_idempotent(store):
@@ -250,6 +260,8 @@ def test_invalid_ids_are_rejected_before_any_write(store, bad):
         lambda: store.list_tasks(bad),
         lambda: store.activate("acme", bad, 1),
         lambda: store.delete(bad, "ok"),
+        lambda: store.state("acme", bad),
+        lambda: store.state(bad, "ok"),
     ]
     for call in calls:
         with pytest.raises(InvalidTaskId):
@@ -257,7 +269,7 @@ def test_invalid_ids_are_rejected_before_any_write(store, bad):
     for version in (0, -1, True):
         with pytest.raises(InvalidTaskId):
             store.get("acme", "ok", version)
-    assert store.snapshot() == {("acme", "ok"): 1} and store.list_tenants() == ["acme"]
+    assert live(store.snapshot()) == {("acme", "ok"): 1} and store.list_tenants() == ["acme"]
 
 
 def test_size_limit_is_checked_before_anything_is_written(backend, stores):
@@ -269,10 +281,167 @@ def test_size_limit_is_checked_before_anything_is_written(backend, stores):
         small.put("acme", "fresh", blob(5000))
     with pytest.raises(TooLarge):
         small.put("acme", "a", blob(10), {"k": "v" * 20_000})
-    assert small.snapshot() == {("acme", "a"): 1} and small.list_tasks("acme") == ["a"]
+    assert live(small.snapshot()) == {("acme", "a"): 1} and small.list_tasks("acme") == ["a"]
     if backend.server is not None:
         with backend.server.client() as c:  # not even a blob was uploaded
             assert len(c.keys("lpt:blob:*")) == 1
+
+
+# -- revisions ---------------------------------------------------------------------------------------
+
+
+def test_every_change_gets_a_higher_revision_and_reads_report_it(store):
+    assert store.state("acme", "birds") == TaskState("acme", "birds", 0, None, None)  # never seen
+    a, b = blob(), blob()
+    v1 = store.put("acme", "birds", a)
+    assert v1.revision > 0 and store.state("acme", "birds") == TaskState("acme", "birds", v1.revision, 1, sha(a))
+    again = store.put("acme", "birds", a)  # idempotent: nothing written, the same revision
+    assert not again.new and again.revision == v1.revision
+    v2 = store.put("acme", "birds", b)
+    assert v2.revision > v1.revision
+    rolled_back = store.activate("acme", "birds", 1)
+    assert rolled_back.revision > v2.revision
+    assert store.activate("acme", "birds", 1).revision == rolled_back.revision  # already active: nothing written
+    current = store.state("acme", "birds")
+    assert current == TaskState("acme", "birds", rolled_back.revision, 1, sha(a))
+
+    # Every read names the revision it was made at, the bytes' one read with the active pointer.
+    got = store.get("acme", "birds")
+    assert (got.data, got.info.version, got.info.revision) == (a, 1, current.revision)
+    assert store.get("acme", "birds", 2).info.revision == current.revision
+    assert store.active_version("acme", "birds").revision == current.revision
+    assert {v.revision for v in store.list_versions("acme", "birds")} == {current.revision}
+
+    restored = store.restore_version("acme", "birds", 7, blob(), 1.0)  # import of a version: a write
+    assert restored.revision > current.revision
+    assert store.state("acme", "birds") == TaskState("acme", "birds", restored.revision, 1, sha(a))  # same pointer
+
+    store.delete("acme", "birds")
+    tombstone = store.state("acme", "birds")
+    assert tombstone.revision > restored.revision and (tombstone.active, tombstone.sha256) == (None, None)
+    assert store.snapshot() == {("acme", "birds"): tombstone}  # the snapshot carries the delete
+    with pytest.raises(NotFound):
+        store.get("acme", "birds")
+    assert store.list_tasks("acme") == [] and store.list_tenants() == []
+
+    c = blob()
+    recreated = store.put("acme", "birds", c)
+    assert recreated.version == 8 and recreated.revision > tombstone.revision
+    assert store.snapshot() == {("acme", "birds"): TaskState("acme", "birds", recreated.revision, 8, sha(c))}
+
+
+def test_restore_into_a_new_task_creates_it_at_a_revision(store):
+    data = blob()
+    info = store.restore_version("acme", "birds", 3, data, 1.0, {"k": "v"})
+    assert info.revision > 0 and info.version == 3 and info.created == 1.0
+    assert store.state("acme", "birds") == TaskState("acme", "birds", info.revision, 3, sha(data))
+    assert store.restore_version("acme", "birds", 3, data, 1.0).revision == info.revision  # present: a no-op
+
+
+def test_revisions_are_per_task_and_snapshot_holds_every_task(store):
+    birds, cars = store.put("acme", "birds", blob()), store.put("globex", "cars", blob())
+    store.put("acme", "birds", blob())
+    assert store.state("globex", "cars").revision == cars.revision  # another task's write leaves it alone
+    store.delete("globex", "cars")
+    snap = store.snapshot()
+    assert set(snap) == {("acme", "birds"), ("globex", "cars")}
+    assert snap[("acme", "birds")] == store.state("acme", "birds") and snap[("acme", "birds")].revision > birds.revision
+    assert snap[("globex", "cars")] == store.state("globex", "cars") and snap[("globex", "cars")].active is None
+
+
+def _wipe(backend: Backend, store: PromptStore) -> None:
+    """Lose everything, tombstones included: a new Redis after a failover without a replica, a new disk."""
+    if backend.server is not None:
+        with backend.server.client() as c:
+            c.flushall()
+    else:
+        store.close()
+        shutil.rmtree(backend.spec)
+
+
+def test_import_of_an_older_export_into_a_wiped_store_gives_higher_revisions(backend, stores, tmp_path, capsys):
+    store = stores()
+    store.put("acme", "birds", blob())
+    store.put("acme", "cars", blob())
+    archive = tmp_path / "old.tar"
+    assert lpt_main(["store", "export", "--store", backend.spec, "--out", str(archive)]) == 0
+    # Writes after the export, which the archive does not hold.
+    store.put("acme", "birds", blob())
+    store.delete("acme", "cars")
+    store.put("acme", "new", blob())
+    seen = max(s.revision for s in store.snapshot().values())
+
+    _wipe(backend, store)
+    store = stores()
+    assert store.snapshot() == {} and store.state("acme", "cars").revision == 0
+    assert lpt_main(["store", "import", "--store", backend.spec, str(archive)]) == 0
+    capsys.readouterr()
+    after = store.snapshot()
+    assert live(after) == {("acme", "birds"): 1, ("acme", "cars"): 1}
+    # A replica still serving birds v2 or the deleted cars sees newer states, and follows them.
+    assert min(s.revision for s in after.values()) > seen
+
+
+_LEGACY_SQLITE_SCHEMA = """
+CREATE TABLE tasks (tenant TEXT NOT NULL, task TEXT NOT NULL, active INTEGER NOT NULL, PRIMARY KEY (tenant, task))
+    WITHOUT ROWID;
+CREATE TABLE versions (tenant TEXT NOT NULL, task TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, created REAL NOT NULL, meta TEXT NOT NULL, PRIMARY KEY (tenant, task, version))
+    WITHOUT ROWID;
+CREATE TABLE blobs (tenant TEXT NOT NULL, task TEXT NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (tenant, task, sha256));
+CREATE TABLE seqs (tenant TEXT NOT NULL, task TEXT NOT NULL, last INTEGER NOT NULL, PRIMARY KEY (tenant, task))
+    WITHOUT ROWID;
+"""
+
+
+def _write_store_without_revisions(backend: Backend, versions: list[bytes], active: int) -> None:
+    """acme/birds with ``versions`` and acme/gone (deleted at v4) in the layout written before revisions."""
+    records = [(n, sha(d), len(d), 1000.0 + n, json.dumps({})) for n, d in enumerate(versions, 1)]
+    if backend.server is not None:
+        with backend.server.client() as c, c.pipeline(transaction=True) as p:
+            for n, digest, size, created, _ in records:
+                info = {"sha256": digest, "size": size, "created": created, "meta": {}}
+                p.hset("lpt:task:acme:birds", f"v:{n}", json.dumps(info, sort_keys=True))
+                p.set(f"lpt:blob:acme:birds:{digest}", versions[n - 1])
+                p.sadd("lpt:blobs:acme:birds", digest)
+            p.hset("lpt:task:acme:birds", "active", active)
+            p.set("lpt:seq:acme:birds", len(versions))
+            p.set("lpt:seq:acme:gone", 4)
+            p.sadd("lpt:tasks:acme", "birds")
+            p.sadd("lpt:tenants", "acme")
+            p.hset("lpt:active", "acme/birds", active)  # a bare version number
+            p.execute()
+        return
+    path = Path(backend.spec) / "prompts.sqlite"
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as c:
+        c.executescript(_LEGACY_SQLITE_SCHEMA)
+        c.executemany("INSERT INTO versions VALUES ('acme', 'birds', ?, ?, ?, ?, ?)", records)
+        c.executemany("INSERT OR IGNORE INTO blobs VALUES ('acme', 'birds', ?, ?)", [(sha(d), d) for d in versions])
+        c.execute("INSERT INTO tasks VALUES ('acme', 'birds', ?)", (active,))
+        c.executemany("INSERT INTO seqs VALUES ('acme', ?, ?)", [("birds", len(versions)), ("gone", 4)])
+    c.close()
+
+
+def test_store_written_before_revisions_reads_as_revision_0_until_its_next_write(backend, stores):
+    a, b = blob(), blob()
+    _write_store_without_revisions(backend, [a, b], active=1)
+    store = stores()
+    old = TaskState("acme", "birds", 0, 1, sha(a))
+    assert store.state("acme", "birds") == old and store.snapshot() == {("acme", "birds"): old}
+    assert store.state("acme", "gone") == TaskState("acme", "gone", 0, None, None)
+    got = store.get("acme", "birds")
+    assert (got.data, got.info.revision) == (a, 0) and store.get("acme", "birds", 2).data == b
+    assert [v.version for v in store.list_versions("acme", "birds")] == [1, 2]
+    assert store.put("acme", "birds", a).revision == 0  # idempotent: still nothing written
+
+    reopened = stores()  # opening again (the SQLite migration is idempotent) changes nothing
+    assert reopened.state("acme", "birds") == old
+    v3 = reopened.put("acme", "birds", blob())
+    assert v3.version == 3 and v3.revision > 0 and store.state("acme", "birds").revision == v3.revision
+    gone = reopened.put("acme", "gone", blob())
+    assert gone.version == 5 and gone.revision > 0  # numbering continues after the old delete
 
 
 # -- notifications -----------------------------------------------------------------------------------
@@ -283,25 +452,28 @@ def test_second_client_is_notified_within_1s(stores):
     events = Events()
     sub = watcher.subscribe(events, reconcile_s=30)  # only push (Redis) or polling (SQLite) can be this fast
     try:
-        for change, want in [
-            (lambda: writer.put("acme", "birds", blob()), ChangeEvent("acme", "birds", 1)),
-            (lambda: writer.put("acme", "birds", blob()), ChangeEvent("acme", "birds", 2)),
-            (lambda: writer.activate("acme", "birds", 1), ChangeEvent("acme", "birds", 1)),
-            (lambda: writer.delete("acme", "birds"), ChangeEvent("acme", "birds", None)),
+        for change in [
+            lambda: writer.put("acme", "birds", blob()),
+            lambda: writer.put("acme", "birds", blob()),
+            lambda: writer.activate("acme", "birds", 1),
+            lambda: writer.delete("acme", "birds"),
         ]:
-            events.items.clear()
             change()
             t0 = time.monotonic()
+            want = writer.state("acme", "birds")  # the event is the state: revision, version and sha256
             assert events.wait_for(want, 1.0) - t0 < 1.0
+        assert want.active is None and want.sha256 is None  # the delete arrives as its tombstone
     finally:
         sub.close()
+    revisions = [ev.revision for _, ev in events.items]
+    assert revisions == sorted(set(revisions)) and len(revisions) == 4  # each state once, in order
 
 
 _SUBSCRIBER = """
-import json, sys
+import dataclasses, json, sys
 from prompts_store import open_store
 store = open_store(sys.argv[1], timeout_s=0.25)
-sub = store.subscribe(lambda e: print(json.dumps([e.tenant, e.task, e.active]), flush=True), reconcile_s=30)
+sub = store.subscribe(lambda e: print(json.dumps(dataclasses.asdict(e)), flush=True), reconcile_s=30)
 print("ready", flush=True)
 sys.stdin.read()
 sub.close()
@@ -319,39 +491,68 @@ def test_second_process_is_notified_within_1s(backend, store):
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         for n in (1, 2):
-            store.put("acme", "birds", blob())
+            v = store.put("acme", "birds", blob())
             t0 = time.monotonic()
             ready, _, _ = select.select([proc.stdout], [], [], 1.0)
             assert ready, "no notification in the other process within 1 s"
-            assert json.loads(proc.stdout.readline()) == ["acme", "birds", n]
+            got = json.loads(proc.stdout.readline())
+            assert got == asdict(TaskState("acme", "birds", v.revision, n, v.sha256))
             assert time.monotonic() - t0 < 1.0
     finally:
         proc.kill()
         proc.wait()
 
 
-def _silent_activate(backend: Backend, store: PromptStore, tenant: str, task: str, version: int) -> None:
-    """Change the active version without any notification: what a replica sees when it missed the message."""
+def _set_state_silently(
+    backend: Backend, store: PromptStore, tenant: str, task: str, version: int, revision: int
+) -> TaskState:
+    """Set the task's state in the store's own layout without any notification: what a replica sees when it
+    missed the message (or what a store holds after it lost the writes that followed ``revision``)."""
+    state = TaskState(tenant, task, revision, version, store.get(tenant, task, version).info.sha256)
     if isinstance(store, RedisPromptStore):
         with backend.server.client() as c, c.pipeline(transaction=True) as p:  # type: ignore[union-attr]
             p.hset(store._task_key(tenant, task), "active", version)
-            p.hset("lpt:active", f"{tenant}/{task}", version)
+            p.hset(
+                "lpt:active",
+                f"{tenant}/{task}",
+                json.dumps({"revision": revision, "active": version, "sha256": state.sha256}),
+            )
             p.execute()
     else:
         with sqlite3.connect(Path(backend.spec) / "prompts.sqlite") as c:
             c.execute("UPDATE tasks SET active = ? WHERE tenant = ? AND task = ?", (version, tenant, task))
+            c.execute("UPDATE seqs SET revision = ? WHERE tenant = ? AND task = ?", (revision, tenant, task))
+    return state
 
 
 def test_missed_notification_is_recovered_by_reconciliation(backend, stores):
     writer, watcher = stores(), stores()
     writer.put("acme", "birds", blob())
-    writer.put("acme", "birds", blob())
+    v2 = writer.put("acme", "birds", blob())
     events = Events()
     sub = watcher.subscribe(events, reconcile_s=0.5)
     try:
-        _silent_activate(backend, writer, "acme", "birds", 1)
+        want = _set_state_silently(backend, writer, "acme", "birds", 1, v2.revision + 1)
         t0 = time.monotonic()
-        assert events.wait_for(ChangeEvent("acme", "birds", 1), 2.0) - t0 < 1.5
+        assert events.wait_for(want, 2.0) - t0 < 1.5
+    finally:
+        sub.close()
+
+
+def test_lost_writes_are_reported_and_the_next_write_is_newer(backend, stores):
+    """A store that lost its last write (Redis failover, restored backup) holds an older state than a replica
+    saw: reconciliation reports what the store holds, and the next write's revision is above everything."""
+    writer, watcher = stores(), stores()
+    v1 = writer.put("acme", "birds", blob())
+    v2 = writer.put("acme", "birds", blob())
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=0.3)
+    try:
+        lost = _set_state_silently(backend, writer, "acme", "birds", 1, v1.revision)  # v2's write is lost
+        events.wait_for(lost, 2.0)  # lower than the revision known, and delivered: it is what the store holds
+        v3 = writer.put("acme", "birds", blob())
+        assert v3.revision > v2.revision
+        events.wait_for(TaskState("acme", "birds", v3.revision, v3.version, v3.sha256), 2.0)
     finally:
         sub.close()
 
@@ -364,8 +565,64 @@ def test_redis_pubsub_connection_dropped_then_changes_recovered(redis_server):
         time.sleep(0.2)
         with redis_server.client() as c:
             c.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-        writer.put("acme", "birds", blob())  # published while the watcher had no subscription
-        events.wait_for(ChangeEvent("acme", "birds", 1), 2.5)
+        v = writer.put("acme", "birds", blob())  # published while the watcher had no subscription
+        events.wait_for(ChangeEvent("acme", "birds", v.revision, 1, v.sha256), 2.5)
+    finally:
+        sub.close()
+        writer.close()
+        watcher.close()
+
+
+def _publish(redis_server: RedisServer, message: dict) -> None:
+    with redis_server.client() as c:
+        c.publish("lpt:changes", json.dumps(message))
+
+
+def _wait_subscribed(redis_server: RedisServer, timeout: float = 5.0) -> None:
+    """Until a watcher listens on the change channel, so a message published next reaches it."""
+    deadline = time.monotonic() + timeout
+    with redis_server.client() as c:
+        while c.pubsub_numsub("lpt:changes")[0][1] < 1:
+            assert time.monotonic() < deadline, "the watcher never subscribed"
+            time.sleep(0.02)
+
+
+def test_redis_pushed_state_is_delivered_only_when_newer_than_the_known_one(redis_server):
+    writer, watcher = (open_store(redis_server.url, timeout_s=TIMEOUT_S) for _ in range(2))
+    v1 = writer.put("acme", "birds", blob())
+    writer.put("acme", "birds", blob())
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=30)  # no reconcile during the test: only pushes deliver
+    try:
+        _wait_subscribed(redis_server)
+        _publish(redis_server, asdict(TaskState("acme", "birds", v1.revision, 1, v1.sha256)))  # late, stale
+        rolled_back = writer.activate("acme", "birds", 1)
+        want = TaskState("acme", "birds", rolled_back.revision, 1, v1.sha256)
+        events.wait_for(want, 1.0)
+        _publish(redis_server, asdict(want))  # a repeat of the known state
+        writer.put("acme", "cars", blob())
+        events.wait_for(writer.state("acme", "cars"), 1.0)  # messages arrive in order: the repeat came before
+        assert [ev for _, ev in events.items] == [want, writer.state("acme", "cars")]
+    finally:
+        sub.close()
+        writer.close()
+        watcher.close()
+
+
+def test_redis_message_without_a_revision_makes_the_watcher_read_a_snapshot(redis_server):
+    """A writer from before revisions publishes {tenant, task, active}: the watcher cannot trust it as a state,
+    so it diffs a snapshot at once instead of waiting for the next reconciliation."""
+    writer, watcher = (open_store(redis_server.url, timeout_s=TIMEOUT_S) for _ in range(2))
+    writer.put("acme", "birds", blob())
+    v2 = writer.put("acme", "birds", blob())
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=30)
+    try:
+        _wait_subscribed(redis_server)
+        backend = Backend("redis", redis_server.url, redis_server)
+        want = _set_state_silently(backend, writer, "acme", "birds", 1, v2.revision + 1)
+        _publish(redis_server, {"tenant": "acme", "task": "birds", "active": 1})
+        events.wait_for(want, 1.0)
     finally:
         sub.close()
         writer.close()
@@ -387,7 +644,7 @@ def test_subscription_survives_a_failing_callback_and_closes_promptly(stores):
     writer.put("acme", "a", blob())
     time.sleep(0.5)
     writer.put("acme", "b", blob())
-    events.wait_for(ChangeEvent("acme", "b", 1), 2.0)
+    events.wait_for(writer.state("acme", "b"), 2.0)
     t0 = time.monotonic()
     sub.close()
     assert time.monotonic() - t0 < 1.0 and not sub.alive
@@ -501,7 +758,7 @@ def test_redis_unavailable_is_raised_within_the_timeout(redis_server, fault):
             except StoreUnavailable:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        events.wait_for(ChangeEvent("acme", "birds", v.version), 3.0)
+        events.wait_for(ChangeEvent("acme", "birds", v.revision, v.version, v.sha256), 3.0)
         assert sub.alive
     finally:
         sub.close()
