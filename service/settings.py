@@ -2,8 +2,8 @@
 
 From that one declaration come the ``LPT_*`` environment variables (pydantic-settings), the command-line
 flags with their help and defaults (``service/cli.py`` generates them from the fields) and the frozen
-``ServiceConfig`` that flows inward (generated below from the same fields). Nothing below the edge reads
-the environment.
+``ServiceConfig`` that flows inward (the same fields, typed, with their defaults read from the settings).
+Nothing below the edge reads the environment.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,8 +117,50 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
-class _ConfigBehaviour:
-    """What ``ServiceConfig`` adds to the settings' values: resolving the unset ones, and derived properties."""
+def _default(name: str) -> Any:
+    """A setting's declared default (``ServiceSettings`` is where each is written)."""
+    return ServiceSettings.model_fields[name].default
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Frozen configuration that flows inward: the settings' values (defaults from ``ServiceSettings``), with
+    ``store``, ``device``, ``replica_id`` and ``decode_threads`` resolved when unset and ``api_keys`` parsed.
+
+    The fields repeat the settings' names and types so that type checkers see them; a test keeps the two equal.
+    """
+
+    host: str = _default("host")
+    port: int = _default("port")
+    backbone: str = _default("backbone")
+    backbone_weights: str = _default("backbone_weights")
+    img_size: int | None = _default("img_size")
+    store: str | None = _default("store")
+    data_dir: Path = _default("data_dir")  # noqa: RUF009 (a Path is immutable)
+    device: str | None = _default("device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _default("dtype")
+    max_batch_size: int = _default("max_batch_size")
+    max_wait_ms: float = _default("max_wait_ms")
+    queue_size: int = _default("queue_size")
+    tenant_queue_share: float = _default("tenant_queue_share")
+    cache_bytes: int = _default("cache_bytes")
+    request_timeout: float = _default("request_timeout")
+    max_image_bytes: int = _default("max_image_bytes")
+    max_image_pixels: int = _default("max_image_pixels")
+    decode_threads: int | None = _default("decode_threads")
+    decode_niceness: int = _default("decode_niceness")
+    host_memory_retain_bytes: int = _default("host_memory_retain_bytes")
+    max_prompt_bytes: int = _default("max_prompt_bytes")
+    max_classes: int = _default("max_classes")
+    api_keys: dict[str, str] = field(default_factory=dict, repr=False)  # tenant -> secret; not shown
+    insecure: bool = _default("insecure")
+    demo: bool = _default("demo")
+    access_log: bool = _default("access_log")
+    log_level: str = _default("log_level")
+    store_timeout: float = _default("store_timeout")
+    reconcile_s: float = _default("reconcile_s")
+    shutdown_timeout: float = _default("shutdown_timeout")
+    replica_id: str | None = _default("replica_id")
 
     def __post_init__(self) -> None:
         # Resolved here, so a config built directly (tests, benchmarks) means what the same settings mean to lpt-serve.
@@ -145,6 +188,7 @@ class _ConfigBehaviour:
     def compute_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
+        assert self.device is not None  # resolved in __post_init__
         return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     def check_exposure(self) -> None:
@@ -157,25 +201,6 @@ class _ConfigBehaviour:
         )
 
 
-def _config_fields() -> list[tuple[str, Any, dataclasses.Field]]:
-    """Every setting as a dataclass field with the settings' own default; the keys arrive parsed."""
-    out = []
-    for name, info in ServiceSettings.model_fields.items():
-        if name == "api_keys_file":  # read into api_keys by freeze()
-            continue
-        if name == "api_keys":
-            out.append((name, dict[str, str], dataclasses.field(default_factory=dict, repr=False)))  # secrets
-        else:
-            out.append((name, info.annotation, dataclasses.field(default=info.default)))
-    return out
-
-
-ServiceConfig = dataclasses.make_dataclass("ServiceConfig", _config_fields(), bases=(_ConfigBehaviour,), frozen=True)
-ServiceConfig.__module__ = __name__  # make_dataclass names its own module before Python 3.12; pickle needs ours
-ServiceConfig.__doc__ = (
-    "Frozen configuration that flows inward: the fields of ServiceSettings (their defaults), with store, device "
-    "and replica_id resolved when unset and api_keys as a parsed {tenant: secret} dict."
-)
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceConfig))
 
 

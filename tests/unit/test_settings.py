@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 import os
 from pathlib import Path
 
@@ -123,12 +124,15 @@ def test_demo_defaults_the_offline_backbone_and_the_access_log(monkeypatch):
     assert (config.backbone, config.backbone_weights) == ("test_vit", "hub")
 
 
-def test_the_frozen_config_is_derived_from_the_settings():
+def test_the_frozen_config_has_the_settings_fields_types_and_defaults():
     config_fields = {f.name: f for f in dataclasses.fields(ServiceConfig)}
-    assert set(config_fields) == set(FIELDS) - {"api_keys_file"}
+    assert list(config_fields) == [name for name in FIELDS if name != "api_keys_file"]  # same names, same order
+    hints = typing.get_type_hints(ServiceConfig)
     for name, info in ServiceSettings.model_fields.items():
         if name in config_fields and name != "api_keys":
             assert config_fields[name].default == info.default, name
+            assert hints[name] == info.annotation, name
+    assert hints["api_keys"] == dict[str, str]
     direct = ServiceConfig(device="cpu")
     via_settings = ServiceSettings(device="cpu").freeze()
     assert direct == via_settings
