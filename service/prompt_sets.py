@@ -156,12 +156,31 @@ class PromptSets:
     def follow(self, state: TaskState) -> None:
         """Adopt a state the store reported unless a newer one is known; drop a deleted task's sets, and start
         loading the new active set of a task that has sets resident (so its next request finds it loaded)."""
-        if not self.states.apply(state):
+        if not (self.states.apply(state) or self._adopt_regression(state)):
             return
-        if state.active is None:
+        key = self._active_key(state.tenant, state.task)
+        if key is None:
             self.cache.discard_task(state.tenant, state.task)
         elif self.cache.resident_keys(state.tenant, state.task):
-            self.cache.prefetch(SetKey(state.tenant, state.task, state.active, state.sha256))
+            self.cache.prefetch(key)
+
+    def _adopt_regression(self, state: TaskState) -> bool:
+        """An event older than the state held is usually late news; but when the store itself went back (it lost
+        data: a failover, an older backup imported), its reconcile snapshots report the older state. Confirmed by
+        a fresh read, that state is adopted; True when it was."""
+        held = self.states.get(state.tenant, state.task)
+        if (
+            held is None
+            or state.revision >= held.revision
+            or (state.active, state.sha256) == (held.active, held.sha256)
+        ):
+            return False
+        try:
+            now = self.store.state(state.tenant, state.task)
+        except StoreUnavailable:
+            self.metrics.store_errors.inc()
+            return False
+        return now.revision < held.revision and self.states.replace(held, now)
 
     def _admit(self, key: SetKey) -> bool:
         """A loaded set may become resident unless its task is deleted (as far as this replica knows)."""

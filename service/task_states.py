@@ -68,9 +68,9 @@ class TaskStates:
         return True
 
     def is_deleted(self, tenant: str, task: str) -> bool:
-        """True when the newest state known is a tombstone."""
+        """True when the newest state known has no active version (a tombstone, or a store that lost the task)."""
         state = self.get(tenant, task)
-        return state is not None and state.active is None and state.revision > 0
+        return state is not None and state.active is None
 
     def version_sha256(self, tenant: str, task: str, version: int) -> str | None:
         """The sha256 of a version learned at the task's current revision, or None."""

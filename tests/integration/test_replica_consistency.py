@@ -230,3 +230,13 @@ def test_a_version_number_reused_after_data_loss_never_serves_the_lost_bytes(
     assert r.json()["sha256"] == other.active_version(TENANT, "a").sha256
     pinned = served.post("/v1/classify?task=a&version=2&top_k=1", content=image_bytes(0))
     assert pinned.json()["predictions"][0]["label"].startswith("new-")
+
+
+def test_a_store_that_lost_a_task_stops_serving_it_here(
+    served: Served, gated: GatedStore, other, backbone, store_spec: str
+) -> None:
+    other.put(TENANT, "a", classes_of(backbone, "one"))
+    gated.wait_handled("a", 1)
+    assert classify(served) == (200, "one")
+    wipe(store_spec)  # no write follows: only the reconcile snapshot tells the replica
+    wait_until(lambda: classify(served) == (404, ""), EVENT_TIMEOUT_S, "the lost task to answer 404")
