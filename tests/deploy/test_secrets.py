@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
 
 from tests.deploy import configs as cfg
-from tests.redis_server import free_port
+from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 secrets_mod = cfg.lpt_secrets()
 FILES = ("lpt/redis-password", "lpt/api-keys", "lpt/admin-key", "redis/redis.conf", "redis/password")
@@ -100,14 +100,8 @@ def test_redis_accepts_the_generated_config_and_the_entrypoint_url(tmp_path):
     try:
         url = secrets_mod.service_environment(tmp_path, {"LPT_STORE": f"redis://127.0.0.1:{port}/0"})["LPT_STORE"]
         client = redis.Redis.from_url(url, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start with the generated config"
-                time.sleep(0.1)
+        what = "redis-server to start with the generated config and answer PING"
+        wait_until(client.ping, 10, what, interval=0.1, retry_on=(redis.ConnectionError,))
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).ping()
     finally:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.deploy import configs as cfg
+from tests.support.metrics import metric_families
 
 # Local stand-ins for the compose replicas (configs are rendered and checked, nothing connects to them).
 LOCAL = {"service": "127.0.0.1:18001", "service-2": "127.0.0.1:18002"}
@@ -229,10 +230,8 @@ def test_dashboard_promql_parses_with_promtool(tmp_path):
 
 
 def _exposed_series_names(text: str) -> set[str]:
-    from prometheus_client.parser import text_string_to_metric_families
-
     names: set[str] = set()
-    for fam in text_string_to_metric_families(text):
+    for fam in metric_families(text):
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
         names.update(fam.name + s for s in suffixes.get(fam.type, ("",)))
         names.update(s.name for s in fam.samples)

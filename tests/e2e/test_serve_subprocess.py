@@ -5,15 +5,11 @@ refusal to listen beyond loopback without API keys."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,82 +17,30 @@ import pytest
 
 from lpt.backbone import load_backbone
 from lpt.client import ApiError, LptClient
-from lpt.init import init_prompt_set
 from lpt.prompt_set import encode
-from tests.redis_server import free_port
+from tests.support.lpt_serve import SHUTDOWN_GRACE_S, TEST_BACKBONE_ARGS, LptServe, run_lpt_serve
+from tests.support.metrics import metric_value
+from tests.support.ports import free_port
+from tests.support.processes import clean_env, console_command
+from tests.support.prompt_sets import make_set
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
-START_TIMEOUT_S = 120.0  # importing torch and timm on a busy 2-core machine
-SHUTDOWN_TIMEOUT_S = 10.0
 DEMO_CLASSES = {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
 
 
-def _command(name: str, module: str) -> list[str]:
-    """The installed console script, or the module when the package is not installed."""
-    exe = shutil.which(name)
-    return [exe] if exe else [sys.executable, "-m", module]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPT_")}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    data_dir: Path
-    log: Path
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-def start_server(tmp: Path, *extra: str) -> Server:
-    port = free_port()
-    log = tmp / "lpt-serve.log"
-    args = [
-        *_command("lpt-serve", "service.cli"),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--backbone", "test_vit", "--backbone-weights", "random:0", "--img-size", "32",
-        "--data-dir", str(tmp), "--demo", "--device", "cpu",
-        "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--log-level", "info",
-        *extra,
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env())
-    server = Server(proc, f"http://127.0.0.1:{port}", tmp, log)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with httpx.Client(timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"lpt-serve exited with {proc.returncode} before ready:\n{server.log_tail()}")
-            try:
-                if http.get(f"{server.url}/readyz").status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-    stop_server(server)
-    raise AssertionError(f"lpt-serve not ready within {START_TIMEOUT_S}s:\n{server.log_tail()}")
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.kill()
-        server.proc.wait(10)
+def demo_server(tmp: Path, *extra: str) -> LptServe:
+    """An ``lpt-serve`` with the demo task, its data and log under ``tmp`` (started by ``with``)."""
+    args = [*TEST_BACKBONE_ARGS, "--demo", "--shutdown-timeout", str(SHUTDOWN_GRACE_S), "--log-level", "info", *extra]
+    return LptServe(tmp / "lpt-serve.log", args, data_dir=tmp)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
+def server(tmp_path_factory) -> Iterator[LptServe]:
     # A batch window long enough that requests are still in flight when SIGTERM arrives (the last test).
-    srv = start_server(tmp_path_factory.mktemp("serve"), "--max-wait-ms", "400", "--max-batch-size", "64")
-    try:
+    with demo_server(tmp_path_factory.mktemp("serve"), "--max-wait-ms", "400", "--max-batch-size", "64") as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +50,7 @@ def prompt_files(tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("sets")
     paths = []
     for seed in (1, 2):
-        ps = init_prompt_set(info, ["cat", "dog", "fox"], prompt_length=2, pool_size=2, share_blocks=3, seed=seed)
+        ps = make_set(info, ["cat", "dog", "fox"], pool=2, seed=seed, scale=1.0)
         path = out / f"v{seed}.safetensors"
         path.write_bytes(encode(ps))
         paths.append(path)
@@ -115,11 +59,11 @@ def prompt_files(tmp_path_factory) -> list[Path]:
 
 def lpt(url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*_command("lpt", "lpt.cli"), *args],
+        [*console_command("lpt", "lpt.cli"), *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(LPT_URL=url),
+        env=clean_env({"LPT_URL": url}),
     )
 
 
@@ -205,7 +149,7 @@ def test_sigterm_during_traffic_finishes_in_flight_requests_and_exits(server):
     """Last in this module: it stops the shared server."""
     img = (server.data_dir / "demo.jpg").read_bytes()
     with httpx.Client(base_url=server.url, timeout=5.0) as http:
-        hits0 = _metric(http, "lpt_prompt_cache_hits_total")
+        hits0 = cache_hits(http)
 
     def one(_: int) -> tuple[int, float]:
         with httpx.Client(base_url=server.url, timeout=30.0) as http:
@@ -217,39 +161,32 @@ def test_sigterm_during_traffic_finishes_in_flight_requests_and_exits(server):
         futures = [pool.submit(one, i) for i in range(n)]
         # Every request has reached the handler (each took a cache hit) and waits in the 400 ms batch window.
         with httpx.Client(base_url=server.url, timeout=5.0) as http:
-            deadline = time.monotonic() + 30
-            while _metric(http, "lpt_prompt_cache_hits_total") < hits0 + n:
-                assert time.monotonic() < deadline, "requests never reached the server"
-                time.sleep(0.01)
+            wait_until(lambda: cache_hits(http) >= hits0 + n, 30, "the requests to reach the server", interval=0.01)
         sent_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         results = [f.result(timeout=60) for f in futures]
     try:
-        server.proc.wait(SHUTDOWN_TIMEOUT_S + 5)
+        server.proc.wait(SHUTDOWN_GRACE_S + 5)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"lpt-serve did not exit within its grace period:\n{server.log_tail()}")
+        pytest.fail(f"lpt-serve did not exit within its grace period:\n{server.tail()}")
     exited_at = time.monotonic()
-    assert [status for status, _ in results] == [200] * n, server.log_tail()
+    assert [status for status, _ in results] == [200] * n, server.tail()
     assert any(done > sent_at for _, done in results), "no request was still in flight at SIGTERM"
     # uvicorn re-raises the captured SIGTERM once shutdown is complete: "terminated by SIGTERM" is a clean exit.
-    assert server.proc.returncode in (0, -signal.SIGTERM), server.log_tail()
-    assert "Application shutdown complete" in server.log.read_text()
-    assert exited_at - sent_at < SHUTDOWN_TIMEOUT_S + 5
+    assert server.proc.returncode in (0, -signal.SIGTERM), server.tail()
+    assert "Application shutdown complete" in server.output()
+    assert exited_at - sent_at < SHUTDOWN_GRACE_S + 5
     with pytest.raises(httpx.TransportError), httpx.Client(timeout=2.0) as http:
         http.get(f"{server.url}/healthz")
 
 
-def _metric(http: httpx.Client, name: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+def cache_hits(http: httpx.Client) -> float:
+    return metric_value(http.get("/metrics").text, "lpt_prompt_cache_hits_total")
 
 
 def test_non_loopback_without_keys_refuses_to_start(tmp_path):
-    args = [*_command("lpt-serve", "service.cli"), "--host", "0.0.0.0", "--port", str(free_port())]
-    args += ["--data-dir", str(tmp_path), "--backbone", "test_vit", "--backbone-weights", "random:0"]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=60, env=_env())
+    args = ["--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path), *TEST_BACKBONE_ARGS]
+    r = run_lpt_serve(*args, timeout=60)
     assert r.returncode != 0
     assert "refusing to listen on 0.0.0.0 without API keys" in r.stderr, r.stderr
     assert not (tmp_path / "store").exists()  # it stopped before opening anything

@@ -9,16 +9,11 @@ Loopback only; every process is started here and stopped at the end, every wait 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,7 +21,14 @@ import pytest
 import yaml
 
 from tests.deploy import configs as cfg
-from tests.redis_server import RedisServer, free_port
+from tests.support.images import image_bytes
+from tests.support.lpt_serve import LptServe
+from tests.support.metrics import metric_samples
+from tests.support.ports import free_port
+from tests.support.processes import LoggedProcess
+from tests.support.prompt_sets import prompt_bytes
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.topology, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -39,56 +41,20 @@ START_TIMEOUT = 150.0
 SCRAPE_TIMEOUT = 60.0
 
 
-@dataclass
-class Proc:
-    name: str
-    args: list[str]
-    log: Path
-    env: dict[str, str] | None = None
-    popen: subprocess.Popen | None = field(default=None, repr=False)
+def wait_while_alive(
+    what: str, check: Callable[[], bool], timeout: float, procs: Sequence[LoggedProcess], interval: float = 0.2
+) -> None:
+    """``wait_until`` ``check`` holds, failing at once when one of ``procs`` dies, with all their logs on timeout."""
 
-    def start(self) -> Proc:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env
-            )
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self, grace: float = 25.0) -> None:
-        if not self.alive:
-            return
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float, procs: list[Proc], interval: float = 0.2) -> None:
-    """Poll ``check`` until it is true; fail with the logs of ``procs`` on timeout or if one of them died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def holds() -> bool:
         for p in procs:
-            if not p.alive:
-                pytest.fail(f"{p.name} exited (code {p.popen.returncode}) while waiting for {what}:\n{p.tail()}")
-        with contextlib.suppress(httpx.HTTPError, OSError):
-            if check():
-                return
-        time.sleep(interval)
-    logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{logs}")
+            p.assert_alive(what)
+        return check()
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
+
+    wait_until(holds, timeout, what, interval=interval, retry_on=(httpx.HTTPError, OSError), details=logs)
 
 
 def status_is(url: str, code: int = 200) -> Callable[[], bool]:
@@ -101,13 +67,13 @@ class Topology:
     replica_ids: dict[str, str]  # compose service name -> LPT_REPLICA_ID
     proxy: str
     prometheus: str
-    procs: list[Proc]
+    procs: list[LoggedProcess]
 
 
 def _replica_env(name: str, port: int, store: str, data_dir: Path, secrets_dir: Path) -> dict[str, str]:
     """The environment compose gives replica ``name`` as its entrypoint (docker/lpt_secrets.py) completes it
     from the secrets in ``secrets_dir``, with what differs on this machine replaced: loopback, the local
-    Redis, a small seeded backbone on CPU, a data dir per replica."""
+    Redis, a small seeded backbone on CPU, a data dir per replica (the launcher adds it to a clean environment)."""
     env = cfg.lpt_secrets().service_environment(secrets_dir, cfg.env_dict(cfg.compose()["services"][name]))
     model, weights, img_size = BACKBONE
     env.update(
@@ -122,13 +88,7 @@ def _replica_env(name: str, port: int, store: str, data_dir: Path, secrets_dir: 
         LPT_CACHE_BYTES=str(64 * 1024**2),
         HF_HUB_OFFLINE="1",
     )
-    keep = {k: v for k, v in os.environ.items() if not k.startswith("LPT_")}
-    return {**keep, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _serve_command() -> list[str]:
-    exe = shutil.which("lpt-serve")
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +97,7 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
     nginx_bin = cfg.require_binary("nginx")
     prometheus_bin = cfg.require_binary("prometheus")
     root = tmp_path_factory.mktemp("topology")
-    procs: list[Proc] = []
+    procs: list[LoggedProcess] = []
     redis = RedisServer(data_dir=root / "redis", password=REDIS_PASSWORD, binary=redis_bin)
     try:
         redis.start()
@@ -150,9 +110,10 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
         replicas = {n: f"127.0.0.1:{free_port()}" for n in names}
         ids = {}
         for n in names:
-            env = _replica_env(n, int(replicas[n].rsplit(":", 1)[1]), redis.url, root / n, secrets_dir)
+            port = int(replicas[n].rsplit(":", 1)[1])
+            env = _replica_env(n, port, redis.url, root / n, secrets_dir)
             ids[n] = env["LPT_REPLICA_ID"]
-            procs.append(Proc(n, _serve_command(), root / f"{n}.log", env).start())
+            procs.append(LptServe(root / f"{n}.log", env=env, port=port, listen_flags=False).start(ready=False))
 
         proxy = f"127.0.0.1:{free_port()}"
         nginx_dir = root / "nginx"
@@ -167,8 +128,9 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
         prom_conf.write_text(yaml.safe_dump(cfg.local_prometheus_config(replicas, scrape_interval="1s")))
 
         for n in names:
-            wait_until(f"{n} /readyz", status_is(f"http://{replicas[n]}/readyz"), START_TIMEOUT, procs)
-        procs.append(Proc("nginx", [nginx_bin, "-p", str(nginx_dir), "-c", str(main_conf)], root / "nginx.out").start())
+            wait_while_alive(f"{n} /readyz", status_is(f"http://{replicas[n]}/readyz"), START_TIMEOUT, procs)
+        nginx_args = [nginx_bin, "-p", str(nginx_dir), "-c", str(main_conf)]
+        procs.append(LoggedProcess("nginx", nginx_args, root / "nginx.out").start())
         prom_args = [
             prometheus_bin,
             f"--config.file={prom_conf}",
@@ -177,9 +139,9 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
             "--storage.tsdb.retention.time=1h",
             "--log.level=warn",
         ]
-        procs.append(Proc("prometheus", prom_args, root / "prometheus.log").start())
-        wait_until("nginx", status_is(f"http://{proxy}/healthz"), 30, procs)
-        wait_until("prometheus /-/ready", status_is(f"http://{prometheus}/-/ready"), 60, procs)
+        procs.append(LoggedProcess("prometheus", prom_args, root / "prometheus.log").start())
+        wait_while_alive("nginx", status_is(f"http://{proxy}/healthz"), 30, procs)
+        wait_while_alive("prometheus /-/ready", status_is(f"http://{prometheus}/-/ready"), 60, procs)
         yield Topology(replicas, ids, proxy, prometheus, procs)
     finally:
         for p in reversed(procs):
@@ -194,42 +156,24 @@ AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 def _prompt_sets(n: int) -> dict[str, bytes]:
     from lpt.backbone import load_backbone
-    from lpt.init import init_prompt_set
-    from lpt.prompt_set import encode
 
     model, weights, img_size = BACKBONE
     info = load_backbone(model, weights, img_size=img_size).info
     classes = [f"class-{i}" for i in range(5)]
-    return {
-        f"task-{i:02d}": encode(init_prompt_set(info, classes, prompt_length=2, pool_size=4, seed=i)) for i in range(n)
-    }
-
-
-def _image() -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    return {f"task-{i:02d}": prompt_bytes(info, classes=classes, pool=4, seed=i) for i in range(n)}
 
 
 def _classify_count(replica: str) -> float:
     """This replica's lpt_requests_total for successful classifies, read from its own /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     text = httpx.get(f"http://{replica}/metrics", timeout=5.0).text
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if (
-                s.name == "lpt_requests_total"
-                and s.labels.get("status") == "200"
-                and "classify" in s.labels["endpoint"]
-            ):
-                total += s.value
-    return total
+    return sum(
+        (
+            s.value
+            for s in metric_samples(text)
+            if s.name == "lpt_requests_total" and s.labels.get("status") == "200" and "classify" in s.labels["endpoint"]
+        ),
+        0.0,
+    )
 
 
 def _prometheus_query(base: str, query: str) -> list[dict]:
@@ -272,7 +216,7 @@ def test_topology_routes_each_task_to_one_replica_and_prometheus_scrapes_both(to
             assert r.json()["version"] >= 1
 
         # Classify every task through nginx; the replica that answers is the same every time.
-        image = _image()
+        image = image_bytes(seed=0, size=(48, 48))
         owner: dict[str, str] = {}
         for task in sets:
             before = {n: _classify_count(a) for n, a in t.replicas.items()}
@@ -323,6 +267,6 @@ def test_topology_routes_each_task_to_one_replica_and_prometheus_scrapes_both(to
         classified = {n: sum(1 for o in owner.values() if o == n) * CLASSIFY_REPEATS for n in expected}
         return set(found) == expected and all(found[n] >= classified[n] for n in expected)
 
-    wait_until(f"Prometheus to scrape {sorted(expected)}", scraped_both, SCRAPE_TIMEOUT, t.procs, interval=0.5)
+    wait_while_alive(f"Prometheus to scrape {sorted(expected)}", scraped_both, SCRAPE_TIMEOUT, t.procs, interval=0.5)
     up = _prometheus_query(t.prometheus, 'up{job="lpt-serve"}')
     assert {r["metric"]["replica"]: r["value"][1] for r in up} == dict.fromkeys(expected, "1")

@@ -10,15 +10,16 @@ pass. The loop fault raises in the worker's own bookkeeping after a successful f
 
 from __future__ import annotations
 
-import io
 import threading
-import time
 
 import pytest
-from PIL import Image
 
 from lpt.backbone import load_backbone
-from tests.service_harness import error_code, make_config, open_leases, parse_metrics, prompt_bytes, serve_in_thread
+from tests.support.images import png_bytes
+from tests.support.metrics import parse_metrics
+from tests.support.prompt_sets import prompt_bytes
+from tests.support.service_app import error_code, make_config, open_leases, serve_in_thread
+from tests.support.waiting import wait_until
 
 
 class FailingForward:
@@ -48,9 +49,7 @@ def own_backbone():
 
 
 def image(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 40), (seed * 40 % 256, 100, 200)).save(buf, "PNG")
-    return buf.getvalue()
+    return png_bytes((40, 40), color=(seed * 40 % 256, 100, 200))
 
 
 def multipart(n: int) -> dict:
@@ -59,13 +58,12 @@ def multipart(n: int) -> dict:
 
 def assert_no_leases(served, within_s: float = 5.0) -> None:
     """Every resident set is unleased (waiting, bounded, for rows still settling in the worker)."""
-    deadline = time.monotonic() + within_s
-    while True:
+
+    def settled() -> bool:
         leases = open_leases(served.state)
-        if leases and all(n == 0 for n in leases.values()):
-            return
-        assert time.monotonic() < deadline, leases
-        time.sleep(0.01)
+        return bool(leases) and all(n == 0 for n in leases.values())
+
+    wait_until(settled, within_s, "every lease back", interval=0.01, details=lambda: str(open_leases(served.state)))
 
 
 def test_multi_image_request_split_over_a_failing_and_a_good_batch(own_backbone, tmp_path):
@@ -80,10 +78,8 @@ def test_multi_image_request_split_over_a_failing_and_a_good_batch(own_backbone,
             assert r.status_code == 500, r.text
             assert error_code(r) == "batch_failed"
             assert fault.rows_failed == 2  # only the first batch failed...
-            deadline = time.monotonic() + 10
-            while fault.calls < 2:  # ...the other half still runs (the answer did not wait for it)
-                assert time.monotonic() < deadline, "the second batch never ran"
-                time.sleep(0.01)
+            # ...the other half still runs (the answer did not wait for it)
+            wait_until(lambda: fault.calls >= 2, 10, "the second batch", interval=0.01)
             assert_no_leases(s)  # and its pins were released when it settled
             ok = s.post("/v1/classify?task=t", **multipart(4))
             assert ok.status_code == 200 and len(ok.json()["results"]) == 4

@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from prompts_store import open_store
-from tests.redis_server import RedisServer
-from tests.service_harness import error_code, make_config, png_bytes, prompt_bytes, serve_in_thread
+from tests.support.images import png_bytes
+from tests.support.prompt_sets import prompt_bytes
+from tests.support.redis_server import RedisServer, running_redis
+from tests.support.service_app import error_code, make_config, serve_in_thread
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
 
@@ -28,15 +32,9 @@ PASSWORD = "redis-hardening-pw-7f3a9c"
 
 
 @pytest.fixture
-def redis_pw(tmp_path):
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed (apt-get install redis-server); CI installs it")
-    srv = RedisServer(data_dir=tmp_path / "redis", password=PASSWORD)
-    srv.start()
-    try:
+def redis_pw(tmp_path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis", password=PASSWORD) as srv:
         yield srv
-    finally:
-        srv.cleanup()
 
 
 def classify(served, task: str):
@@ -52,14 +50,6 @@ def timed(fn, *args):
 def readyz(served) -> tuple[int, dict]:
     r = served.get("/readyz")
     return r.status_code, r.json()["detail"]
-
-
-def wait_for(predicate, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, f"{what} did not happen within {timeout} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 class ClientPause:
@@ -84,7 +74,7 @@ _pause = ClientPause()
 
 def upload_healthy(served, task: str, data: bytes) -> None:
     """Set-up upload with Redis healthy; retried, since a loaded box can miss the 0.5 s socket timeout."""
-    wait_for(lambda: served.post(f"/v1/prompts?task={task}", content=data).status_code == 201, 10, f"upload {task}")
+    wait_until(lambda: served.post(f"/v1/prompts?task={task}", content=data).status_code == 201, 10, f"upload {task}")
 
 
 FAULTS = {
@@ -128,9 +118,9 @@ def test_redis_fault_keeps_cached_tasks_serving_and_fails_uploads_fast(backbone,
         finally:
             heal(redis_pw)
 
-        back = wait_for(lambda: readyz(s)[1]["store"] is True, RECOVERY_S, "/readyz reporting the store back")
+        back = wait_until(lambda: readyz(s)[1]["store"] is True, RECOVERY_S, "/readyz reporting the store back")
         remaining = RECOVERY_S - back
-        wait_for(
+        wait_until(
             lambda: s.post("/v1/prompts?task=hot", content=prompt_bytes(info, seed=6)).status_code == 201,
             remaining,
             "an upload succeeding again",
@@ -162,7 +152,7 @@ def test_cold_replica_with_redis_down_is_not_ready(backbone, tmp_path, redis_pw)
             assert elapsed < STORE_TIMEOUT + MARGIN
         finally:
             redis_pw.resume()
-        wait_for(lambda: readyz(s)[0] == 200, RECOVERY_S, "/readyz turning ready")
+        wait_until(lambda: readyz(s)[0] == 200, RECOVERY_S, "/readyz turning ready")
 
 
 def test_no_acknowledged_upload_is_lost_when_redis_is_killed(backbone, tmp_path, redis_pw):
@@ -197,12 +187,12 @@ def test_no_acknowledged_upload_is_lost_when_redis_is_killed(backbone, tmp_path,
 
         thread = threading.Thread(target=uploader, daemon=True)
         thread.start()
-        wait_for(lambda: len(acked) >= 12, 30, "12 acknowledged uploads")
+        wait_until(lambda: len(acked) >= 12, 30, "12 acknowledged uploads")
         redis_pw.kill()  # kill -9 while uploads are in flight
-        wait_for(lambda: len(failed) >= 4, 10, "uploads failing while Redis is dead")
+        wait_until(lambda: len(failed) >= 4, 10, "uploads failing while Redis is dead")
         redis_pw.restart()
         count = len(acked)
-        wait_for(lambda: len(acked) >= count + 8, 15, "uploads succeeding after the restart")
+        wait_until(lambda: len(acked) >= count + 8, 15, "uploads succeeding after the restart")
         stop.set()
         thread.join(30)
         assert not errors, errors

@@ -13,7 +13,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.service_harness import error_code, make_config, png_bytes, prompt_bytes, serve_in_thread
+from tests.support.images import png_bytes
+from tests.support.prompt_sets import prompt_bytes
+from tests.support.service_app import error_code, make_config, serve_in_thread
 
 IMAGE_LIMIT = 256 * 1024
 PROMPT_LIMIT = 512 * 1024

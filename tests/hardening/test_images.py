@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service_harness import error_code, jpeg_bytes, make_config, png_bytes, serve_in_thread
+from tests.support.images import jpeg_bytes, png_bytes
+from tests.support.service_app import error_code, make_config, serve_in_thread
 
 TASK = "demo"
 URL = f"/v1/classify?task={TASK}&top_k=3"

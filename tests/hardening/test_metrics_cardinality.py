@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 from lpt.prompt_set import encode
-from tests.service_harness import make_config, make_set, png_bytes, serve_in_thread
-
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s")
-
-
-def series(metrics_text: str) -> set[str]:
-    """Every sample's name + label set (one time series each)."""
-    out = set()
-    for line in metrics_text.splitlines():
-        m = SAMPLE.match(line)
-        if m and not line.startswith("#"):
-            out.add(m.group(1) + (m.group(2) or ""))
-    return out
+from tests.support.images import png_bytes
+from tests.support.metrics import parse_metrics
+from tests.support.prompt_sets import make_set
+from tests.support.service_app import make_config, serve_in_thread
 
 
 def traffic(served, tasks: list[str]) -> set[str]:
@@ -28,7 +17,7 @@ def traffic(served, tasks: list[str]) -> set[str]:
     assert served.post("/v1/classify?task=absent", content=png_bytes()).status_code == 404
     assert served.get("/v1/prompts").status_code == 200
     served.get("/metrics")  # so /metrics itself is counted in both rounds
-    return series(served.get("/metrics").text)
+    return set(parse_metrics(served.get("/metrics").text))  # one key per time series: name and label set
 
 
 def test_series_do_not_grow_with_tasks(backbone, tmp_path):

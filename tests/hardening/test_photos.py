@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from service.demo import DEMO_CLASSES
-from tests.photos import encode, photo, sideways
-from tests.service_harness import make_config
-from tests.service_harness import serve_in_thread as serve
+from tests.support.photos import encode, photo, sideways
+from tests.support.service_app import make_config
+from tests.support.service_app import serve_in_thread as serve
 from trainer.data import image_folder
 
 URL = f"/v1/classify?task=demo&top_k={len(DEMO_CLASSES)}"

@@ -17,7 +17,9 @@ import torch
 
 from lpt.backbone import describe_mismatch, load_backbone, mismatched_field
 from lpt.prompt_set import encode
-from tests.service_harness import error_code, jpeg_bytes, make_config, make_set, prompt_bytes, serve_in_thread
+from tests.support.images import jpeg_bytes
+from tests.support.prompt_sets import make_set, prompt_bytes
+from tests.support.service_app import error_code, make_config, serve_in_thread
 
 KEEP = "keep"  # a task that exists: uploads over it must not change it
 FRESH = "fresh"  # a task that does not exist: a failed upload must not create it

@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.service_harness import make_config, serve_in_thread
+from tests.support.service_app import make_config, serve_in_thread
 
 MAX_EXAMPLES = 30
 BINARY_BODIES = {("POST", "/v1/prompts"), ("POST", "/v1/classify")}

@@ -8,21 +8,20 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.redis_server import free_port
-from tests.service_harness import KEYS, auth
+from tests.support.lpt_serve import TEST_BACKBONE_ARGS, LptServe
+from tests.support.metrics import metric_value
+from tests.support.service_app import KEYS, auth
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,49 +29,17 @@ GRACE_S = 5.0
 QUICK_S = 2.0
 
 
-class Process:
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / "serve.log"
-        exe = shutil.which("lpt-serve")
-        cmd = [exe] if exe else [sys.executable, "-m", "service.cli"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--backbone", "test_vit"]
-        cmd += ["--backbone-weights", "random:0", "--img-size", "32", "--data-dir", str(tmp / "data"), "--demo"]
-        cmd += ["--shutdown-timeout", str(GRACE_S), "--log-level", "debug", *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LPT_")}
-        env["LPT_API_KEYS"] = ",".join(f"{t}:{k}" for t, k in KEYS.items())
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"lpt-serve never became ready:\n{self.output()}"
-            time.sleep(0.1)
-        self.demo_jpg = (tmp / "data" / "demo.jpg").read_bytes()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
-def process(tmp_path):
-    p = Process(tmp_path, "--max-wait-ms", "400")
-    try:
-        yield p
-    finally:
-        p.stop()
+def process(tmp_path) -> Iterator[LptServe]:
+    args = [*TEST_BACKBONE_ARGS, "--demo", "--shutdown-timeout", str(GRACE_S), "--log-level", "debug"]
+    args += ["--max-wait-ms", "400"]
+    env = {"LPT_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items())}
+    with LptServe(tmp_path / "serve.log", args, env, data_dir=tmp_path) as server:
+        yield server
+
+
+def demo_jpg(process: LptServe) -> bytes:
+    return (process.data_dir / "demo.jpg").read_bytes()
 
 
 def status_line_for_declared_body(port: int, path: str, declared: int) -> tuple[str, float]:
@@ -87,25 +54,21 @@ def status_line_for_declared_body(port: int, path: str, declared: int) -> tuple[
         return reply.split("\r\n", 1)[0], time.perf_counter() - started
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+def cache_hits(url: str) -> float:
+    return metric_value(httpx.get(f"{url}/metrics", timeout=5).text, "lpt_prompt_cache_hits_total")
 
 
 def wait_until_draining(url: str) -> None:
     """Until the signal has been handled: /readyz says draining, or the listening socket is closed."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def draining() -> bool:
         try:
             r = httpx.get(f"{url}/readyz", timeout=1.0)
         except httpx.TransportError:
-            return
-        if r.status_code == 503 and r.json()["detail"]["draining"]:
-            return
-        time.sleep(0.005)
-    pytest.fail("the service never started draining after SIGTERM")
+            return True
+        return r.status_code == 503 and r.json()["detail"]["draining"]
+
+    wait_until(draining, 10, "the service to start draining after SIGTERM", interval=0.005)
 
 
 def test_declared_huge_body_is_refused_before_it_is_sent(process):
@@ -113,35 +76,34 @@ def test_declared_huge_body_is_refused_before_it_is_sent(process):
         status, elapsed = status_line_for_declared_body(process.port, path, 10 * 1024**3)
         assert status.startswith("HTTP/1.1 413"), status
         assert elapsed < QUICK_S
-    r = httpx.post(f"{process.url}/v1/classify?task=demo", content=process.demo_jpg, headers=auth("alpha"), timeout=10)
+    r = httpx.post(f"{process.url}/v1/classify?task=demo", content=demo_jpg(process), headers=auth("alpha"), timeout=10)
     assert r.status_code == 200
 
 
 def test_sigterm_during_keyed_traffic(process):
     url = process.url
-    hits0 = metric(url, "lpt_prompt_cache_hits_total")
+    hits0 = cache_hits(url)
+    image = demo_jpg(process)
 
     def one(i: int) -> int:
         tenant = ("alpha", "beta")[i % 2]
         with httpx.Client(timeout=30) as c:
-            return c.post(f"{url}/v1/classify?task=demo", content=process.demo_jpg, headers=auth(tenant)).status_code
+            return c.post(f"{url}/v1/classify?task=demo", content=image, headers=auth(tenant)).status_code
 
     keep_alive = httpx.Client(timeout=5)
     assert keep_alive.get(f"{url}/healthz").status_code == 200  # a pooled connection, open before the signal
     n = 6
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(one, i) for i in range(n)]
-        deadline = time.monotonic() + 30
-        while metric(url, "lpt_prompt_cache_hits_total") < hits0 + n:  # all in the handler, waiting for a batch
-            assert time.monotonic() < deadline, process.output()
-            time.sleep(0.01)
+        # All in the handler, waiting for a batch.
+        wait_until(lambda: cache_hits(url) >= hits0 + n, 30, "the requests", interval=0.01, details=process.output)
         signalled = time.monotonic()
         process.proc.send_signal(signal.SIGTERM)
         wait_until_draining(url)
         # New work is refused: on the old keep-alive connection, and on a new one.
         for attempt in (keep_alive, httpx.Client(timeout=5)):
             try:
-                r = attempt.post(f"{url}/v1/classify?task=demo", content=process.demo_jpg, headers=auth("alpha"))
+                r = attempt.post(f"{url}/v1/classify?task=demo", content=image, headers=auth("alpha"))
                 assert r.status_code == 503, r.text
             except httpx.TransportError:
                 pass

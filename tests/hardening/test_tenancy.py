@@ -8,7 +8,9 @@ import logging
 
 import pytest
 
-from tests.service_harness import KEYS, auth, error_code, make_config, png_bytes, prompt_bytes, serve_in_thread
+from tests.support.images import png_bytes
+from tests.support.prompt_sets import prompt_bytes
+from tests.support.service_app import KEYS, auth, error_code, make_config, serve_in_thread
 
 ALPHA_ONLY = "alpha-only"
 SHARED = "shared-name"  # both tenants have a task with this id: each must see only its own

@@ -1,4 +1,4 @@
-"""Fixtures of the integration tests; the app harness is ``tests/service_harness.py``, the backbone fixture is
+"""Fixtures of the integration tests; the app harness is ``tests/support/service_app.py``, the backbone fixture is
 in ``tests/conftest.py``."""
 
 from __future__ import annotations

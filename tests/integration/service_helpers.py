@@ -1,4 +1,4 @@
-"""What only the service integration tests need on top of ``tests.service_harness``: single-task references,
+"""What only the service integration tests need on top of ``tests.support.service_app``: single-task references,
 HTTP shorthands, and instrumentation of the real store and engine (proxies over the real parts, not mocks)."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import torch
 from PIL import Image
+from service.state import ServiceState
 
 from lpt.backbone import Backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.prompt_set import PromptSet
 from prompts_store.base import PromptStore
 from service.images import to_rgb
-from service.state import ServiceState
-from tests.service_harness import auth
+from tests.support.service_app import auth
 
 SCORE_ATOL = 1e-5
 

@@ -22,18 +22,10 @@ from tests.integration.service_helpers import (
     reference_probs,
     upload,
 )
-from tests.service_harness import (
-    KEYS,
-    error_code,
-    image_bytes,
-    make_config,
-    metrics,
-    open_leases,
-    serve,
-    set_bytes,
-    state_of,
-    wait_until,
-)
+from tests.support.images import image_bytes
+from tests.support.prompt_sets import set_bytes
+from tests.support.service_app import KEYS, error_code, make_config, metrics, open_leases, serve, state_of
+from tests.support.waiting import wait_until_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -62,10 +54,10 @@ async def test_full_queue_answers_429_with_retry_after(backbone, tmp_path):
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(send, 0)  # taken by the worker, which then blocks inside the forward
-                    await wait_until(gate.entered.is_set, 10, "the worker to block in the forward")
+                    await wait_until_async(gate.entered.is_set, 10, "the worker to block in the forward")
                     tg.start_soon(send, 1)
                     tg.start_soon(send, 2)
-                    await wait_until(lambda: len(queue) == 2, 10, "two requests waiting in the queue")
+                    await wait_until_async(lambda: len(queue) == 2, 10, "two requests waiting in the queue")
 
                     full = await classify(c, "t", IMG)
                     assert full.status_code == 429, full.text
@@ -97,7 +89,7 @@ async def test_deadline_answers_504_and_the_service_recovers(backbone, tmp_path)
             with anyio.fail_after(30):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(send, 0)  # stuck in the blocked forward
-                    await wait_until(gate.entered.is_set, 10, "the worker to block in the forward")
+                    await wait_until_async(gate.entered.is_set, 10, "the worker to block in the forward")
                     tg.start_soon(send, 1)  # stuck in the queue behind it
         finally:
             gate.release.set()
@@ -109,7 +101,7 @@ async def test_deadline_answers_504_and_the_service_recovers(backbone, tmp_path)
         r = await classify(c, "t", IMG)
         assert r.status_code == 200, r.text
         assert_matches(r.json()["predictions"], reference_probs(backbone, ps, IMG))
-        await wait_until(lambda: len(state_of(app).queue) == 0, 10, "the queue to drain")
+        await wait_until_async(lambda: len(state_of(app).queue) == 0, 10, "the queue to drain")
         assert_no_leases(app)
         m = await metrics(c)
         assert m['lpt_requests_total{endpoint="/v1/classify",status="504"}'] == 2
@@ -215,7 +207,7 @@ async def test_identical_reuploads_under_classify_traffic_keep_the_cache_within_
                     tg.start_soon(reupload, task)
         assert {r.status_code for r in answers} == {200}, [(r.status_code, r.text) for r in answers if r.is_error]
         cache = state_of(app).cache
-        await wait_until(lambda: all(n == 0 for n in open_leases(state_of(app)).values()), 10, "every lease back")
+        await wait_until_async(lambda: all(n == 0 for n in open_leases(state_of(app)).values()), 10, "every lease back")
         assert cache.resident_bytes <= config.cache_bytes, (len(cache), cache.resident_bytes / one_set)
         for task, (ps, _data) in sets.items():  # every task still servable, with its own scores
             r = await classify(c, task, IMG)
@@ -277,12 +269,12 @@ async def test_one_tenant_flooding_does_not_starve_another(backbone, tmp_path):
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(send, "acme")
-                    await wait_until(gate.entered.is_set, 10, "the worker to block in the forward")
+                    await wait_until_async(gate.entered.is_set, 10, "the worker to block in the forward")
                     for _ in range(30):  # acme floods the queue ...
                         tg.start_soon(send, "acme")
-                    await wait_until(lambda: len(queue) == 30, 10, "acme's flood in the queue")
+                    await wait_until_async(lambda: len(queue) == 30, 10, "acme's flood in the queue")
                     tg.start_soon(send, "globex")  # ... then globex sends one request, behind all of them
-                    await wait_until(lambda: len(queue) == 31, 10, "globex's request in the queue")
+                    await wait_until_async(lambda: len(queue) == 31, 10, "globex's request in the queue")
                     gate.release.set()
         finally:
             gate.release.set()
@@ -311,10 +303,10 @@ async def test_shutdown_past_its_timeout_answers_queued_requests_503_and_finishe
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(send, 0)  # running (blocked in the forward) when shutdown starts
-                    await wait_until(gate.entered.is_set, 10, "the worker to block in the forward")
+                    await wait_until_async(gate.entered.is_set, 10, "the worker to block in the forward")
                     tg.start_soon(send, 1)
                     tg.start_soon(send, 2)
-                    await wait_until(lambda: len(state_of(app).queue) == 2, 10, "two queued requests")
+                    await wait_until_async(lambda: len(state_of(app).queue) == 2, 10, "two queued requests")
                     await lifespan.__aexit__(None, None, None)  # the worker cannot drain them in 0.3 s
                     gate.release.set()
     finally:

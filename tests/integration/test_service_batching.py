@@ -6,10 +6,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from lpt.init import init_prompt_set
-from lpt.prompt_set import decode, encode
 from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
-from tests.service_harness import image_bytes, make_config, metrics, serve, set_bytes, state_of
+from tests.support.images import image_bytes
+from tests.support.prompt_sets import set_bytes
+from tests.support.service_app import make_config, metrics, serve, state_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -80,12 +80,8 @@ async def test_sets_of_different_geometry_in_one_batch_each_match_single_task(ba
     specs = [(3, 2, 2, 3), (4, 0, 4, 3), (5, 3, 2, 2), (2, 1, 4, 3), (6, 2, 2, 3)]  # classes, pool, L, S
     sets, datas = {}, {}
     for i, (classes, pool, length, share) in enumerate(specs):
-        ps = init_prompt_set(
-            info, [f"k{j}" for j in range(classes)], prompt_length=length, pool_size=pool, share_blocks=share, seed=i
-        )
-        ps.shared_prompt = ps.shared_prompt * 20
-        datas[f"g{i}"] = encode(ps)
-        sets[f"g{i}"] = decode(datas[f"g{i}"])
+        spec = {"classes": classes, "pool": pool, "prompt_length": length, "share_blocks": share, "seed": i}
+        sets[f"g{i}"], datas[f"g{i}"] = set_bytes(info, **spec)
     config = make_config(tmp_path, max_batch_size=len(specs), max_wait_ms=3000.0, request_timeout=20.0)
     async with serve(config, backbone) as (app, c):
         for task, data in datas.items():

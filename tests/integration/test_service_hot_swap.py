@@ -10,7 +10,10 @@ import httpx
 import pytest
 
 from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
-from tests.service_harness import image_bytes, make_config, serve, set_bytes, wait_until
+from tests.support.images import image_bytes
+from tests.support.prompt_sets import set_bytes
+from tests.support.service_app import make_config, serve
+from tests.support.waiting import wait_until_async as wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

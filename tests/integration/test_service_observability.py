@@ -11,7 +11,10 @@ import pytest
 
 from service.app import ENDPOINTS
 from tests.integration.service_helpers import GatedInfer, classify, upload
-from tests.service_harness import image_bytes, make_config, metrics, serve, set_bytes, state_of, wait_until
+from tests.support.images import image_bytes
+from tests.support.prompt_sets import set_bytes
+from tests.support.service_app import make_config, metrics, serve, state_of
+from tests.support.waiting import wait_until_async
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -90,16 +93,16 @@ async def test_healthz_reports_a_stalled_worker(backbone, tmp_path):
             with anyio.fail_after(30):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(classify, c, "t", image_bytes(seed=1))
-                    await wait_until(gate.entered.is_set, 10, "the worker to block")
+                    await wait_until_async(gate.entered.is_set, 10, "the worker to block")
                     # The heartbeat stops while the forward hangs; /healthz turns 503 once it is older than 5 s.
                     worker = state_of(app).worker
-                    await wait_until(lambda: time.monotonic() - worker.heartbeat > 5.2, 10, "a 5 s old heartbeat")
+                    await wait_until_async(lambda: time.monotonic() - worker.heartbeat > 5.2, 10, "a 5 s old heartbeat")
                     r = await c.get("/healthz")
                     assert r.status_code == 503 and r.json()["status"] == "stalled", r.text
                     gate.release.set()
         finally:
             gate.release.set()
-        await wait_until(lambda: time.monotonic() - worker.heartbeat < 1.0, 10, "the worker to beat again")
+        await wait_until_async(lambda: time.monotonic() - worker.heartbeat < 1.0, 10, "the worker to beat again")
         assert (await c.get("/healthz")).status_code == 200
 
 

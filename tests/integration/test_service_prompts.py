@@ -8,7 +8,9 @@ import sqlite3
 import pytest
 
 from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
-from tests.service_harness import KEYS, auth, error_code, image_bytes, make_config, metrics, serve, set_bytes, state_of
+from tests.support.images import image_bytes
+from tests.support.prompt_sets import set_bytes
+from tests.support.service_app import KEYS, auth, error_code, make_config, metrics, serve, state_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 

@@ -10,7 +10,9 @@ import httpx
 import pytest
 
 from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
-from tests.service_harness import error_code, image_bytes, make_config, metrics, serve, set_bytes
+from tests.support.images import image_bytes
+from tests.support.prompt_sets import set_bytes
+from tests.support.service_app import error_code, make_config, metrics, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120), pytest.mark.redis]
 

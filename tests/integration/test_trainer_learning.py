@@ -90,7 +90,7 @@ def _raw_images(dataset) -> list[bytes]:
 def _serve_top1(backbone, data: bytes, images: list[bytes], tmp_path: Path) -> list[int]:
     import anyio
 
-    from tests.service_harness import make_config, serve
+    from tests.support.service_app import make_config, serve
 
     config = make_config(
         tmp_path, backbone="deit_tiny_patch16_224", backbone_weights=str(WEIGHTS), img_size=SIZE, max_batch_size=8

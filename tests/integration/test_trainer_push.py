@@ -15,7 +15,7 @@ from lpt.client import LptClient
 from lpt.prompt_set import sha256
 from service.app import create_app
 from service.settings import ServiceConfig
-from tests.redis_server import free_port
+from tests.support.ports import free_port
 from trainer import cli
 from trainer.data import synthetic_long_tailed, write_image_folder
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import subprocess
-import sys
 
 import pytest
 
 from service.auth import MIN_SECRET_CHARS, Authenticator, check_api_keys
 from service.errors import Unauthorized
-from tests.redis_server import free_port
+from tests.support.lpt_serve import TEST_BACKBONE_ARGS, run_lpt_serve
+from tests.support.ports import free_port
 
 # A published example secret: anyone can guess it, so it must never open a service.
 OLD_EXAMPLE = "change-me-to-a-long-random-secret"
@@ -60,13 +57,8 @@ def test_no_keys_is_single_tenant():
 
 def test_lpt_serve_refuses_to_start_with_the_example_key(tmp_path):
     """The real process: it exits non-zero, says which variable is wrong, and never prints the secret."""
-    exe = shutil.which("lpt-serve")
-    cmd = [exe] if exe else [sys.executable, "-m", "service.cli"]
-    cmd += ["--port", str(free_port()), "--backbone", "test_vit", "--backbone-weights", "random:0", "--img-size", "32"]
-    cmd += ["--data-dir", str(tmp_path)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LPT_")}
-    env["LPT_API_KEYS"] = f"acme:{OLD_EXAMPLE}"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    args = ["--port", str(free_port()), *TEST_BACKBONE_ARGS, "--data-dir", str(tmp_path)]
+    done = run_lpt_serve(*args, env={"LPT_API_KEYS": f"acme:{OLD_EXAMPLE}"})
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
     assert "LPT_API_KEYS" in output and "'acme'" in output and "placeholder" in output

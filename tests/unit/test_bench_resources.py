@@ -17,7 +17,7 @@ import service.engine
 from bench.__main__ import main as bench_main
 from bench.common import CheckFailed, make_set, resident
 from lpt.backbone import load_backbone
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 TINY_SCALING = [
     "--backbone", "test_vit", "--weights", "random:0", "--img-size", "32", "--batch", "12",

@@ -10,28 +10,16 @@ import torch.nn.functional as F
 
 from lpt.backbone import Backbone
 from lpt.forward import PromptBank, precompute_shared_kv, prompted_forward
-from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from lpt.reference import two_pass_batched, two_pass_reference
+from tests.support.prompt_sets import L, S, make_set
 
 ATOL = 1e-5  # float32, logits on the head_scale (20) scale
-L, S = 2, 3  # test_vit: depth 6, width 64
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def make_set(backbone: Backbone, classes: int, pool: int, top_k: int, seed: int, **kw) -> PromptSet:
-    names = [f"c{i}" for i in range(classes)]
-    kw = {"prompt_length": L, "share_blocks": S, **kw}
-    ps = init_prompt_set(backbone.info, names, pool_size=pool, top_k=top_k, seed=seed, **kw)
-    # VPT-init prompts are tiny next to the token norms; scale them up so a wrong prompt visibly moves the logits.
-    ps.shared_prompt = ps.shared_prompt * 20
-    if ps.group_prompts is not None:
-        ps.group_prompts = ps.group_prompts * 20
-    return ps
 
 
 # (classes, pool size, top_k): different class counts, pool sizes and top-k, some without a pool
@@ -40,7 +28,7 @@ MIXED = [(5, 4, 2), (2, 0, 1), (10, 6, 3), (3, 1, 1), (7, 0, 1), (4, 4, 4), (12,
 
 @pytest.fixture(scope="module")
 def mixed_sets(backbone: Backbone) -> list[PromptSet]:
-    return [make_set(backbone, c, p, k, seed=10 + i) for i, (c, p, k) in enumerate(MIXED)]
+    return [make_set(backbone.info, classes=c, pool=p, top_k=k, seed=10 + i) for i, (c, p, k) in enumerate(MIXED)]
 
 
 def run(backbone: Backbone, images: torch.Tensor, bank: PromptBank, slots: list[int] | None = None):
@@ -50,7 +38,7 @@ def run(backbone: Backbone, images: torch.Tensor, bank: PromptBank, slots: list[
 
 
 def test_single_task_matches_two_pass_reference(backbone: Backbone, images: torch.Tensor) -> None:
-    ps = make_set(backbone, classes=5, pool=4, top_k=2, seed=1)
+    ps = make_set(backbone.info, classes=5, pool=4, top_k=2, seed=1)
     out = run(backbone, images, PromptBank.stack([ps]))
     with torch.inference_mode():
         ref = two_pass_reference(backbone.model, images, ps)
@@ -64,7 +52,7 @@ def test_single_task_matches_two_pass_reference(backbone: Backbone, images: torc
 
 
 def test_selection_and_key_sim_follow_the_published_matching(backbone: Backbone, images: torch.Tensor) -> None:
-    ps = make_set(backbone, classes=3, pool=6, top_k=3, seed=2)
+    ps = make_set(backbone.info, classes=3, pool=6, top_k=3, seed=2)
     out = run(backbone, images, PromptBank.stack([ps]))
     sim = F.cosine_similarity(out.query[:, None], ps.group_keys[None], dim=-1)  # [B, P]
     top = sim.topk(3, dim=1)
@@ -73,7 +61,7 @@ def test_selection_and_key_sim_follow_the_published_matching(backbone: Backbone,
 
 
 def test_from_tensors_single_slot_equals_stack(backbone: Backbone, images: torch.Tensor) -> None:
-    ps = make_set(backbone, classes=4, pool=3, top_k=2, seed=3)
+    ps = make_set(backbone.info, classes=4, pool=3, top_k=2, seed=3)
     bank = PromptBank.from_tensors(ps.shared_prompt, ps.head_weight, S, ps.group_prompts, ps.group_keys, top_k=2)
     torch.testing.assert_close(
         run(backbone, images, bank).logits, run(backbone, images, PromptBank.stack([ps])).logits, atol=ATOL, rtol=0
@@ -115,7 +103,7 @@ def test_mixed_row_equals_row_run_alone(backbone: Backbone, images: torch.Tensor
 
 
 def test_shared_prompt_only_sets(backbone: Backbone, images: torch.Tensor) -> None:
-    sets = [make_set(backbone, classes=c, pool=0, top_k=1, seed=20 + c) for c in (2, 5, 3)]
+    sets = [make_set(backbone.info, classes=c, pool=0, top_k=1, seed=20 + c) for c in (2, 5, 3)]
     slots = [i % 3 for i in range(len(images))]
     out = run(backbone, images, PromptBank.stack(sets), slots)
     assert out.selected.shape == (len(images), 0)
@@ -142,8 +130,8 @@ def _count_block_runs(backbone: Backbone, images: torch.Tensor, bank: PromptBank
 def test_prefix_blocks_run_once_and_pool_free_sets_take_one_pass(backbone: Backbone, images: torch.Tensor) -> None:
     depth = len(backbone.model.blocks)
     real_tokens = backbone.info.num_patches + backbone.info.num_prefix_tokens
-    pooled = make_set(backbone, classes=3, pool=4, top_k=2, seed=4)
-    plain = make_set(backbone, classes=3, pool=0, top_k=1, seed=4)
+    pooled = make_set(backbone.info, classes=3, pool=4, top_k=2, seed=4)
+    plain = make_set(backbone.info, classes=3, pool=0, top_k=1, seed=4)
     # prompts enter as keys/values only: the MLPs see the real tokens and nothing else, and each pass's last block
     # the class token alone (the only token the pooling reads)
     pooled_runs = _count_block_runs(backbone, images, PromptBank.stack([pooled]))
@@ -175,7 +163,7 @@ def test_inference_mode_equals_no_grad(backbone: Backbone, images: torch.Tensor,
 
 
 def test_gradients_reach_every_trainable_part_and_not_the_backbone(backbone: Backbone, images: torch.Tensor) -> None:
-    ps = make_set(backbone, classes=4, pool=5, top_k=2, seed=5)
+    ps = make_set(backbone.info, classes=4, pool=5, top_k=2, seed=5)
     shared, pool, keys, head = (
         t.clone().requires_grad_() for t in (ps.shared_prompt, ps.group_prompts, ps.group_keys, ps.head_weight)
     )
@@ -194,7 +182,7 @@ def test_gradients_reach_every_trainable_part_and_not_the_backbone(backbone: Bac
 
 
 def test_trainer_gradients_equal_on_keys_values_and_append_paths(backbone: Backbone, images: torch.Tensor) -> None:
-    ps = make_set(backbone, classes=4, pool=5, top_k=2, seed=9)
+    ps = make_set(backbone.info, classes=4, pool=5, top_k=2, seed=9)
     labels = torch.arange(len(images)) % 4
     grads = []
     for append in (False, True):
@@ -228,9 +216,9 @@ def test_bf16_autocast_on_cpu_stays_close_to_float32(
 
 
 def test_stack_rejects_mixed_geometries(backbone: Backbone) -> None:
-    base = make_set(backbone, classes=3, pool=2, top_k=1, seed=6)
-    other_length = make_set(backbone, classes=3, pool=2, top_k=1, seed=6, prompt_length=L + 1)
-    other_share = make_set(backbone, classes=3, pool=2, top_k=1, seed=6, share_blocks=S + 1)
+    base = make_set(backbone.info, classes=3, pool=2, top_k=1, seed=6)
+    other_length = make_set(backbone.info, classes=3, pool=2, top_k=1, seed=6, prompt_length=L + 1)
+    other_share = make_set(backbone.info, classes=3, pool=2, top_k=1, seed=6, share_blocks=S + 1)
     for other in (other_length, other_share):
         with pytest.raises(ValueError, match="geometry"):
             PromptBank.stack([base, other])

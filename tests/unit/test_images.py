@@ -14,7 +14,7 @@ from PIL import Image
 
 from lpt.backbone import load_backbone
 from lpt.images import REDUCE_GAP, EvalTransform, apply_exif_orientation, decode_side, load_image, resize_side
-from tests.photos import ORIENTATION, STORED_AS, encode, photo, sideways
+from tests.support.photos import ORIENTATION, STORED_AS, encode, photo, sideways
 from trainer.data import image_folder, load_dataset, train_transform
 
 

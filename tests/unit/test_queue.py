@@ -10,7 +10,7 @@ import torch
 
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
 from service.queue import FairQueue, WorkItem, collect_batch
-from tests.resident_sets import tiny_lease
+from tests.support.resident import tiny_lease
 
 NAMES: dict[int, str] = {}  # id(image) -> the name a test gave it
 

@@ -6,7 +6,7 @@ import torch
 
 from service.metrics import ServiceMetrics
 from service.resident import ResidentTable, SetKey
-from tests.resident_sets import SET_BYTES, tiny_entry
+from tests.support.resident import SET_BYTES, tiny_entry
 
 
 def table(sets: float) -> ResidentTable:

@@ -26,6 +26,7 @@ def tiny_set(seed: int = 0) -> PromptSet:
 
 
 def tiny_entry(task: str = "t", version: int = 1, tenant: str = "acme") -> ResidentSet:
+    """A resident entry of ``tiny_set(version)`` on the CPU in float32."""
     info = StoredVersion(tenant, task, version, "0" * 64, SET_BYTES, 0.0)
     return make_resident(info, tiny_set(version), "cpu", torch.float32)
 

@@ -1,36 +1,33 @@
-"""The one app harness of the service tests (integration and hardening): the real app with its lifespan, its
-configuration, API keys, prompt sets, images, error and metrics readers.
+"""The real app in-process, for the service tests (integration and hardening): its configuration, API keys, its
+lifespan driven two ways, and readers of its answers.
 
-Two ways to drive the same app: ``serve`` (async, for ``pytest.mark.anyio`` tests) yields ``(app, client)``;
-``serve_in_thread`` (sync tests) runs the lifespan on an event loop in a background thread (an anyio blocking
-portal) and yields a ``Served`` with sync request helpers, so one app can be shared by a whole module.
+``serve`` (async, for ``pytest.mark.anyio`` tests) yields ``(app, client)``; ``serve_in_thread`` (sync tests) runs
+the lifespan on an event loop in a background thread (an anyio blocking portal) and yields a ``Served`` with sync
+request helpers, so one app can be shared by a whole module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
-import numpy as np
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from fastapi import FastAPI
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from lpt.backbone import Backbone, BackboneInfo
-from lpt.init import init_prompt_set
-from lpt.prompt_set import PromptSet, decode, encode
+from lpt.backbone import Backbone
 from prompts_store.base import PromptStore
 from service.app import create_app
 from service.settings import ServiceConfig
-from service.state import ServiceState
+from tests.support.metrics import parse_metrics
+
+if TYPE_CHECKING:  # the annotation only: the service object is reached through the app
+    from service.application import Service
 
 KEYS = {
     "acme": "acme-secret-0123456789",
@@ -38,10 +35,10 @@ KEYS = {
     "alpha": "alpha-secret-0123456789",
     "beta": "beta-secret-9876543210",
 }
-L, S = 2, 3  # test_vit at 32 px: depth 6, width 64; every set shares this geometry (one forward per batch)
 
 
 def auth(tenant: str) -> dict[str, str]:
+    """The Authorization header of ``tenant``'s key in ``KEYS``."""
     return {"Authorization": f"Bearer {KEYS[tenant]}"}
 
 
@@ -62,7 +59,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> ServiceConfig:
     return replace(base, **overrides)
 
 
-def state_of(app: FastAPI) -> ServiceState:
+def state_of(app: FastAPI) -> Service:
     return app.state.lpt
 
 
@@ -94,7 +91,7 @@ class Served:
         self.client = client
 
     @property
-    def state(self) -> ServiceState:
+    def state(self) -> Service:
         return self.app.state.lpt
 
     def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
@@ -139,60 +136,6 @@ def serve_in_thread(config: ServiceConfig, backbone: Backbone, store: PromptStor
             portal.call(client.aclose)
 
 
-# -- prompt sets and images ----------------------------------------------------------------------------------------
-def make_set(
-    info: BackboneInfo, classes: int = 4, pool: int = 3, seed: int = 0, top_k: int = 2, scale: float = 20.0
-) -> PromptSet:
-    """A set of the common geometry; prompts scaled up (``scale``) so a wrong prompt visibly moves the scores."""
-    ps = init_prompt_set(
-        info, [f"c{i}" for i in range(classes)], prompt_length=L, pool_size=pool, share_blocks=S, top_k=top_k, seed=seed
-    )
-    ps.shared_prompt = ps.shared_prompt * scale
-    if ps.group_prompts is not None:
-        ps.group_prompts = ps.group_prompts * scale
-    return ps
-
-
-def prompt_bytes(info: BackboneInfo, **kw: Any) -> bytes:
-    """The encoded bytes of ``make_set(info, **kw)``."""
-    return encode(make_set(info, **kw))
-
-
-def set_bytes(info: BackboneInfo, **kw: Any) -> tuple[PromptSet, bytes]:
-    """The encoded set and its decoded twin (what the service runs), for references."""
-    data = prompt_bytes(info, **kw)
-    return decode(data), data
-
-
-def image_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
-    """A PNG of random pixels (distinct images give distinct scores)."""
-    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def png_bytes(size: tuple[int, int] = (48, 40), mode: str = "RGB", color: Any = None, **save: Any) -> bytes:
-    """A PNG of one colour in any mode."""
-    img = Image.new(mode, size, color if color is not None else _default_color(mode))
-    buf = io.BytesIO()
-    img.save(buf, "PNG", **save)
-    return buf.getvalue()
-
-
-def jpeg_bytes(size: tuple[int, int] = (48, 40), mode: str = "RGB") -> bytes:
-    img = Image.new(mode, size, _default_color(mode))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-def _default_color(mode: str) -> Any:
-    return {"RGB": (120, 30, 200), "RGBA": (120, 30, 200, 128), "L": 90, "LA": (90, 128), "CMYK": (10, 20, 30, 0)}.get(
-        mode, 1
-    )
-
-
 # -- reading answers -----------------------------------------------------------------------------------------------
 def error_code(response: httpx.Response) -> str:
     """The code of an error answer, checking its shape (``{"error": {"code", "message"[, "field"]}}``)."""
@@ -203,16 +146,6 @@ def error_code(response: httpx.Response) -> str:
     return body["error"]["code"]
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Every sample of a Prometheus text page, keyed by ``name{label="v",...}`` (labels sorted), plus plain names."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
 async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
     """``parse_metrics`` of the app's /metrics."""
     r = await client.get("/metrics")
@@ -220,16 +153,7 @@ async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
     return parse_metrics(r.text)
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> None:
-    """Poll a sync predicate (on the event loop) until true or ``timeout`` seconds pass."""
-    with anyio.move_on_after(timeout):
-        while not predicate():
-            await anyio.sleep(interval)
-        return
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def open_leases(state: ServiceState) -> dict[tuple, int]:
+def open_leases(state: Service) -> dict[tuple, int]:
     """Open leases per resident set: all zero once every request has settled."""
     table = state.cache.table
     return {tuple(key): table.leases_of(key) for key in table.in_lru_order()}
