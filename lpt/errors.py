@@ -43,10 +43,28 @@ class BackboneError(LptError):
     code = "backbone_error"
 
 
-class InvalidTaskId(LptError):
-    """A task id does not match ``^[a-z0-9][a-z0-9._-]{0,63}$``."""
+class InvalidId(LptError):
+    """An identifier the caller chose is malformed: a task or tenant id, or a version number."""
+
+    code = "invalid_id"
+
+
+class InvalidTaskId(InvalidId):
+    """A task id does not match ``lpt.ids.ID_PATTERN``."""
 
     code = "invalid_task_id"
+
+
+class InvalidTenantId(InvalidId):
+    """A tenant id does not match ``lpt.ids.ID_PATTERN``."""
+
+    code = "invalid_tenant_id"
+
+
+class InvalidVersion(InvalidId):
+    """A version is not a positive integer."""
+
+    code = "invalid_version"
 
 
 class NotFound(LptError):

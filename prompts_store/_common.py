@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from lpt.errors import InvalidTaskId, StoreCorrupt, TooLarge
+from lpt.errors import InvalidVersion, StoreCorrupt, TooLarge
 from lpt.ids import check_task_id, check_tenant_id
 from prompts_store.base import ChangeEvent, StoredVersion, TaskState
 
@@ -54,7 +54,7 @@ def check_ids(tenant: str, task: str) -> None:
 def check_version(version: object) -> int:
     """Versions are positive ints; bools are rejected although they are ints."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InvalidTaskId("invalid_version", f"version must be a positive integer, got {version!r}", "version")
+        raise InvalidVersion(message=f"version must be a positive integer, got {version!r}", field="version")
     return version
 
 

@@ -111,7 +111,7 @@ class Subscription(Protocol):
 
 @runtime_checkable
 class PromptStore(Protocol):
-    """What the service and the CLI need from a store. Raises NotFound, TooLarge, InvalidTaskId, StoreUnavailable."""
+    """What the service and the CLI need from a store. Raises NotFound, TooLarge, InvalidId, StoreUnavailable."""
 
     max_bytes: int
 

@@ -44,7 +44,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from lpt.errors import InvalidTaskId, NotFound, StoreUnavailable
+from lpt.errors import InvalidId, NotFound, StoreUnavailable
 from lpt.ids import check_task_id, check_tenant_id
 from prompts_store._common import (
     Snapshot,
@@ -529,7 +529,7 @@ def _parse_message(data: bytes | str) -> ChangeEvent | None:
         )
         if _well_formed(state):
             return state
-    except (ValueError, KeyError, TypeError, InvalidTaskId):
+    except (ValueError, KeyError, TypeError, InvalidId):
         pass
     log.warning("ignoring malformed prompt store change message: %r", data)
     return None

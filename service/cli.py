@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 
 import lpt
 from lpt.host_memory import retain_freed_memory
+from service.images import guard_pillow_pixels
 from service.settings import ServiceConfig, ServiceSettings, env_name
 
 log = logging.getLogger("service.cli")  # not __name__: it is "__main__" under python -m
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     config = settings.freeze()
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config.check_exposure()
+    guard_pillow_pixels(config.max_image_pixels)  # process-wide, like the allocator below
     if retain_freed_memory(config.host_memory_retain_bytes):  # process-wide: before the backbone is loaded
         log.debug("host allocator keeps up to %d freed bytes per heap", config.host_memory_retain_bytes)
     sock = bind(config.host, config.port)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lpt.errors import InvalidTaskId, LptError, NotFound, PromptSetInvalid, StoreCorrupt, StoreUnavailable, TooLarge
+from lpt.errors import InvalidId, LptError, NotFound, PromptSetInvalid, StoreCorrupt, StoreUnavailable, TooLarge
 
 
 class ServiceError(LptError):
@@ -111,7 +111,7 @@ class DeadlineExceeded(ServiceError):
 CORE_STATUS: dict[type[LptError], int] = {
     NotFound: 404,
     TooLarge: 413,
-    InvalidTaskId: 422,
+    InvalidId: 422,
     PromptSetInvalid: 422,
     StoreCorrupt: 500,  # a damaged blob stays damaged: a server error, not a retryable 503
     StoreUnavailable: 503,

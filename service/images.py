@@ -33,6 +33,7 @@ __all__ = [
     "DecodePool",
     "ImageDecoder",
     "check_content_type",
+    "guard_pillow_pixels",
     "to_rgb",
 ]
 log = logging.getLogger(__name__)
@@ -52,6 +53,14 @@ ALLOWED_CONTENT_TYPES = {
 }
 MAX_ASPECT = 32
 _ZIP_MARKERS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def guard_pillow_pixels(max_pixels: int) -> None:
+    """Pillow's own image-bomb guard as a second line behind ``ImageDecoder``'s header check: past ``max_pixels``
+    it raises instead of warning. Process-wide (Pillow keeps one limit, and ``warnings.catch_warnings`` per decode
+    would swap the global filter list unsafely across threads), so the process edge calls it once."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -78,10 +87,6 @@ class ImageDecoder:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.min_side = decode_side(transform)
-        # Pillow's own bomb guard as a second line: past this it raises instead of warning. The filter is set once,
-        # process-wide: warnings.catch_warnings() per decode swaps the global filter list unsafely across threads.
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(self.decode(data))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lpt.errors import InvalidTaskId, NotFound, StoreUnavailable, TooLarge
+from lpt.errors import InvalidId, InvalidVersion, NotFound, StoreUnavailable, TooLarge
 from prompts_store import ChangeEvent, PromptStore, TaskState, open_store
 from prompts_store.cli import main as lpt_main
 from prompts_store.redis_store import RedisPromptStore
@@ -264,10 +264,10 @@ def test_invalid_ids_are_rejected_before_any_write(store, bad):
         lambda: store.state(bad, "ok"),
     ]
     for call in calls:
-        with pytest.raises(InvalidTaskId):
+        with pytest.raises(InvalidId):
             call()
     for version in (0, -1, True):
-        with pytest.raises(InvalidTaskId):
+        with pytest.raises(InvalidVersion):
             store.get("acme", "ok", version)
     assert live(store.snapshot()) == {("acme", "ok"): 1} and store.list_tenants() == ["acme"]
 
