@@ -18,12 +18,13 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.engine_report import cpu_model
+from bench.common import config_parser, cpu_model, option, parse_config
 from bench.real_data import CIFAR_ZIP, DEIT_TINY, DEIT_WEIGHTS, missing
 from lpt.backbone import load_backbone
 from trainer.config import DistContext, TrainConfig
@@ -34,42 +35,52 @@ from trainer.probe import extract_features, fit_linear_probe, fit_logit_adjusted
 from trainer.prompt_init import HEAD_INITS, PROMPT_INITS
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class AccuracyConfig:
+    """The ablation's data, trainer settings and machine; trainer settings default to ``TrainConfig``'s own."""
+
+    zip: str = option(str(CIFAR_ZIP), help="CIFAR-10 as JPEGs (train/ and test/)")
+    weights: str = option(str(DEIT_WEIGHTS), help="DeiT-Tiny weights")
+    img_size: int = option(224, help="backbone input size (224: the model's own)")
+    n_max: int = option(500, help="training images of the largest class")
+    imbalance_ratio: float = option(100.0, help="largest / smallest class")
+    split_seed: int | None = option(
+        None, help="another long-tailed split: seeded class order (head vs tail) and a seeded choice of images"
+    )
+    val_max_per_class: int | None = option(None, help="evaluate on this many test images per class (default all)")
+    epochs1: int = option(5)
+    epochs2: int = option(5)
+    batch_size: int = option(64)
+    lr: float | None = option(None, help="the trainer's default unless given")
+    prompt_length: int = option(TrainConfig.prompt_length)
+    pool_size: int = option(TrainConfig.pool_size)
+    top_k: int = option(TrainConfig.top_k)
+    share_blocks: int = option(TrainConfig.share_blocks)
+    min_crop_scale: float = option(TrainConfig.min_crop_scale)
+    prompt_init: str = option(TrainConfig.prompt_init, choices=PROMPT_INITS)
+    head_init: str = option(TrainConfig.head_init, choices=HEAD_INITS)
+    head_dropout: float = option(TrainConfig.head_dropout)
+    device: str = option(default_factory=default_device)
+    workers: int = option(0)
+    seed: int = option(0)
+    la_scales: tuple[float, ...] | None = option(
+        None, help="probes only: the logit-adjusted probe at each of these comma-separated scales (how s was chosen)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m bench accuracy", description=__doc__.split("\n\n")[0])
-    p.add_argument("--zip", default=str(CIFAR_ZIP), help="CIFAR-10 as JPEGs (train/ and test/)")
-    p.add_argument("--weights", default=str(DEIT_WEIGHTS), help="DeiT-Tiny weights")
-    p.add_argument("--img-size", type=int, default=224, help="backbone input size (224: the model's own)")
-    p.add_argument("--n-max", type=int, default=500)
-    p.add_argument("--imbalance-ratio", type=float, default=100.0)
-    p.add_argument(
-        "--split-seed",
-        type=int,
-        help="another long-tailed split: seeded class order (head vs tail) and a seeded choice of images",
-    )
-    p.add_argument("--val-max-per-class", type=int, help="evaluate on this many test images per class (default all)")
-    p.add_argument("--epochs1", type=int, default=5)
-    p.add_argument("--epochs2", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="the trainer's default unless given")
-    p.add_argument("--prompt-length", type=int, default=d.prompt_length)
-    p.add_argument("--pool-size", type=int, default=d.pool_size)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--share-blocks", type=int, default=d.share_blocks)
-    p.add_argument("--min-crop-scale", type=float, default=d.min_crop_scale)
-    p.add_argument("--prompt-init", choices=PROMPT_INITS, default=d.prompt_init)
-    p.add_argument("--head-init", choices=HEAD_INITS, default=d.head_init)
-    p.add_argument("--head-dropout", type=float, default=d.head_dropout)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--la-scales",
-        help="probes only: the logit-adjusted probe at each of these comma-separated scales (how s was chosen)",
-    )
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--markdown", help="write a Markdown page with the table, machine, date and command")
-    return p
+    parser = config_parser(AccuracyConfig, "python -m bench accuracy", __doc__)
+    parser.add_argument("--markdown", type=Path, help="write a Markdown page with the table, machine, date and command")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[AccuracyConfig, argparse.Namespace]:
+    """Command-line options -> (config, namespace with ``json`` and ``markdown``)."""
+    return parse_config(build_parser(), AccuracyConfig, argv)
 
 
 def machine() -> str:
@@ -95,51 +106,51 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if reason := missing(Path(args.zip), Path(args.weights)):
+def run(cfg: AccuracyConfig) -> dict[str, Any]:
+    if reason := missing(Path(cfg.zip), Path(cfg.weights)):
         raise SystemExit(f"bench accuracy: {reason}")
-    torch.manual_seed(args.seed)
-    backbone = load_backbone(DEIT_TINY, args.weights, img_size=args.img_size)
+    torch.manual_seed(cfg.seed)
+    backbone = load_backbone(DEIT_TINY, cfg.weights, img_size=cfg.img_size)
     train = long_tailed_subset(
-        load_dataset(f"{args.zip}/train", "train"), args.imbalance_ratio, args.n_max, seed=args.split_seed
+        load_dataset(f"{cfg.zip}/train", "train"), cfg.imbalance_ratio, cfg.n_max, seed=cfg.split_seed
     )
-    val = load_dataset(f"{args.zip}/test", "val")
-    if args.val_max_per_class:
-        val = per_class_subset(val, args.val_max_per_class)
+    val = load_dataset(f"{cfg.zip}/test", "val")
+    if cfg.val_max_per_class:
+        val = per_class_subset(val, cfg.val_max_per_class)
     val = val.with_classes(train.class_names)
     counts, names, num_classes = train.class_counts(), train.class_names, len(train.class_names)
     print(f"train {len(train)} images {counts}; test {len(val)} images", file=sys.stderr)
 
     t0 = time.perf_counter()
-    feats, targets = extract_features(backbone, train, args.device)
+    feats, targets = extract_features(backbone, train, cfg.device)
     probe = fit_linear_probe(feats, targets, num_classes)
     la_probe = fit_logit_adjusted_probe(feats, targets, num_classes)
-    val_feats, val_targets = extract_features(backbone, val, args.device)
+    val_feats, val_targets = extract_features(backbone, val, cfg.device)
     probe_report = accuracy_report(probe_counts(probe, val_feats, val_targets, num_classes), counts, names)
     la_report = accuracy_report(probe_counts(la_probe, val_feats, val_targets, num_classes), counts, names)
     probe_s = time.perf_counter() - t0
-    if args.la_scales:
-        return {"la_scales": _la_scales(args.la_scales, feats, targets, val_feats, val_targets, counts, names)}
+    if cfg.la_scales:
+        return {"la_scales": _la_scales(cfg.la_scales, feats, targets, val_feats, val_targets, counts, names)}
 
-    cfg = TrainConfig(
-        epochs1=args.epochs1,
-        epochs2=args.epochs2,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        prompt_length=args.prompt_length,
-        pool_size=args.pool_size,
-        top_k=args.top_k,
-        share_blocks=args.share_blocks,
-        min_crop_scale=args.min_crop_scale,
-        prompt_init=args.prompt_init,
-        head_init=args.head_init,
-        head_dropout=args.head_dropout,
-        seed=args.seed,
-        workers=args.workers,
+    train_cfg = TrainConfig(
+        epochs1=cfg.epochs1,
+        epochs2=cfg.epochs2,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        prompt_length=cfg.prompt_length,
+        pool_size=cfg.pool_size,
+        top_k=cfg.top_k,
+        share_blocks=cfg.share_blocks,
+        min_crop_scale=cfg.min_crop_scale,
+        prompt_init=cfg.prompt_init,
+        head_init=cfg.head_init,
+        head_dropout=cfg.head_dropout,
+        seed=cfg.seed,
+        workers=cfg.workers,
         progress=False,
     )
     t0 = time.perf_counter()
-    trainer = Trainer(backbone, train, val, cfg, DistContext(device=torch.device(args.device)), log=_log)
+    trainer = Trainer(backbone, train, val, train_cfg, DistContext(device=torch.device(cfg.device)), log=_log)
     result = trainer.fit()
     train_s = time.perf_counter() - t0
     phase1_params = result.phase1_prompt_set.num_params
@@ -158,10 +169,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": rows,
         "table": table(rows),
-        "settings": vars(args),
+        "settings": asdict(cfg),
         "train_counts": counts,
         "test_images": len(val),
-        "lr": cfg.base_lr,
+        "lr": train_cfg.base_lr,
         "seconds": {"probe": round(probe_s, 1), "train_and_eval": round(train_s, 1)},
         "phase2": result.report.get("phase2"),
         "warnings": result.report.get("warnings", []),
@@ -170,9 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _la_scales(spec: str, feats, targets, val_feats, val_targets, counts, names) -> dict[str, Any]:
+def _la_scales(scales: tuple[float, ...], feats, targets, val_feats, val_targets, counts, names) -> dict[str, Any]:
     rows = {}
-    for scale in (float(v) for v in spec.split(",")):
+    for scale in scales:
         probe = fit_logit_adjusted_probe(feats, targets, len(names), scale=scale)
         rows[f"{scale:g}"] = summary(
             accuracy_report(probe_counts(probe, val_feats, val_targets, len(names)), counts, names)
@@ -231,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: options (see ``--help``).
     """
-    args = build_parser().parse_args(argv)
-    result = run(args)
+    cfg, args = parse_args(argv)
+    result = run(cfg)
     if "la_scales" in result:
         for scale, r in result["la_scales"].items():
             print(
@@ -241,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(result["table"])
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
     if args.markdown:
         command = "python -m bench accuracy " + shlex.join(argv if argv is not None else sys.argv[2:])
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown(result, command))
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(result, command))
     return 0

@@ -16,57 +16,80 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+import torch
+
+from bench.common import REPO, config_parser, default_weights, option, parse_config, to_argv
+from bench.engine import CLOCKS, EngineConfig, make_registry, precompute_kvs, without_pool
+from lpt.backbone import load_backbone
+from lpt.forward import PromptBank, prompted_forward
+from lpt.host_memory import RETAIN_BYTES, retain_freed_memory
+
 SIDES = {"retained": None, "glibc": 0}  # side -> retain bytes (None: lpt.host_memory's default)
 VARIANTS = ("plain", "lpt", "deep_vpt")
 
 
-def worker(args: argparse.Namespace) -> dict[str, float]:
-    """In a fresh process: apply (or not) the setting, then time every variant; median ms per call."""
-    from lpt.host_memory import RETAIN_BYTES, retain_freed_memory
+@dataclass
+class AllocatorConfig:
+    """Defaults: DeiT-Tiny, batch 16, one torch thread timed by process CPU time, five rounds."""
 
-    retained = retain_freed_memory(RETAIN_BYTES if args.retain is None else args.retain)
-    import torch
+    backbone: str = option("deit_tiny_patch16_224")
+    weights: str | None = option(None, help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file)")
+    batch: int = option(16)
+    threads: int = option(1, help="torch threads per worker")
+    clock: str = option("cpu", choices=sorted(CLOCKS))
+    rounds: int = option(5, help="pairs of worker processes")
+    calls: int = option(10, help="timed calls per variant and worker")
+    warmup: int = option(2)
 
-    from bench.engine import CLOCKS, EngineConfig, default_weights, make_registry, precompute_kvs, without_pool
-    from lpt.backbone import load_backbone
-    from lpt.forward import PromptBank, prompted_forward
+    def __post_init__(self) -> None:
+        if min(self.batch, self.threads, self.rounds, self.calls) < 1 or self.warmup < 0:
+            raise ValueError("--batch, --threads, --rounds and --calls must be >= 1, --warmup >= 0")
 
-    torch.set_num_threads(args.threads)
-    backbone = load_backbone(args.backbone, weights=args.weights or default_weights(args.backbone))
+
+def worker(cfg: AllocatorConfig, retain: int | None) -> dict[str, float]:
+    """In a fresh process: apply (or not) the setting, then time every variant; median ms per call.
+
+    Args:
+        cfg: what to time.
+        retain: bytes to retain (None: ``lpt.host_memory``'s default; 0: glibc's defaults).
+    """
+    # Before the backbone's and the forwards' allocations, as lpt-serve applies it.
+    retained = retain_freed_memory(RETAIN_BYTES if retain is None else retain)
+    torch.set_num_threads(cfg.threads)
+    backbone = load_backbone(cfg.backbone, weights=cfg.weights or default_weights(cfg.backbone))
     model = backbone.model
-    single, _ = make_registry(backbone, EngineConfig(backbone=args.backbone, tasks=1))
+    single, _ = make_registry(backbone, EngineConfig(backbone=cfg.backbone, tasks=1))
     vpt = without_pool(single)
     kvs = precompute_kvs(model, [single, vpt])
     banks = {name: PromptBank.stack([ps], shared_kv=[kvs[id(ps)]]) for name, ps in (("lpt", single), ("deep_vpt", vpt))}
-    images = torch.randn(args.batch, *backbone.info.input_size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(cfg.batch, *backbone.info.input_size, generator=torch.Generator().manual_seed(0))
     fns = {
         "plain": lambda: model.forward_head(model.forward_features(images), pre_logits=True),
         "lpt": lambda: prompted_forward(model, images, banks["lpt"]),
         "deep_vpt": lambda: prompted_forward(model, images, banks["deep_vpt"]),
     }
-    clock = CLOCKS[args.clock]
+    clock = CLOCKS[cfg.clock]
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        for i in range(args.calls + args.warmup):
+        for i in range(cfg.calls + cfg.warmup):
             for name, fn in fns.items():  # interleaved, so a slow phase of the machine hits all variants
                 start = clock()
                 fn()
-                if i >= args.warmup:
+                if i >= cfg.warmup:
                     times[name].append((clock() - start) * 1000)
     return {"retained": float(retained), **{name: statistics.median(t) for name, t in times.items()}}
 
 
-def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
+def run(cfg: AllocatorConfig, log=print) -> dict[str, Any]:
     rounds: list[dict[str, dict[str, float]]] = []
-    for r in range(args.rounds):
+    for r in range(cfg.rounds):
         order = list(SIDES) if r % 2 == 0 else list(reversed(SIDES))
         result = {}
         for side in order:
-            cmd = [sys.executable, "-m", "bench", "allocator", "--worker", *_shared_flags(args)]
+            cmd = [sys.executable, "-m", "bench", "allocator", "--worker", *to_argv(cfg)]
             if SIDES[side] is not None:
                 cmd += ["--retain", str(SIDES[side])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO).stdout
@@ -81,7 +104,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     }
     return {
         "benchmark": "allocator",
-        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "retain", "json")},
+        "config": asdict(cfg),
         "applied": {side: bool(rounds[0][side]["retained"]) for side in SIDES},
         "rounds": rounds,
         "median_ms": summary,
@@ -93,12 +116,6 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
 def _fmt(row: dict[str, float]) -> str:
     return ", ".join(f"{v} {row[v]:.0f} ms" for v in VARIANTS)
-
-
-def _shared_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--backbone", args.backbone, "--batch", str(args.batch), "--threads", str(args.threads)]
-    flags += ["--calls", str(args.calls), "--warmup", str(args.warmup), "--clock", args.clock]
-    return flags + (["--weights", args.weights] if args.weights else [])
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -118,31 +135,20 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench allocator", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="deit_tiny_patch16_224")
-    p.add_argument("--weights", default=None, help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
-    p.add_argument("--rounds", type=int, default=5, help="pairs of worker processes")
-    p.add_argument("--calls", type=int, default=10, help="timed calls per variant and worker")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--retain", type=int, default=None, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if min(a.batch, a.threads, a.rounds, a.calls) < 1 or a.warmup < 0:
-        p.error("--batch, --threads, --rounds and --calls must be >= 1, --warmup >= 0")
-    return a
+def parse_args(argv: list[str] | None) -> tuple[AllocatorConfig, argparse.Namespace]:
+    """Command-line options -> (config, namespace with ``json`` and the worker's hidden ``worker`` and ``retain``)."""
+    parser = config_parser(AllocatorConfig, "python -m bench allocator", __doc__)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--retain", type=int, default=None, help=argparse.SUPPRESS)
+    return parse_config(parser, AllocatorConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    cfg, args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(worker(cfg, args.retain)))
         return 0
-    report = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = run(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

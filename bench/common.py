@@ -1,58 +1,74 @@
-"""Helpers shared by the service-level benchmarks (http, loading, memory, scaling).
+"""Helpers every benchmark shares. Bench modules import this one; it imports no bench module but the leaf
+``bench.real_data`` (where the data files are), so the dependencies point one way.
 
-Latency summaries, run metadata (machine, versions, load average), prompt sets of a given shape, resident
-entries built the way ``service.resident`` builds them, and a real ``lpt-serve`` subprocess.
+Correctness-check failures, default weights, percentiles and latency summaries, run metadata (machine, versions,
+load average), command-line options generated from a benchmark's config dataclass, prompt sets of a given
+shape, resident entries built the way the service builds them, and a real ``lpt-serve`` subprocess.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import datetime as dt
 import json
 import math
 import os
+import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
+import timm
 import torch
 
-from bench.engine import CheckFailed, default_weights
-from bench.engine_report import machine_info
-from bench.real_data import CIFAR_ZIP
+from bench.real_data import CIFAR_ZIP, DEIT_WEIGHTS
 from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
-from service.resident import ResidentSet, make_resident
 
-__all__ = [
-    "CheckFailed",
-    "LptServe",
-    "default_weights",
-    "latency_summary",
-    "loadavg",
-    "make_set",
-    "on_engine_thread",
-    "percentile",
-    "resident",
-    "run_metadata",
-    "sync",
-    "write_json",
-]
+if TYPE_CHECKING:
+    from service.resident import ResidentSet, SetKey
 
 T = TypeVar("T")
+Config = TypeVar("Config")  # a benchmark's config dataclass
 REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class CheckFailed(AssertionError):
+    """A benchmark's correctness check failed: the numbers would measure a wrong computation."""
+
+
+def default_weights(backbone: str) -> str:
+    """The shared real DeiT-Tiny file for DeiT-Tiny when it is present; seeded random weights otherwise."""
+    if backbone.split(".")[0] == "deit_tiny_patch16_224" and DEIT_WEIGHTS.is_file():
+        return str(DEIT_WEIGHTS.resolve())
+    return "random:0"
+
+
+# ------------------------------------------------------------------------------------------------ statistics
 def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile ``q`` in [0, 100] (numpy's default); NaN for no values."""
+    """The ``q``-th percentile (``q`` in [0, 100]) of ``values``, NaN for no values.
+
+    Linear interpolation between the closest ranks (numpy's default, "linear"): the sorted values sit at
+    positions 0 .. n-1 and the percentile is read at position ``(n - 1) * q / 100``. Every benchmark's
+    percentiles come from this one function.
+
+    Args:
+        values: samples, in any order.
+        q: the percentile, 0 (the smallest) to 100 (the largest).
+    """
     if not values:
         return math.nan
     xs = sorted(values)
@@ -62,7 +78,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
-    """count, mean, p50/p95/p99 and max in milliseconds."""
+    """count, mean, p50/p95/p99 (``percentile``) and max in milliseconds."""
     ms = [s * 1e3 for s in seconds]
     return {
         "count": len(ms),
@@ -72,6 +88,35 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms) if ms else math.nan,
     }
+
+
+# ------------------------------------------------------------------------------------------------ run metadata
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's word for it elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the numbers come from: CPU model, cores, threads, versions, date."""
+    info = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def loadavg() -> list[float]:
@@ -104,6 +149,164 @@ def git_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": [line[3:] for line in dirty]}
 
 
+# ------------------------------------------------------------------------------------------------ command line
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str | None = None,
+    flag: str | None = None,
+    choices: Sequence[Any] | None = None,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A config dataclass field together with its command-line option (see ``add_dataclass_args``).
+
+    Args:
+        default: the field's default (sequences as tuples: a config holds no mutable defaults).
+        help: the option's help (its default is appended).
+        flag: the option string when it is not the field's name as ``--kebab-case``.
+        choices: the allowed values (a ``Literal`` annotation gives them too).
+        default_factory: computes the default instead (one that depends on the machine).
+    """
+    metadata = {"help": help, "flag": flag, "choices": choices}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The option string of a config field: ``batch_sizes`` -> ``--batch-sizes`` unless ``option(flag=...)``."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def comma_separated(item: Callable[[str], Any], container: type = list) -> Callable[[str], Any]:
+    """An argparse type reading ``8,16,32`` as a list (or tuple) of ``item``; blanks and spaces are ignored."""
+
+    def parse(text: str) -> Any:
+        return container(item(v.strip()) for v in text.split(",") if v.strip())
+
+    parse.__name__ = f"comma-separated {getattr(item, '__name__', 'value')}"  # argparse names it in errors
+    return parse
+
+
+def option_kind(annotation: Any) -> dict[str, Any]:
+    """argparse's ``type``, ``action`` or ``choices`` for a field annotation (``X | None`` reads as ``X``).
+
+    Args:
+        annotation: a resolved annotation: bool, int, float, str, Path, a ``Literal``, or a ``tuple[X, ...]``
+            or ``list[X]`` of int, float or str (written ``8,16,32`` on the command line).
+
+    Raises:
+        TypeError: for any other annotation.
+    """
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"no option type for the union {annotation!r}")
+        annotation = rest[0]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": args, "type": type(args[0])}
+    if origin in (list, tuple) and args[0] in (int, float, str) and (origin is list or args[1:] == (Ellipsis,)):
+        return {"type": comma_separated(args[0], origin), "metavar": f"{args[0].__name__.upper()},..."}
+    if annotation in (int, float, str, Path):
+        return {"type": annotation}
+    raise TypeError(f"no option type for the annotation {annotation!r}")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _help(f: dataclasses.Field, default: Any) -> str | None:
+    text = f.metadata.get("help")
+    if isinstance(default, bool) or default is None:
+        return text
+    shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+    # argparse reads '%' in help as a format directive.
+    return f"{text + ' ' if text else ''}(default: {shown})".replace("%", "%%")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of the config dataclass ``cls``: flag and help from ``option``, type from the annotation.
+
+    A bool field gets ``--name`` and ``--no-name``; tuples are comma-separated (``--batch-sizes 8,16,32``);
+    ``Literal`` annotations and ``option(choices=...)`` limit the values. The parsed value lands in ``dest`` = the
+    field's name, so ``from_args`` builds the config from the namespace.
+
+    Args:
+        parser: the parser to extend.
+        cls: a dataclass whose fields all have defaults.
+    """
+    hints = typing.get_type_hints(cls)
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        kind = option_kind(hints[f.name])
+        if f.metadata.get("choices") is not None:
+            kind["choices"] = f.metadata["choices"]
+        defaults[f.name] = field_default(f)
+        parser.add_argument(flag_of(f), dest=f.name, help=_help(f, defaults[f.name]), **kind)
+    # Defaults go through set_defaults: BooleanOptionalAction appends its own "(default: ...)" to the help otherwise.
+    parser.set_defaults(**defaults)
+
+
+def from_args(cls: type[Config], namespace: argparse.Namespace) -> Config:
+    """The config dataclass ``cls`` built from a namespace parsed with ``add_dataclass_args``."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+def to_argv(cfg: Any) -> list[str]:
+    """The options that ``config_parser`` parses back into ``cfg`` (fields left at None are left out)."""
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            argv.append(flag_of(f) if value else "--no-" + flag_of(f)[2:])
+        elif value is not None:
+            argv += [flag_of(f), ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)]
+    return argv
+
+
+def config_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: one option per field of ``cls`` and ``--json`` (the report's path).
+
+    Args:
+        cls: the benchmark's config dataclass.
+        prog: ``python -m bench <command>``.
+        doc: the module docstring; its first paragraph is the description.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    add_dataclass_args(parser, cls)
+    parser.add_argument("--json", type=Path, default=None, help="write the full report (raw numbers included) here")
+    return parser
+
+
+def parse_config(
+    parser: argparse.ArgumentParser, cls: type[Config], argv: list[str] | None
+) -> tuple[Config, argparse.Namespace]:
+    """Parse ``argv`` into (config, namespace); a config that rejects its values (``ValueError``) is a usage error.
+
+    Args:
+        parser: from ``config_parser`` (plus any options of the benchmark's own).
+        cls: the config dataclass.
+        argv: the options (``sys.argv[1:]`` when None).
+    """
+    namespace = parser.parse_args(argv)
+    try:
+        return from_args(cls, namespace), namespace
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def parse_benchmark_args(
+    cls: type[Config], argv: list[str] | None, prog: str, doc: str | None
+) -> tuple[Config, Path | None]:
+    """A benchmark's (config, JSON path or None) from ``argv``: ``config_parser`` then ``parse_config``."""
+    cfg, namespace = parse_config(config_parser(cls, prog, doc), cls, argv)
+    return cfg, namespace.json
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,7 +331,9 @@ def make_set(
 ) -> PromptSet:
     """A valid prompt set of the given shape for ``info`` (VPT-style random init, reproducible)."""
     names = [f"s{seed}-c{c}" for c in range(classes)]
-    return init_prompt_set(info, names, prompt_length, pool_size, share_blocks, top_k, 20.0, seed=seed)
+    return init_prompt_set(
+        info, names, prompt_length=prompt_length, pool_size=pool_size, share_blocks=share_blocks, top_k=top_k, seed=seed
+    )
 
 
 def resident(
@@ -141,7 +346,17 @@ def resident(
     model: torch.nn.Module | None = None,
 ) -> ResidentSet:
     """A resident entry exactly as ``PromptCache`` makes one (device copy, one-slot bank, keys/values with a model)."""
+    # Imported here: the engine and allocator benchmarks measure lpt alone and never need the service.
+    from service.resident import make_resident
+
     return make_resident(StoredVersion(tenant, task, version, "", 0, 0.0), ps, device, dtype, model)
+
+
+def set_key(info: StoredVersion) -> SetKey:
+    """The cache key of a stored version (what ``PromptCache.acquire`` takes)."""
+    from service.resident import SetKey
+
+    return SetKey(info.tenant, info.task, info.version, info.sha256)
 
 
 def cifar_jpegs(count: int) -> list[bytes]:
@@ -178,8 +393,7 @@ def on_engine_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def free_port() -> int:
-    import socket
-
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

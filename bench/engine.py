@@ -26,24 +26,23 @@ ratios, so slow phases of a shared, noisy machine hit all variants alike.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.engine_report import machine_info, markdown, summarise
-from bench.real_data import DEIT_WEIGHTS
+from bench.common import CheckFailed, default_weights, machine_info, option, parse_benchmark_args, run_cli
+from bench.engine_report import markdown, summarise
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import (
+    COMPUTE_DTYPES,
     PromptBank,
     SharedKV,
+    autocast,
     embed,
     pool_features,
     pooled_tokens,
@@ -56,7 +55,6 @@ from lpt.prompt_kv import kv_prompted_block, uses_prompt_kv
 from lpt.prompt_set import PromptSet
 from lpt.reference import two_pass_batched
 
-SHARED_WEIGHTS = DEIT_WEIGHTS
 # ``cpu`` counts only the CPU time this process used, so time spent descheduled by other processes on a shared
 # machine is left out. Use it with --threads 1 on CPU: with more threads, OpenMP spin-waits for a descheduled
 # sibling are counted as CPU time. Images/s are then per core; the ratios stay comparable.
@@ -65,33 +63,39 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 KVs = dict[int, SharedKV]  # id(prompt set) -> its precomputed shared keys/values
 
 
-class CheckFailed(AssertionError):
-    """The benchmark's variants disagree: the numbers would measure a wrong computation."""
-
-
 @dataclass
 class EngineConfig:
     """What to run. Defaults are the issue's CPU setting (DeiT-Tiny, 224 px, float32)."""
 
-    backbone: str = "deit_tiny_patch16_224"
-    weights: str | None = None  # None: the shared DeiT-Tiny file when present, else random:0
-    img_size: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
-    repeats: int = 15
-    warmup: int = 1
-    tasks: int = 1000
-    tasks_per_batch: int = 64
-    threads: int | None = None
-    seed: int = 0
-    prompt_length: int = 10
-    pool_size: int = 20
-    share_blocks: int = 6
-    top_k: int = 2
-    atol: float | None = None  # None: 1e-4 for float32 logits (scale 20), looser under autocast
-    clock: str = "wall"  # wall: perf_counter; cpu: this process's CPU time (see CLOCKS)
-    host_memory_retain: int = RETAIN_BYTES  # as lpt-serve sets its allocator; 0: glibc's defaults
+    backbone: str = option("deit_tiny_patch16_224", help="timm ViT name")
+    weights: str | None = option(None, help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file if present)")
+    img_size: int | None = option(None, help="build the backbone for this input size")
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=tuple(COMPUTE_DTYPES), help="non-float32: autocast")
+    batch_sizes: tuple[int, ...] = option((1, 8, 32, 64), help="comma-separated, e.g. 1,8,32,64")
+    repeats: int = option(15, help="timed rounds per batch size (median reported)")
+    warmup: int = option(1, help="untimed rounds per batch size")
+    tasks: int = option(1000, help="registered tasks the mixed batches draw from")
+    tasks_per_batch: int = option(64, help="distinct tasks per mixed batch")
+    threads: int | None = option(None, help="torch.set_num_threads (default: torch's choice)")
+    seed: int = option(0)
+    prompt_length: int = option(10, help="L, prompt tokens per block")
+    pool_size: int = option(20, help="P, group prompts of the single-task set (registered sets: P/2 to P)")
+    share_blocks: int = option(6, help="S, blocks with the shared prompt only")
+    top_k: int = option(2, help="k, group prompts averaged per image")
+    atol: float | None = option(
+        None, help="logit tolerance of the correctness check (default: 1e-4 in float32, 0.5 under autocast)"
+    )
+    clock: str = option("wall", choices=sorted(CLOCKS), help="wall, or cpu: process CPU time (see CLOCKS)")
+    host_memory_retain: int = option(
+        RETAIN_BYTES,
+        flag="--host-memory-retain-bytes",
+        help="freed host memory the allocator keeps, as lpt-serve sets it (0: glibc's defaults)",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.repeats, self.tasks, self.tasks_per_batch, *self.batch_sizes) < 1:
+            raise ValueError("--repeats, --tasks, --tasks-per-batch and every batch size must be >= 1")
 
 
 @dataclass
@@ -111,13 +115,6 @@ class MixedDraw:
         return [(tid, (self.slots == s).nonzero().squeeze(1)) for s, tid in enumerate(self.task_ids)]
 
 
-def default_weights(backbone: str) -> str:
-    """The shared real DeiT-Tiny file for DeiT-Tiny when it is present; seeded random weights otherwise."""
-    if backbone.split(".")[0] == "deit_tiny_patch16_224" and SHARED_WEIGHTS.is_file():
-        return str(SHARED_WEIGHTS.resolve())
-    return "random:0"
-
-
 def make_registry(backbone: Backbone, cfg: EngineConfig) -> tuple[PromptSet, list[PromptSet]]:
     """The single-task set and ``cfg.tasks`` registered sets of one geometry with varied C, P and top-k.
 
@@ -133,7 +130,13 @@ def make_registry(backbone: Backbone, cfg: EngineConfig) -> tuple[PromptSet, lis
     def make(i: int, classes: int, pool: int, top_k: int) -> PromptSet:
         names = [f"t{i}-c{c}" for c in range(classes)]
         return init_prompt_set(
-            backbone.info, names, cfg.prompt_length, pool, cfg.share_blocks, top_k, 20.0, seed=cfg.seed * 100_003 + i
+            backbone.info,
+            names,
+            prompt_length=cfg.prompt_length,
+            pool_size=pool,
+            share_blocks=cfg.share_blocks,
+            top_k=top_k,
+            seed=cfg.seed * 100_003 + i,
         )
 
     single = make(0, 100, cfg.pool_size, cfg.top_k)
@@ -364,11 +367,11 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     single, registry = make_registry(backbone, cfg)
     single, registry = _to_device(single, device), [_to_device(ps, device) for ps in registry]
     kvs = precompute_kvs(model, [single, *registry])
-    amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    atol = cfg.atol if cfg.atol is not None else (1e-4 if amp_dtype is None else 0.5)
+    dtype = COMPUTE_DTYPES[cfg.dtype]
+    atol = cfg.atol if cfg.atol is not None else (1e-4 if dtype == torch.float32 else 0.5)
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    def device_autocast() -> Any:
+        return autocast(device, dtype)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -391,9 +394,10 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     for batch in cfg.batch_sizes:
         images = torch.randn(batch, *image_shape, generator=gen).to(device)
         draws = [draw_mixed(batch, cfg.tasks, cfg.tasks_per_batch, gen) for _ in range(cfg.repeats)]
-        report["checks"][str(batch)] = check_batch(model, images, single, registry, draws[0], atol, autocast, kvs)
+        checks = check_batch(model, images, single, registry, draws[0], atol, device_autocast, kvs)
+        report["checks"][str(batch)] = checks
         fns = build_variants(model, images, single, registry, kvs)
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), device_autocast():
             times = time_round_robin(fns, draws, cfg.warmup, sync, CLOCKS[cfg.clock])
         result = summarise(batch, times)
         result["distinct_tasks"] = len(draws[0].task_ids)
@@ -402,72 +406,11 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     return report
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.replace(" ", "").split(",") if v]
-
-
 def parse_args(argv: list[str] | None) -> tuple[EngineConfig, Path | None]:
-    """CLI flags -> (config, JSON output path)."""
-    d = EngineConfig()
-    p = argparse.ArgumentParser(prog="python -m bench engine", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default=d.backbone, help="timm ViT name")
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file if present)",
-    )
-    p.add_argument("--img-size", type=int, default=None, help="build the backbone for this input size")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="non-float32: autocast")
-    p.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes, help="comma-separated, e.g. 1,8,32,64")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds per batch size (median reported)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed rounds per batch size")
-    p.add_argument("--tasks", type=int, default=d.tasks, help="registered tasks the mixed batches draw from")
-    p.add_argument("--tasks-per-batch", type=int, default=d.tasks_per_batch, help="distinct tasks per mixed batch")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--clock", default=d.clock, choices=sorted(CLOCKS), help="wall, or cpu: process CPU time")
-    p.add_argument(
-        "--host-memory-retain-bytes",
-        type=int,
-        default=d.host_memory_retain,
-        help="freed host memory the allocator keeps, as lpt-serve sets it (0: glibc's defaults)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--atol", type=float, default=None, help="logit tolerance of the correctness check")
-    p.add_argument("--json", type=Path, default=None, help="write the full report (raw times included) here")
-    a = p.parse_args(argv)
-    if a.repeats < 1 or a.tasks < 1 or a.tasks_per_batch < 1 or not a.batch_sizes or min(a.batch_sizes) < 1:
-        p.error("--repeats, --tasks, --tasks-per-batch and every batch size must be >= 1")
-    cfg = EngineConfig(
-        backbone=a.backbone,
-        weights=a.weights,
-        img_size=a.img_size,
-        device=a.device,
-        dtype=a.dtype,
-        batch_sizes=a.batch_sizes,
-        repeats=a.repeats,
-        warmup=a.warmup,
-        tasks=a.tasks,
-        tasks_per_batch=a.tasks_per_batch,
-        threads=a.threads,
-        clock=a.clock,
-        host_memory_retain=a.host_memory_retain_bytes,
-        seed=a.seed,
-        atol=a.atol,
-    )
-    return cfg, a.json
+    """Command-line options -> (config, JSON output path)."""
+    return parse_benchmark_args(EngineConfig, argv, "python -m bench engine", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench engine``: run, print the markdown tables, optionally write JSON."""
-    cfg, json_path = parse_args(argv)
-    try:
-        report = run_engine(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except CheckFailed as exc:
-        print(f"engine benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
-    return 0
+    """``python -m bench engine``: check, time, print the markdown tables, optionally write JSON."""
+    return run_cli("engine", argv, parse_args, lambda cfg, _argv, log: run_engine(cfg, log), markdown)

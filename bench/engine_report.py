@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
-import timm
-import torch
+from bench.common import percentile
 
 TARGETS = {"ours_vs_two_pass": 1.25, "ours_vs_plain": 0.64, "mixed_vs_single": 0.95, "vpt_vs_plain": 0.97}
 TARGET_LABELS = {
@@ -38,10 +33,9 @@ def summarise(batch: int, times: dict[str, list[float]]) -> dict[str, Any]:
     variants = {}
     for name, ts in times.items():
         med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [med, med, med]
         variants[name] = {
             "median_ms": med * 1e3,
-            "iqr_pct": 100 * (q[2] - q[0]) / med,
+            "iqr_pct": 100 * (percentile(ts, 75) - percentile(ts, 25)) / med,
             "images_per_s": batch / med,
             "vs_plain": ratio(name, "plain"),
             "times_s": ts,
@@ -58,35 +52,6 @@ def summarise(batch: int, times: dict[str, list[float]]) -> dict[str, Any]:
         "vpt_vs_plain_last_token": ratio("vpt_single", "plain_last_token"),
     }
     return {"batch": batch, "variants": variants, "ratios": derived}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's word for it elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where the numbers come from: CPU model, cores, threads, versions, date."""
-    cpu = cpu_model()
-    info = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _mark(value: float, target: float) -> str:

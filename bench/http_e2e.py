@@ -14,14 +14,13 @@ prompt set (single- and mixed-task batches), and the server must run the same ba
 
 from __future__ import annotations
 
-import argparse
 import secrets
 import shutil
 import statistics
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ import httpx
 import torch
 
 from bench.common import (
-    DTYPES,
     CheckFailed,
     LptServe,
     ServeOptions,
@@ -39,6 +37,8 @@ from bench.common import (
     make_set,
     metric_delta,
     on_engine_thread,
+    option,
+    parse_benchmark_args,
     resident,
     run_cli,
     run_metadata,
@@ -47,43 +47,53 @@ from bench.common import (
 )
 from bench.loadgen import LoadProcess, LoadSpec, Target, zipf_weights
 from lpt.backbone import load_backbone
+from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import encode
 from service.engine import Engine
 from service.images import ImageDecoder
 from service.resident import ResidentSet
 
 TARGET_RATIO = 0.75
+SCENARIOS = ("1task", "zipf")
 
 
 @dataclass
 class HttpConfig:
     """Defaults: the issue's CPU setting (DeiT-Tiny 224 px, float32) with the service's batching defaults."""
 
-    backbone: str = "deit_tiny_patch16_224"
-    weights: str | None = None
-    img_size: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    queue_size: int = 1024
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    duration_s: float = 20.0  # >= 10 batch forwards at the largest batch on CPU, or completions come in lumps
-    warmup_s: float = 2.0
-    repeats: int = 2
-    engine_repeats: int = 5
-    half_load_s: float = 30.0
-    tasks: int = 100
-    tenants: int = 4
-    zipf_s: float = 1.0
-    classes: int = 10
-    images: int = 64
-    threads: int | None = None
-    server_threads: int | None = None
-    seed: int = 0
-    atol: float | None = None  # None: 1e-4 in float32, 2e-2 under bf16/fp16 (batch composition changes rounding)
-    scenarios: list[str] = field(default_factory=lambda: ["1task", "zipf"])
-    py_spy: Path | None = None  # record the server with py-spy during the first run at the highest concurrency
+    backbone: str = option("deit_tiny_patch16_224")
+    weights: str | None = option(None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
+    img_size: int | None = option(None)
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
+    max_batch_size: int = option(32)
+    max_wait_ms: float = option(5.0)
+    queue_size: int = option(1024)
+    concurrency: tuple[int, ...] = option((1, 4, 16, 64), help="closed-loop clients, e.g. 1,4,16,32,64")
+    # >= 10 batch forwards at the largest batch on CPU, or completions come in lumps
+    duration_s: float = option(20.0, flag="--duration", help="measured seconds per run")
+    warmup_s: float = option(2.0, flag="--warmup", help="unmeasured lead-in seconds per run")
+    repeats: int = option(2, help="sweeps (alternating direction)")
+    engine_repeats: int = option(5, help="engine timings after each run")
+    half_load_s: float = option(30.0, flag="--half-load", help="seconds of the open-loop half-load run")
+    tasks: int = option(100, help="tasks of the Zipf scenario")
+    tenants: int = option(4, help="API keys the tasks are spread over")
+    zipf_s: float = option(1.0)
+    classes: int = option(10)
+    images: int = option(64, help="distinct JPEGs cycled by the load generator")
+    threads: int | None = option(None, help="torch threads of the benchmark process")
+    server_threads: int | None = option(None, help="OMP_NUM_THREADS of the server")
+    seed: int = option(0)
+    atol: float | None = option(
+        None, help="score tolerance (default: 1e-4 in float32, 2e-2 under bf16/fp16, where batches change rounding)"
+    )
+    scenarios: tuple[str, ...] = option(SCENARIOS, help="1task, zipf or both")
+    py_spy: Path | None = option(None, help="dir: py-spy the server at the highest concurrency")  # noqa: RUF009
+
+    def __post_init__(self) -> None:
+        unknown = set(self.scenarios) - set(SCENARIOS)
+        if unknown:
+            raise ValueError(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
 
 
 @dataclass
@@ -103,7 +113,7 @@ class Scenario:
 def upload_scenarios(serve: LptServe, client: httpx.Client, cfg: HttpConfig, backbone, device, dtype) -> dict:
     """Upload the 1-task set and the Zipf tasks; return the scenarios with their local resident copies."""
     tenants = list(serve.keys)
-    compute = DTYPES[dtype]
+    compute = COMPUTE_DTYPES[dtype]
 
     def upload(tenant: str, task: str, seed: int) -> tuple[Target, ResidentSet]:
         ps = make_set(backbone.info, cfg.classes, seed=seed)
@@ -293,7 +303,7 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
     device = torch.device(cfg.device)
     weights = cfg.weights or default_weights(cfg.backbone)
     backbone = load_backbone(cfg.backbone, weights, cfg.img_size).to(device)
-    engine = Engine(backbone, device, DTYPES[cfg.dtype])
+    engine = Engine(backbone, device, COMPUTE_DTYPES[cfg.dtype])
     keys = {f"bench{i}": secrets.token_hex(16) for i in range(max(1, cfg.tenants))}
     opts = ServeOptions(
         backbone=cfg.backbone,
@@ -469,66 +479,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def parse_args(argv: list[str]) -> tuple[HttpConfig, Path | None]:
-    d = HttpConfig()
-    p = argparse.ArgumentParser(prog="python -m bench http", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--weights", default=None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms)
-    p.add_argument("--queue-size", type=int, default=d.queue_size)
-    p.add_argument("--concurrency", type=_ints, default=d.concurrency, help="closed-loop clients, e.g. 1,4,16,32,64")
-    p.add_argument("--duration", type=float, default=d.duration_s, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=d.warmup_s, help="unmeasured lead-in seconds per run")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="sweeps (alternating direction)")
-    p.add_argument("--engine-repeats", type=int, default=d.engine_repeats, help="engine timings after each run")
-    p.add_argument("--half-load", type=float, default=d.half_load_s, help="seconds of the open-loop half-load run")
-    p.add_argument("--tasks", type=int, default=d.tasks, help="tasks of the Zipf scenario")
-    p.add_argument("--tenants", type=int, default=d.tenants, help="API keys the tasks are spread over")
-    p.add_argument("--zipf-s", type=float, default=d.zipf_s)
-    p.add_argument("--classes", type=int, default=d.classes)
-    p.add_argument("--images", type=int, default=d.images, help="distinct JPEGs cycled by the load generator")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the benchmark process")
-    p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
-    p.add_argument("--scenarios", default="1task,zipf", help="1task, zipf or both")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--py-spy", type=Path, default=None, help="dir: py-spy the server at the highest concurrency")
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args(argv)
-    cfg = HttpConfig(
-        backbone=a.backbone,
-        weights=a.weights,
-        img_size=a.img_size,
-        device=a.device,
-        dtype=a.dtype,
-        max_batch_size=a.max_batch_size,
-        max_wait_ms=a.max_wait_ms,
-        queue_size=a.queue_size,
-        concurrency=a.concurrency,
-        duration_s=a.duration,
-        warmup_s=a.warmup,
-        repeats=a.repeats,
-        engine_repeats=a.engine_repeats,
-        half_load_s=a.half_load,
-        tasks=a.tasks,
-        tenants=a.tenants,
-        zipf_s=a.zipf_s,
-        classes=a.classes,
-        images=a.images,
-        threads=a.threads,
-        server_threads=a.server_threads,
-        seed=a.seed,
-        scenarios=[s.strip() for s in a.scenarios.split(",") if s.strip()],
-        py_spy=a.py_spy,
-    )
-    return cfg, a.json
+def parse_args(argv: list[str] | None) -> tuple[HttpConfig, Path | None]:
+    """Command-line options -> (config, JSON output path)."""
+    return parse_benchmark_args(HttpConfig, argv, "python -m bench http", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

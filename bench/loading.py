@@ -15,11 +15,10 @@ Responses must carry the new version and the engine's scores.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ import httpx
 import torch
 
 from bench.common import (
-    DTYPES,
     CheckFailed,
     LptServe,
     ServeOptions,
@@ -36,12 +34,17 @@ from bench.common import (
     latency_summary,
     make_set,
     on_engine_thread,
+    option,
+    parse_benchmark_args,
     resident,
     run_cli,
     run_metadata,
+    set_key,
     sync,
 )
+from bench.redis_server import BenchRedis
 from lpt.backbone import BackboneInfo, load_backbone
+from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import PromptSet, encode, load_and_validate
 from prompts_store import open_store
 from prompts_store.base import PromptStore
@@ -53,44 +56,50 @@ from service.resident import to_device
 
 TARGET_REDIS_P99_MS = 20.0
 TENANT = "bench"
+STORES = ("redis", "embedded")
 
 
 @dataclass
 class LoadingConfig:
-    shape_backbone: str = "vit_base_patch16_224"
-    classes: int = 100
-    prompt_length: int = 10
-    pool_size: int = 20
-    share_blocks: int = 6
-    top_k: int = 2
-    sets: int = 16
-    loads: int = 200
-    device: str = "cpu"
-    dtype: str = "float32"
-    stores: list[str] = field(default_factory=lambda: ["redis", "embedded"])
-    http: bool = True
-    serve_backbone: str = "deit_tiny_patch16_224"
-    serve_weights: str | None = None
-    serve_img_size: int | None = None
-    serve_classes: int = 100
-    uploads: int = 20
-    threads: int | None = None
+    """Defaults: ViT-B-shaped sets (about 4.4 MB) on the CPU; part 2 serves DeiT-Tiny."""
+
+    shape_backbone: str = option("vit_base_patch16_224", help="sets are shaped for this backbone")
+    classes: int = option(100)
+    prompt_length: int = option(10, help="L, prompt tokens per block")
+    pool_size: int = option(20, help="P, group prompts")
+    share_blocks: int = option(6, help="S, blocks with the shared prompt only")
+    top_k: int = option(2, help="k, group prompts averaged per image")
+    sets: int = option(16, help="distinct sets in each store")
+    loads: int = option(200, help="timed cache-miss loads per store")
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
+    stores: tuple[str, ...] = option(STORES, help="redis, embedded or both")
+    http: bool = option(True, help="the upload-to-first-served part (--no-http: skip it)")
+    serve_backbone: str = option("deit_tiny_patch16_224", help="backbone of the lpt-serve for part 2")
+    serve_weights: str | None = option(None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
+    serve_img_size: int | None = option(None)
+    serve_classes: int = option(100)
+    uploads: int = option(20, help="timed upload-to-first-served rounds per store")
+    threads: int | None = option(None, help="torch threads of the benchmark process")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stores) - set(STORES)
+        if unknown:
+            raise ValueError(f"unknown stores {sorted(unknown)}; choose from {', '.join(STORES)}")
 
 
 class Stores:
     """Fresh real stores: a private redis-server (own port and dir) and an embedded store in a temp dir."""
 
-    def __init__(self, kinds: list[str]):
+    def __init__(self, kinds: tuple[str, ...]):
         self.kinds = kinds
         self._tmp = tempfile.TemporaryDirectory(prefix="lpt-bench-loading-")
-        self.redis = None
+        self.redis: BenchRedis | None = None
         self.specs: dict[str, str] = {}
 
     def __enter__(self) -> Stores:
         if "redis" in self.kinds:
-            from tests.redis_server import RedisServer
-
-            self.redis = RedisServer(data_dir=Path(self._tmp.name) / "redis", appendfsync="always").start()
+            self.redis = BenchRedis(Path(self._tmp.name) / "redis").start()
             self.specs["redis"] = self.redis.url
         if "embedded" in self.kinds:
             self.specs["embedded"] = str(Path(self._tmp.name) / "embedded")
@@ -98,7 +107,7 @@ class Stores:
 
     def __exit__(self, *exc: object) -> None:
         if self.redis is not None:
-            self.redis.cleanup()
+            self.redis.stop()
         self._tmp.cleanup()
 
 
@@ -119,7 +128,7 @@ def same_set(got: PromptSet, want: PromptSet, dtype: torch.dtype) -> bool:
 
 
 def cache_miss_loads(cfg: LoadingConfig, info: BackboneInfo, stores: Stores, log=print) -> dict[str, Any]:
-    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     sets = [
         make_set(info, cfg.classes, cfg.prompt_length, cfg.pool_size, cfg.share_blocks, cfg.top_k, seed=i)
         for i in range(cfg.sets)
@@ -129,35 +138,37 @@ def cache_miss_loads(cfg: LoadingConfig, info: BackboneInfo, stores: Stores, log
     opened: dict[str, PromptStore] = {k: open_store(spec, timeout_s=5.0) for k, spec in stores.specs.items()}
     caches = {k: PromptCache(s, info, device, dtype, 1 << 40, ServiceMetrics()) for k, s in opened.items()}
     try:
-        for store in opened.values():
-            for task, blob in zip(tasks, blobs, strict=True):
-                store.put(TENANT, task, blob, {"num_classes": str(cfg.classes)})
+        meta = {"num_classes": str(cfg.classes)}
+        keys = {
+            kind: [set_key(store.put(TENANT, task, blob, meta)) for task, blob in zip(tasks, blobs, strict=True)]
+            for kind, store in opened.items()
+        }
         for kind, cache in caches.items():  # correctness before timing
-            for task, ps in zip(tasks, sets, strict=True):
-                with cache.acquire(TENANT, task) as lease:
+            for key, ps in zip(keys[kind], sets, strict=True):
+                task = key.task
+                with cache.acquire(key) as lease:
                     entry = lease.entry
                     if not same_set(entry.prompt_set, ps, dtype):
                         raise CheckFailed(f"{kind}: the loaded {task} differs from the uploaded set")
                     if entry.prompt_set.shared_prompt.device.type != device.type:
                         raise CheckFailed(f"{kind}: {task} is resident on {entry.prompt_set.shared_prompt.device}")
             for task in tasks:
-                cache.drop_task(TENANT, task)
+                cache.discard_task(TENANT, task)
         kinds = list(caches)
         totals: dict[str, list[float]] = {k: [] for k in kinds}
         parts: dict[str, dict[str, list[float]]] = {k: {"read": [], "validate": [], "to_device": []} for k in kinds}
         for i in range(cfg.loads):
-            task = tasks[i % len(tasks)]
             for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
-                cache = caches[kind]
-                cache.drop_task(TENANT, task)
+                cache, key = caches[kind], keys[kind][i % len(tasks)]
+                cache.discard_task(TENANT, key.task)
                 if len(cache) != 0:
                     raise CheckFailed(f"{kind}: {len(cache)} sets resident after a drop (the load is not a miss)")
                 start = time.perf_counter()
-                lease = cache.acquire(TENANT, task)
+                lease = cache.acquire(key)
                 sync(device)
                 totals[kind].append(time.perf_counter() - start)
                 lease.release()
-                cache.drop_task(TENANT, task)
+                cache.discard_task(TENANT, key.task)
         for i in range(max(20, cfg.loads // 4)):
             task = tasks[i % len(tasks)]
             for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
@@ -199,7 +210,7 @@ def upload_to_served(cfg: LoadingConfig, stores: Stores, log=print) -> dict[str,
     device = torch.device(cfg.device)
     weights = cfg.serve_weights or default_weights(cfg.serve_backbone)
     backbone = load_backbone(cfg.serve_backbone, weights, cfg.serve_img_size).to(device)
-    engine = Engine(backbone, device, DTYPES[cfg.dtype])
+    engine = Engine(backbone, device, COMPUTE_DTYPES[cfg.dtype])
     image = cifar_jpegs(1)[0]
     tensor = ImageDecoder(backbone.eval_transform, 10 * 1024 * 1024, 40_000_000)(image)
     keys = {TENANT: "bench-loading-secret-0"}
@@ -335,42 +346,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> tuple[LoadingConfig, Path | None]:
-    d = LoadingConfig()
-    p = argparse.ArgumentParser(prog="python -m bench loading", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape-backbone", default=d.shape_backbone, help="sets are shaped for this backbone")
-    p.add_argument("--classes", type=int, default=d.classes)
-    p.add_argument("--sets", type=int, default=d.sets, help="distinct sets in each store")
-    p.add_argument("--loads", type=int, default=d.loads, help="timed cache-miss loads per store")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--stores", default="redis,embedded")
-    p.add_argument("--no-http", action="store_true", help="skip the upload-to-first-served part")
-    p.add_argument("--serve-backbone", default=d.serve_backbone, help="backbone of the lpt-serve for part 2")
-    p.add_argument("--serve-weights", default=None)
-    p.add_argument("--serve-img-size", type=int, default=None)
-    p.add_argument("--serve-classes", type=int, default=d.serve_classes)
-    p.add_argument("--uploads", type=int, default=d.uploads)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args(argv)
-    cfg = LoadingConfig(
-        shape_backbone=a.shape_backbone,
-        classes=a.classes,
-        sets=a.sets,
-        loads=a.loads,
-        device=a.device,
-        dtype=a.dtype,
-        stores=[s.strip() for s in a.stores.split(",") if s.strip()],
-        http=not a.no_http,
-        serve_backbone=a.serve_backbone,
-        serve_weights=a.serve_weights,
-        serve_img_size=a.serve_img_size,
-        serve_classes=a.serve_classes,
-        uploads=a.uploads,
-        threads=a.threads,
-    )
-    return cfg, a.json
+def parse_args(argv: list[str] | None) -> tuple[LoadingConfig, Path | None]:
+    """Command-line options -> (config, JSON output path)."""
+    return parse_benchmark_args(LoadingConfig, argv, "python -m bench loading", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

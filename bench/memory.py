@@ -17,21 +17,20 @@ The transient bank of a mixed batch (stacked and padded per batch) is reported t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import DTYPES, CheckFailed, make_set, run_cli, run_metadata, sync
+from bench.common import CheckFailed, make_set, option, parse_benchmark_args, run_cli, run_metadata, set_key, sync
 from lpt.backbone import load_backbone
-from lpt.forward import PromptBank
+from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import encode
 from prompts_store import open_store
 from service.metrics import ServiceMetrics
@@ -45,17 +44,23 @@ GIB = 1024**3
 
 @dataclass
 class MemoryConfig:
-    shape_backbone: str = "vit_base_patch16_224"
-    classes: int = 100
-    prompt_length: int = 10
-    pool_size: int = 20
-    share_blocks: int = 6
-    top_k: int = 2
-    sets: int = 32
-    device: str = "cpu"
-    dtype: str = "float32"
-    budgets_gib: list[float] = field(default_factory=lambda: [1.0, 2.0, 8.0, 40.0])
-    mixed_tasks: list[int] = field(default_factory=lambda: [8, 64, 256])
+    """Defaults: 32 ViT-B-shaped sets resident on the CPU in float32."""
+
+    shape_backbone: str = option("vit_base_patch16_224", help="sets are shaped for this backbone")
+    classes: int = option(100)
+    prompt_length: int = option(10, help="L, prompt tokens per block")
+    pool_size: int = option(20, help="P, group prompts")
+    share_blocks: int = option(6, help="S, blocks with the shared prompt only")
+    top_k: int = option(2, help="k, group prompts averaged per image")
+    sets: int = option(32, help="resident sets measured (>= 2)")
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
+    budgets_gib: tuple[float, ...] = option((1.0, 2.0, 8.0, 40.0), flag="--budgets", help="GiB, comma-separated")
+    mixed_tasks: tuple[int, ...] = option((8, 64, 256), help="distinct tasks of the mixed-batch banks")
+
+    def __post_init__(self) -> None:
+        if self.sets < 2:
+            raise ValueError("--sets must be >= 2")
 
 
 def rss_bytes() -> int:
@@ -96,7 +101,7 @@ def storage_bytes(entry: ResidentSet) -> int:
 
 
 def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
-    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     backbone = load_backbone(cfg.shape_backbone, "random:0").to(device)  # resident sets carry keys/values for it
     info, model = backbone.info, backbone.model
     sets = [
@@ -111,22 +116,21 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="lpt-bench-memory-") as tmp:
         store = open_store(Path(tmp) / "store")
-        for task, ps in zip(tasks, sets, strict=True):
-            store.put(TENANT, task, encode(ps))
+        keys = [set_key(store.put(TENANT, task, encode(ps))) for task, ps in zip(tasks, sets, strict=True)]
         # sets are float32; resident at the compute dtype, with their shared-prompt keys/values (2 x depth x L x D)
         kv_bytes = 2 * info.depth * cfg.prompt_length * info.embed_dim * dtype.itemsize
         tensor_bytes = sets[0].nbytes * dtype.itemsize // 4 + kv_bytes
         # Warm the load path once (allocator, imports, thread pool) so the deltas measure only resident sets.
         warm = PromptCache(store, info, device, dtype, 1 << 40, ServiceMetrics(), model=model)
-        warm.acquire(TENANT, tasks[0]).release()
+        warm.acquire(keys[0]).release()
         warm.close()
         del warm
 
         cache = PromptCache(store, info, device, dtype, 1 << 40, ServiceMetrics(), model=model)
         before = device_bytes(device)
         entries = []
-        for task in tasks:
-            with cache.acquire(TENANT, task) as lease:  # released, but resident (the budget is huge)
+        for key in keys:
+            with cache.acquire(key) as lease:  # released, but resident (the budget is huge)
                 entries.append(lease.entry)
         untrimmed = rss_bytes()  # before malloc_trim: includes heap pages the load temporaries left free
         after = device_bytes(device)
@@ -155,8 +159,8 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
         n_fit = max(1, cfg.sets // 2)
         budget = int((n_fit + 0.5) * tensor_bytes)
         small = PromptCache(store, info, device, dtype, budget, ServiceMetrics(), model=model)
-        for task in tasks:
-            small.acquire(TENANT, task).release()
+        for key in keys:
+            small.acquire(key).release()
         if len(small) != n_fit:
             raise CheckFailed(f"a budget for {n_fit} sets keeps {len(small)} resident")
         budget_check = {"budget_sets": n_fit, "resident": len(small), "evictions": cfg.sets - len(small)}
@@ -217,34 +221,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def parse_args(argv: list[str]) -> tuple[MemoryConfig, Path | None]:
-    d = MemoryConfig()
-    p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape-backbone", default=d.shape_backbone)
-    p.add_argument("--classes", type=int, default=d.classes)
-    p.add_argument("--sets", type=int, default=d.sets, help="resident sets measured (>= 2)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--budgets", type=_floats, default=d.budgets_gib, help="GiB, comma-separated")
-    p.add_argument("--mixed-tasks", default="8,64,256", help="distinct tasks of the mixed-batch banks")
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args(argv)
-    if a.sets < 2:
-        p.error("--sets must be >= 2")
-    cfg = MemoryConfig(
-        shape_backbone=a.shape_backbone,
-        classes=a.classes,
-        sets=a.sets,
-        device=a.device,
-        dtype=a.dtype,
-        budgets_gib=a.budgets,
-        mixed_tasks=[int(v) for v in a.mixed_tasks.split(",") if v.strip()],
-    )
-    return cfg, a.json
+def parse_args(argv: list[str] | None) -> tuple[MemoryConfig, Path | None]:
+    """Command-line options -> (config, JSON output path)."""
+    return parse_benchmark_args(MemoryConfig, argv, "python -m bench memory", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

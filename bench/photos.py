@@ -18,143 +18,41 @@ stable each head's top-1 is on these images in the first place.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
 import secrets
 import statistics
 import time
-import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 from PIL import Image
 
+from bench import photos_agreement
 from bench.common import (
-    CIFAR_ZIP,
-    DTYPES,
     CheckFailed,
     LptServe,
     ServeOptions,
     default_weights,
     latency_summary,
+    parse_benchmark_args,
     run_cli,
     run_metadata,
     scrape,
 )
 from bench.http_e2e import HttpConfig, batch_stats, check_responses, upload_scenarios
 from bench.loadgen import LoadProcess, LoadSpec
+from bench.photos_shared import KINDS, PhotosConfig, base_images, decoders, make_kind, target_mark
 from lpt.backbone import load_backbone
+from lpt.forward import COMPUTE_DTYPES
 from service.engine import Engine
-from service.images import ImageDecoder
 
 TARGET_RATIO = 0.6  # 12 MP JPEG end to end against small images
-TARGET_AGREEMENT = 0.99
-MAX_BYTES, MAX_PIXELS = 10 * 1024 * 1024, 40_000_000  # the service's defaults
-NOISE_SIGMA = 10.0  # grey levels: a 12 MP JPEG at quality 90 is then ~3.7 MB, as a camera's
-
-
-@dataclass(frozen=True)
-class Kind:
-    """One kind of image: a name, the photo size (None: the CIFAR JPEG as it is) and the format."""
-
-    name: str
-    size: tuple[int, int] | None
-    fmt: str = "JPEG"
-
-
-KINDS = [
-    Kind("small", None),
-    Kind("0.3MP", (640, 480)),
-    Kind("2MP", (1632, 1224)),
-    Kind("12MP", (4000, 3000)),
-    Kind("3MP-png", (2048, 1536), "PNG"),
-]
-AGREEMENT_SIZES = [(640, 480), (1632, 1224), (4000, 3000)]
-
-
-@dataclass
-class PhotosConfig:
-    """Defaults: DeiT-Tiny 224 px on the CPU, the service's batching defaults, 16 closed-loop clients."""
-
-    backbone: str = "deit_tiny_patch16_224"
-    weights: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    cifar_zip: Path = CIFAR_ZIP
-    per_kind: int = 8
-    concurrency: int = 16
-    duration_s: float = 20.0
-    warmup_s: float = 3.0
-    repeats: int = 3
-    decode_repeats: int = 3
-    server_threads: int | None = None
-    agreement: bool = False
-    count: int = 300
-    per_class: int = 50
-    noise: float = NOISE_SIGMA  # grey levels of Gaussian noise on the upscaled photos (0: the upscaled image alone)
-    side_factors: tuple[int, ...] = (1,)  # agreement: reduced decodes keeping these multiples of the resize side
-    seed: int = 0
-    kinds: list[str] = field(default_factory=lambda: [k.name for k in KINDS])
-    baseline_repo: Path | None = None  # a second server from this checkout, interleaved (before/after)
-
-
-# ------------------------------------------------------------------------------------------------ the photos
-def cifar_test_names(zf: zipfile.ZipFile, count: int) -> list[str]:
-    """The ``count`` CIFAR-10 test JPEGs the photos start from (``test/CLASS/FILE.jpg``), spread over the classes."""
-    names = sorted(n for n in zf.namelist() if n.startswith("test/") and n.endswith(".jpg"))
-    return names[:: max(1, len(names) // count)][:count]
-
-
-def base_labels(count: int, cifar_zip: Path) -> list[str] | None:
-    """The class names of ``base_images(count, cifar_zip)`` (``None`` without the zip)."""
-    if not Path(cifar_zip).is_file():
-        return None
-    with zipfile.ZipFile(cifar_zip) as zf:
-        return [n.split("/")[1] for n in cifar_test_names(zf, count)]
-
-
-def base_images(count: int, cifar_zip: Path, seed: int = 0) -> list[tuple[bytes, Image.Image]]:
-    """``count`` CIFAR-10 test JPEGs spread over the classes (bytes and RGB image); seeded noise without the zip."""
-    if Path(cifar_zip).is_file():
-        with zipfile.ZipFile(cifar_zip) as zf:
-            datas = [zf.read(n) for n in cifar_test_names(zf, count)]
-        return [(d, Image.open(io.BytesIO(d)).convert("RGB")) for d in datas]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-        out.append((encode(img, "JPEG"), img))
-    return out
-
-
-def upscale(image: Image.Image, size: tuple[int, int], seed: int, sigma: float = NOISE_SIGMA) -> Image.Image:
-    """``image`` resized (bicubic) to ``size`` plus seeded Gaussian noise of ``sigma`` grey levels: a deterministic
-    photo with entropy (``sigma`` 0: the upscaled image alone)."""
-    big = image.resize(size, Image.Resampling.BICUBIC)
-    if not sigma:
-        return big
-    pixels = np.asarray(big, dtype=np.float32)
-    noise = np.random.default_rng(seed).standard_normal(pixels.shape, dtype=np.float32)
-    return Image.fromarray(np.clip(pixels + sigma * noise, 0, 255).astype(np.uint8))
-
-
-def encode(image: Image.Image, fmt: str, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **({"quality": quality} if fmt == "JPEG" else {"compress_level": 1}))
-    return buf.getvalue()
-
-
-def make_kind(kind: Kind, bases: list[tuple[bytes, Image.Image]], seed: int, sigma: float = NOISE_SIGMA) -> list[bytes]:
-    if kind.size is None:
-        return [data for data, _ in bases]
-    return [encode(upscale(img, kind.size, seed + i, sigma), kind.fmt) for i, (_, img) in enumerate(bases)]
 
 
 # ------------------------------------------------------------------------------------------------ decode cost
@@ -177,20 +75,11 @@ def cpu_ms(fn: Callable[[bytes], Any], datas: list[bytes], repeats: int) -> floa
     return 1e3 * statistics.median(times)
 
 
-def decoders(backbone) -> tuple[ImageDecoder, ImageDecoder]:
-    """The service's decoder, and the same checks and transform decoding every image at full resolution."""
-    reduced = ImageDecoder(backbone.eval_transform, MAX_BYTES, MAX_PIXELS)
-    full = ImageDecoder(backbone.eval_transform.transform, MAX_BYTES, MAX_PIXELS)  # plain timm: no resize side
-    return reduced, full
-
-
 # ------------------------------------------------------------------------------------------------ throughput
 def run_photos(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, Any]:
     """Dispatch: throughput over HTTP, or the top-1 agreement of reduced and full decodes."""
     if cfg.agreement:
-        from bench.photos_agreement import run_agreement
-
-        return run_agreement(cfg, argv, log)
+        return photos_agreement.run_agreement(cfg, argv, log)
     return run_throughput(cfg, argv, log)
 
 
@@ -198,7 +87,7 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
     device = torch.device(cfg.device)
     weights = cfg.weights or default_weights(cfg.backbone)
     backbone = load_backbone(cfg.backbone, weights).to(device)
-    engine = Engine(backbone, device, DTYPES[cfg.dtype])
+    engine = Engine(backbone, device, COMPUTE_DTYPES[cfg.dtype])
     reduced, full = decoders(backbone)
     bases = base_images(cfg.per_kind, cfg.cifar_zip, cfg.seed)
     kinds = [k for k in KINDS if k.name in cfg.kinds or k.name == "small"]  # small: what every kind is measured by
@@ -227,7 +116,7 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
     opts = ServeOptions(
         backbone=cfg.backbone, weights=weights, device=cfg.device, dtype=cfg.dtype, threads=cfg.server_threads
     )
-    http_cfg = HttpConfig(backbone=cfg.backbone, scenarios=["1task"], classes=10)
+    http_cfg = HttpConfig(backbone=cfg.backbone, scenarios=("1task",), classes=10)
     if cfg.baseline_repo:
         report["baseline"] = {"repo": str(cfg.baseline_repo), "kinds": {k.name: {"runs": []} for k in kinds}}
     with contextlib.ExitStack() as stack:
@@ -296,19 +185,9 @@ def summarise(kinds: dict[str, dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def target_mark(flag: bool) -> str:
-    return "ok" if flag else "MISS"
-
-
-def agreement_markdown(report: dict[str, Any]) -> str:
-    from bench.photos_agreement import markdown as agreement
-
-    return agreement(report)
-
-
 def markdown(report: dict[str, Any]) -> str:
     if report["benchmark"] == "photos-agreement":
-        return agreement_markdown(report)
+        return photos_agreement.markdown(report)
     lines = [
         "| kind | size | format | mean KB | img/s | vs small | mean batch | p50 ms | errors % | decode CPU ms "
         "| full-resolution decode CPU ms |",
@@ -336,63 +215,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str]) -> tuple[PhotosConfig, Path | None]:
-    d = PhotosConfig()
-    p = argparse.ArgumentParser(prog="python -m bench photos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--weights", default=None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--cifar-zip", type=Path, default=d.cifar_zip, help="CIFAR-10 JPEG zip the photos start from")
-    p.add_argument("--per-kind", type=int, default=d.per_kind, help="distinct images of each kind")
-    p.add_argument("--concurrency", type=int, default=d.concurrency, help="closed-loop clients")
-    p.add_argument("--duration", type=float, default=d.duration_s, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=d.warmup_s, help="unmeasured lead-in seconds per run")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="rounds over all kinds (start rotating)")
-    p.add_argument("--decode-repeats", type=int, default=d.decode_repeats)
-    p.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
-    p.add_argument("--baseline-repo", type=Path, default=None, help="checkout of a baseline server to interleave")
-    p.add_argument("--kinds", default=",".join(d.kinds), help="kinds to run (small always runs)")
-    p.add_argument("--agreement", action="store_true", help="top-1 agreement of reduced and full decodes instead")
-    p.add_argument("--count", type=int, default=d.count, help="images of the agreement run")
-    p.add_argument("--per-class", type=int, default=d.per_class, help="CIFAR-10 training images per class mean")
-    p.add_argument(
-        "--noise", type=float, default=d.noise, help="grey levels of Gaussian noise on the photos (0: upscaled only)"
-    )
-    p.add_argument(
-        "--side-factors",
-        default=",".join(map(str, d.side_factors)),
-        help="agreement: also compare reduced decodes that keep these multiples of the resize side (1: the service's)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args(argv)
-    unknown = set(a.kinds.split(",")) - {k.name for k in KINDS} - {""}
-    if unknown:
-        p.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(k.name for k in KINDS)}")
-    cfg = PhotosConfig(
-        backbone=a.backbone,
-        weights=a.weights,
-        device=a.device,
-        dtype=a.dtype,
-        cifar_zip=a.cifar_zip,
-        per_kind=a.per_kind,
-        concurrency=a.concurrency,
-        duration_s=a.duration,
-        warmup_s=a.warmup,
-        repeats=a.repeats,
-        decode_repeats=a.decode_repeats,
-        server_threads=a.server_threads,
-        agreement=a.agreement,
-        count=a.count,
-        per_class=a.per_class,
-        noise=a.noise,
-        side_factors=tuple(sorted({int(f) for f in a.side_factors.split(",") if f.strip()})),
-        seed=a.seed,
-        kinds=[k.strip() for k in a.kinds.split(",") if k.strip()],
-        baseline_repo=a.baseline_repo,
-    )
-    return cfg, a.json
+def parse_args(argv: list[str] | None) -> tuple[PhotosConfig, Path | None]:
+    """Command-line options -> (config, JSON output path)."""
+    return parse_benchmark_args(PhotosConfig, argv, "python -m bench photos", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``python -m bench photos --agreement``: does the reduced decode change answers? (see ``bench.photos``)
+"""``python -m bench photos --agreement``: does the reduced decode change answers? (run by ``bench.photos``)
 
 CIFAR-10 test images upscaled to photo sizes (0.3 / 2 / 12 MP in turn, plus ``--noise`` grey levels of Gaussian
 noise, 0 for none), each decoded by the service's decoder (smallest DCT scale that covers the resize) and at full
@@ -24,11 +24,10 @@ import torch
 from PIL import Image
 
 from bench.common import default_weights, run_metadata
-from bench.photos import (
+from bench.photos_shared import (
     AGREEMENT_SIZES,
     MAX_BYTES,
     MAX_PIXELS,
-    TARGET_AGREEMENT,
     PhotosConfig,
     base_images,
     base_labels,
@@ -38,7 +37,10 @@ from bench.photos import (
     upscale,
 )
 from lpt.backbone import load_backbone
+from lpt.prompt_set import DEFAULT_HEAD_SCALE
 from service.images import ImageDecoder
+
+TARGET_AGREEMENT = 0.99
 
 
 def class_means(
@@ -127,7 +129,8 @@ def run_agreement(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, An
             if weight is None:
                 probs = model.get_classifier()(feats).softmax(-1)
             else:
-                probs = (20.0 * torch.nn.functional.normalize(feats, dim=-1) @ weight.T).softmax(-1)
+                logits = DEFAULT_HEAD_SCALE * torch.nn.functional.normalize(feats, dim=-1) @ weight.T
+                probs = logits.softmax(-1)
             top = probs.argmax(-1).tolist()
             if head == "cifar10":
                 for name, pred in zip(("full", *variants, "requality"), top, strict=True):

@@ -17,73 +17,95 @@ task run alone.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.common import (
-    DTYPES,
     CheckFailed,
     default_weights,
     make_set,
     on_engine_thread,
+    option,
+    parse_benchmark_args,
     run_cli,
     run_metadata,
+    set_key,
     sync,
 )
 from lpt.backbone import Backbone, load_backbone
-from lpt.forward import PromptBank
+from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import PromptSet
 from prompts_store import open_store
 from prompts_store.base import StoredVersion
 from service.engine import Engine
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
+from service.resident import Lease
 
 TENANT = "bench"
+PARTS = ("tasks_per_batch", "registered")
 
 
 @dataclass
 class ScalingConfig:
-    backbone: str = "deit_tiny_patch16_224"
-    weights: str | None = None
-    img_size: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch: int = 256
-    tasks_per_batch: list[int] = field(default_factory=lambda: [1, 8, 64, 256])
-    tasks: int = 1000
-    classes: int = 10
-    pool_size: int = 20
-    registered: list[int] = field(default_factory=lambda: [10, 100, 1000, 10000])
-    registered_batch: int = 64
-    registered_tasks_per_batch: int = 8
-    registered_pool: int = 4
-    repeats: int = 5
-    warmup: int = 1
-    check_tasks: int = 16
-    threads: int | None = None
-    seed: int = 0
-    atol: float | None = None
-    parts: list[str] = field(default_factory=lambda: ["tasks_per_batch", "registered"])
+    """Defaults: DeiT-Tiny on the CPU; part A batches of 256, part B up to 10,000 registered tasks."""
+
+    backbone: str = option("deit_tiny_patch16_224")
+    weights: str | None = option(None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
+    img_size: int | None = option(None)
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
+    batch: int = option(256, help="rows per batch in part A")
+    tasks_per_batch: tuple[int, ...] = option((1, 8, 64, 256), help="distinct tasks per batch in part A")
+    tasks: int = option(1000, help="registered tasks in part A")
+    classes: int = option(10)
+    pool_size: int = option(20, help="pool of part A's sets")
+    registered: tuple[int, ...] = option((10, 100, 1000, 10000), help="registry sizes of part B")
+    registered_batch: int = option(64, help="rows per batch in part B")
+    registered_tasks_per_batch: int = option(8, help="distinct tasks per batch in part B")
+    registered_pool: int = option(4, help="pool of part B's sets")
+    repeats: int = option(5)
+    warmup: int = option(1)
+    check_tasks: int = option(16, help="tasks checked against a solo run")
+    threads: int | None = option(None, help="torch threads of the benchmark process")
+    seed: int = option(0)
+    atol: float | None = option(None, help="probability tolerance (default: 1e-4 in float32, 2e-2 otherwise)")
+    parts: tuple[str, ...] = option(PARTS, help="tasks_per_batch, registered or both")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        if self.tasks < max(self.tasks_per_batch):
+            raise ValueError("--tasks must be >= the largest --tasks-per-batch")
 
 
-Rows = list[tuple[str, str]]
+Rows = list[tuple[str, str]]  # (tenant, task) per row
+
+
+def installed(tenant: str, task: str) -> StoredVersion:
+    """The version ``build_cache`` installs for a task (version 1; never read from the store)."""
+    return StoredVersion(tenant, task, 1, "", 0, 0.0)
 
 
 def build_cache(store, backbone: Backbone, sets: list[PromptSet], device, dtype) -> PromptCache:
-    """A cache with every set resident and active, as after uploads (the store is not read on hits)."""
+    """A cache with every set resident, as after uploads (the store is not read on hits)."""
     cache = PromptCache(store, backbone.info, device, dtype, 1 << 50, ServiceMetrics(), model=backbone.model)
     for i, ps in enumerate(sets):
-        cache.install(StoredVersion(TENANT, f"t{i:05d}", 1, "", 0, 0.0), ps)
+        cache.install(installed(TENANT, f"t{i:05d}"), ps)
     return cache
+
+
+def lease_rows(cache: PromptCache, rows: Rows) -> list[Lease]:
+    """One lease per row (a hit: every set is resident)."""
+    return [cache.acquire(set_key(installed(tenant, task))) for tenant, task in rows]
 
 
 def draw_rows(batch: int, registered: int, distinct: int, gen: torch.Generator) -> Rows:
@@ -96,7 +118,7 @@ def draw_rows(batch: int, registered: int, distinct: int, gen: torch.Generator) 
 
 def service_step(cache: PromptCache, engine: Engine, images: torch.Tensor, rows: Rows) -> list[torch.Tensor]:
     """One batch as the service runs it: lease every row's set, infer, release."""
-    leases = [cache.acquire(t, k) for t, k in rows]
+    leases = lease_rows(cache, rows)
     try:
         return engine.infer(images, [lease.entry for lease in leases])
     finally:
@@ -156,7 +178,7 @@ def summarise(batch: int, times: dict[str, list[float]], baseline: str) -> dict[
 
 def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
     """Median time to stack the bank of one batch's distinct sets (part of every mixed ``Engine.infer``)."""
-    leases = list({k: cache.acquire(t, k) for t, k in rows}.values())
+    leases = lease_rows(cache, list(dict.fromkeys(rows)))
     entries = [lease.entry for lease in leases]
     try:
         if len(entries) == 1:
@@ -176,7 +198,7 @@ def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: t
 def run_scaling(cfg: ScalingConfig, argv: list[str], log=print) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     backbone = load_backbone(cfg.backbone, cfg.weights or default_weights(cfg.backbone), cfg.img_size).to(device)
     engine = Engine(backbone, device, dtype)
     atol = cfg.atol if cfg.atol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
@@ -288,62 +310,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def parse_args(argv: list[str]) -> tuple[ScalingConfig, Path | None]:
-    d = ScalingConfig()
-    p = argparse.ArgumentParser(prog="python -m bench scaling", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default=d.backbone)
-    p.add_argument("--weights", default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
-    p.add_argument("--batch", type=int, default=d.batch, help="rows per batch in part A")
-    p.add_argument("--tasks-per-batch", type=_ints, default=d.tasks_per_batch)
-    p.add_argument("--tasks", type=int, default=d.tasks, help="registered tasks in part A")
-    p.add_argument("--classes", type=int, default=d.classes)
-    p.add_argument("--pool-size", type=int, default=d.pool_size, help="pool of part A's sets")
-    p.add_argument("--registered", type=_ints, default=d.registered, help="registry sizes of part B")
-    p.add_argument("--registered-batch", type=int, default=d.registered_batch)
-    p.add_argument("--registered-tasks-per-batch", type=int, default=d.registered_tasks_per_batch)
-    p.add_argument("--registered-pool", type=int, default=d.registered_pool, help="pool of part B's sets")
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--check-tasks", type=int, default=d.check_tasks, help="tasks checked against a solo run")
-    p.add_argument("--parts", default="tasks_per_batch,registered")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--atol", type=float, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args(argv)
-    if a.tasks < max(a.tasks_per_batch):
-        p.error("--tasks must be >= the largest --tasks-per-batch")
-    cfg = ScalingConfig(
-        backbone=a.backbone,
-        weights=a.weights,
-        img_size=a.img_size,
-        device=a.device,
-        dtype=a.dtype,
-        batch=a.batch,
-        tasks_per_batch=a.tasks_per_batch,
-        tasks=a.tasks,
-        classes=a.classes,
-        pool_size=a.pool_size,
-        registered=a.registered,
-        registered_batch=a.registered_batch,
-        registered_tasks_per_batch=a.registered_tasks_per_batch,
-        registered_pool=a.registered_pool,
-        repeats=a.repeats,
-        warmup=a.warmup,
-        check_tasks=a.check_tasks,
-        threads=a.threads,
-        seed=a.seed,
-        atol=a.atol,
-        parts=[s.strip() for s in a.parts.split(",") if s.strip()],
-    )
-    return cfg, a.json
+def parse_args(argv: list[str] | None) -> tuple[ScalingConfig, Path | None]:
+    """Command-line options -> (config, JSON output path)."""
+    return parse_benchmark_args(ScalingConfig, argv, "python -m bench scaling", __doc__)
 
 
 def main(argv: list[str] | None = None) -> int:

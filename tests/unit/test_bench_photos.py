@@ -8,7 +8,8 @@ import io
 import pytest
 from PIL import Image
 
-from bench.photos import KINDS, base_images, base_labels, decoders, make_kind, parse_args, summarise, upscale
+from bench.photos import parse_args, summarise
+from bench.photos_shared import KINDS, base_images, base_labels, decoders, make_kind, upscale
 from bench.real_data import CIFAR_ZIP, missing
 from lpt.backbone import load_backbone
 
@@ -44,7 +45,7 @@ def test_the_full_decoder_really_decodes_at_full_size():
 
 
 def test_unknown_kinds_are_refused():
-    assert parse_args(["--kinds", "12MP"])[0].kinds == ["12MP"]
+    assert parse_args(["--kinds", "12MP"])[0].kinds == ("12MP",)
     with pytest.raises(SystemExit):
         parse_args(["--kinds", "40MP"])
 
