@@ -1,9 +1,11 @@
-"""HTTP load generator for ``/v1/classify``: closed loop (N concurrent clients) or open loop (Poisson arrivals).
+"""The one HTTP load generator of the benchmarks, for ``/v1/classify``: closed loop (N concurrent clients) or
+open loop (Poisson arrivals), one stream or several at once (tenants with their own rates).
 
-Runs in its own process (``run_in_process``), so its CPU time and event loop never share an interpreter
+Runs in its own process (``LoadProcess``), so its CPU time and event loop never share an interpreter
 with the server or with the engine timings of the benchmark process. Imports only the standard library
 and httpx (no torch): the child starts fast and small. Every run is bounded by a request count and a
-wall-clock deadline.
+wall-clock deadline. The results carry raw latencies; the benchmarks turn them into percentiles with
+``bench.common.percentile``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Target:
 
 @dataclass
 class LoadSpec:
-    """What one load run does.
+    """What one load stream does (``run``), or one of several streams sharing a window (``run_together``).
 
     Attributes:
         url: server base URL (loopback).
@@ -85,76 +87,101 @@ class _Picker:
         return self.targets[min(i, len(self.targets) - 1)]
 
 
-async def _run(spec: LoadSpec) -> dict[str, Any]:
-    rng = random.Random(spec.seed)
-    pick = _Picker(spec.targets, rng)
-    records: list[tuple[float, float, int]] = []  # (start, end, status); status 0 = transport error/timeout
-    sent = 0
-    t0 = time.perf_counter()
-    window_start = t0 + spec.warmup_s
-    window_end = window_start + spec.duration_s
-    limits = httpx.Limits(max_connections=spec.concurrency, max_keepalive_connections=spec.concurrency)
-    timeout = httpx.Timeout(spec.timeout_s)
-    async with httpx.AsyncClient(base_url=spec.url, limits=limits, timeout=timeout) as client:
+class _Stream:
+    """One spec's requests inside a shared client and window: the records ``(start, end, status)`` it made.
 
-        async def one(target: Target, image: bytes) -> None:
-            start = time.perf_counter()
-            try:
-                resp = await client.post(
-                    "/v1/classify",
-                    params={"task": target.task, "top_k": spec.top_k},
-                    content=image,
-                    headers={"Authorization": f"Bearer {target.secret}", "Content-Type": "image/jpeg"},
-                )
-                status = resp.status_code
-            except httpx.HTTPError:
-                status = 0
-            records.append((start, time.perf_counter(), status))
+    Status 0 is a transport error or timeout; -1 an open-loop arrival never sent (the in-flight cap was hit).
+    """
 
-        def next_request() -> tuple[Target, bytes]:
-            nonlocal sent
-            image = spec.images[sent % len(spec.images)]
-            sent += 1
-            return pick(), image
+    def __init__(self, spec: LoadSpec, client: httpx.AsyncClient, window_end: float):
+        self.spec = spec
+        self.client = client
+        self.window_end = window_end
+        self.rng = random.Random(spec.seed)
+        self.pick = _Picker(spec.targets, self.rng)
+        self.records: list[tuple[float, float, int]] = []
+        self.sent = 0
 
-        if spec.mode == "closed":
+    def next_request(self) -> tuple[Target, bytes]:
+        """The next request's task (drawn by popularity) and image (cycled); counts it as sent."""
+        image = self.spec.images[self.sent % len(self.spec.images)]
+        self.sent += 1
+        return self.pick(), image
 
-            async def client_loop() -> None:
-                while time.perf_counter() < window_end and sent < spec.max_requests:
-                    await one(*next_request())
+    async def one(self, target: Target, image: bytes) -> None:
+        spec = self.spec
+        start = time.perf_counter()
+        try:
+            resp = await self.client.post(
+                "/v1/classify",
+                params={"task": target.task, "top_k": spec.top_k},
+                content=image,
+                headers={"Authorization": f"Bearer {target.secret}", "Content-Type": "image/jpeg"},
+                timeout=spec.timeout_s,
+            )
+            status = resp.status_code
+        except httpx.HTTPError:
+            status = 0
+        self.records.append((start, time.perf_counter(), status))
 
-            await asyncio.gather(*(client_loop() for _ in range(spec.concurrency)))
-        elif spec.mode == "open":
-            in_flight: set[asyncio.Task] = set()
-            dropped = 0
-            next_at = time.perf_counter()
-            while next_at < window_end and sent < spec.max_requests:
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if len(in_flight) >= spec.concurrency:
-                    dropped += 1
-                    records.append((next_at, next_at, -1))  # -1: never sent, the client-side cap was hit
-                else:
-                    task = asyncio.ensure_future(one(*next_request()))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                next_at += rng.expovariate(spec.rate)
-            if in_flight:
-                await asyncio.wait(in_flight, timeout=spec.timeout_s)
+    async def closed_client(self) -> None:
+        while time.perf_counter() < self.window_end and self.sent < self.spec.max_requests:
+            await self.one(*self.next_request())
+
+    async def open_loop(self) -> None:
+        spec = self.spec
+        in_flight: set[asyncio.Task] = set()
+        next_at = time.perf_counter()
+        while next_at < self.window_end and self.sent < spec.max_requests:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(in_flight) >= spec.concurrency:
+                self.records.append((next_at, next_at, -1))
+            else:
+                task = asyncio.ensure_future(self.one(*self.next_request()))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            next_at += self.rng.expovariate(spec.rate)
+        if in_flight:  # bounded: what has not answered by then is cancelled and not recorded
+            _, late = await asyncio.wait(in_flight, timeout=spec.timeout_s)
+            for task in late:
+                task.cancel()
+
+    async def drive(self) -> None:
+        if self.spec.mode == "closed":
+            await asyncio.gather(*(self.closed_client() for _ in range(self.spec.concurrency)))
+        elif self.spec.mode == "open":
+            await self.open_loop()
         else:
-            raise ValueError(f"unknown mode {spec.mode!r}")
-    return _summarise(records, window_start, window_end, sent)
+            raise ValueError(f"unknown mode {self.spec.mode!r}")
+
+
+async def _run(specs: list[LoadSpec]) -> list[dict[str, Any]]:
+    first = specs[0]
+    if any((s.url, s.warmup_s, s.duration_s) != (first.url, first.warmup_s, first.duration_s) for s in specs):
+        raise ValueError("streams run together share the server, the warm-up and the measured window")
+    t0 = time.perf_counter()
+    window_start = t0 + first.warmup_s
+    window_end = window_start + first.duration_s
+    connections = sum(s.concurrency for s in specs)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=first.url, limits=limits) as client:
+        streams = [_Stream(spec, client, window_end) for spec in specs]
+        await asyncio.gather(*(stream.drive() for stream in streams))
+    return [_summarise(s.records, window_start, window_end, s.sent) for s in streams]
 
 
 def _summarise(records: list[tuple[float, float, int]], w0: float, w1: float, sent: int) -> dict[str, Any]:
-    """Throughput counts completions inside the window; latencies are of requests started inside it."""
+    """Throughput counts completions inside the window; latencies are of requests started inside it.
+
+    ``latencies_s`` are the 200 answers', ``rejected_latencies_s`` the 429 answers' (seconds, unsorted).
+    """
     in_window = [r for r in records if w0 <= r[0] < w1]
     done_in_window = [r for r in records if w0 <= r[1] < w1 and r[2] == 200]
     statuses: dict[str, int] = {}
     for _, _, status in in_window:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
-    ok_latencies = [end - start for start, end, status in in_window if status == 200]
     n = len(in_window)
     return {
         "window_s": w1 - w0,
@@ -165,13 +192,19 @@ def _summarise(records: list[tuple[float, float, int]], w0: float, w1: float, se
         "statuses": statuses,
         "error_rate": (n - statuses.get("200", 0)) / n if n else 0.0,
         "rate_429": statuses.get("429", 0) / n if n else 0.0,
-        "latencies_s": ok_latencies,
+        "latencies_s": [end - start for start, end, status in in_window if status == 200],
+        "rejected_latencies_s": [end - start for start, end, status in in_window if status == 429],
     }
 
 
 def run(spec: LoadSpec) -> dict[str, Any]:
     """Run one load spec in this process (blocking)."""
-    return asyncio.run(_run(spec))
+    return asyncio.run(_run([spec]))[0]
+
+
+def run_together(specs: list[LoadSpec]) -> list[dict[str, Any]]:
+    """Run several streams at once against one server, over one window; one summary per spec, in order."""
+    return asyncio.run(_run(specs))
 
 
 class LoadProcess:
@@ -181,8 +214,13 @@ class LoadProcess:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
 
     def run(self, spec: LoadSpec) -> dict[str, Any]:
-        deadline = spec.warmup_s + spec.duration_s + spec.timeout_s + 60.0
-        return self._pool.submit(run, spec).result(timeout=deadline)
+        """``run(spec)`` in the child."""
+        return self.run_together([spec])[0]
+
+    def run_together(self, specs: list[LoadSpec]) -> list[dict[str, Any]]:
+        """``run_together(specs)`` in the child."""
+        deadline = specs[0].warmup_s + specs[0].duration_s + max(s.timeout_s for s in specs) + 60.0
+        return self._pool.submit(run_together, specs).result(timeout=deadline)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

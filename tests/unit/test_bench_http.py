@@ -1,15 +1,18 @@
-"""The HTTP benchmark's pure parts: latency statistics, the load generator's window and popularity, and the
-check that a classify response equals the engine's scores (it must catch wrong versions, labels and scores)."""
+"""The HTTP benchmarks' parts: latency statistics (one percentile definition), the load generator's window,
+popularity and concurrent streams, and the check that a classify response equals the engine's scores (it must
+catch wrong versions, labels and scores)."""
 
 from __future__ import annotations
 
 import itertools
 import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from bench import loadgen
+from bench import loadgen, overload
 from bench.common import CheckFailed, latency_summary, make_set, percentile, resident
 from bench.http_e2e import compare_answer, markdown
 from lpt.backbone import load_backbone
@@ -61,6 +64,54 @@ def test_summary_counts_only_the_window() -> None:
     assert s["statuses"] == {"200": 2, "429": 1, "0": 1}
     assert s["error_rate"] == pytest.approx(0.5) and s["rate_429"] == pytest.approx(0.25)
     assert sorted(s["latencies_s"]) == pytest.approx([0.5, 1.5])
+
+
+def test_overload_rows_use_the_shared_percentile() -> None:
+    result = {
+        "window_s": 2.0,
+        "requests": 8,
+        "statuses": {"200": 5, "429": 2, "-1": 1},
+        "latencies_s": [0.001, 0.002, 0.003, 0.004, 0.005],
+        "rejected_latencies_s": [0.010, 0.020],
+    }
+    row = overload.summarise(result)
+    assert row["offered_rps"] == 4.0 and row["ok_rps"] == 2.5 and row["errors"] == 1
+    assert row["ok_p50_ms"] == pytest.approx(3.0) and row["ok_p99_ms"] == pytest.approx(4.96)  # interpolated
+    assert row["reject_p99_ms"] == pytest.approx(1e3 * percentile([0.010, 0.020], 99)) and row["reject_max_ms"] == 20.0
+
+
+class _Admits(BaseHTTPRequestHandler):
+    """/v1/classify: 200 for the key ``ok``, 429 for any other (a server that admits one tenant)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status = 200 if self.headers["Authorization"] == "Bearer ok" else 429
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_streams_run_together_are_summarised_apart() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Admits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        window = {"url": url, "images": [b"jpeg"], "duration_s": 0.6, "warmup_s": 0.1, "timeout_s": 5.0}
+        admitted = loadgen.LoadSpec(targets=[loadgen.Target("t", "ok")], concurrency=2, **window)
+        refused = loadgen.LoadSpec(targets=[loadgen.Target("t", "no")], mode="open", rate=50, concurrency=8, **window)
+        ok, rejected = loadgen.run_together([admitted, refused])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert set(ok["statuses"]) == {"200"} and ok["completed_ok"] > 0 and not ok["rejected_latencies_s"]
+    assert set(rejected["statuses"]) == {"429"} and not rejected["latencies_s"]
+    assert len(rejected["rejected_latencies_s"]) == rejected["requests"] > 5  # ~30 Poisson arrivals in 0.6 s
+    with pytest.raises(ValueError, match="share"):
+        loadgen.run_together([admitted, loadgen.LoadSpec(**{**window, "duration_s": 1.0}, targets=[])])
 
 
 def test_compare_answer_accepts_the_engine_scores(entry) -> None:
