@@ -245,6 +245,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = option_kind(hints[f.name])
         if f.metadata.get("choices") is not None:
             kind["choices"] = f.metadata["choices"]
+        if "type" in kind and "choices" not in kind:
+            kind.setdefault("metavar", flag_of(f)[2:].upper().replace("-", "_"))  # the flag's name, not the field's
         defaults[f.name] = field_default(f)
         parser.add_argument(flag_of(f), dest=f.name, help=_help(f, defaults[f.name]), **kind)
     # Defaults go through set_defaults: BooleanOptionalAction appends its own "(default: ...)" to the help otherwise.

@@ -72,7 +72,7 @@ class EngineConfig:
     img_size: int | None = option(None, help="build the backbone for this input size")
     device: str = option("cpu")
     dtype: str = option("float32", choices=tuple(COMPUTE_DTYPES), help="non-float32: autocast")
-    batch_sizes: tuple[int, ...] = option((1, 8, 32, 64), help="comma-separated, e.g. 1,8,32,64")
+    batch_sizes: tuple[int, ...] = option((1, 8, 32, 64), help="batch sizes to time")
     repeats: int = option(15, help="timed rounds per batch size (median reported)")
     warmup: int = option(1, help="untimed rounds per batch size")
     tasks: int = option(1000, help="registered tasks the mixed batches draw from")
@@ -86,7 +86,7 @@ class EngineConfig:
     atol: float | None = option(
         None, help="logit tolerance of the correctness check (default: 1e-4 in float32, 0.5 under autocast)"
     )
-    clock: str = option("wall", choices=sorted(CLOCKS), help="wall, or cpu: process CPU time (see CLOCKS)")
+    clock: str = option("wall", choices=sorted(CLOCKS), help="wall clock, or cpu: this process's CPU time")
     host_memory_retain: int = option(
         RETAIN_BYTES,
         flag="--host-memory-retain-bytes",
