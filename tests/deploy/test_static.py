@@ -69,7 +69,7 @@ def test_dockerfile_contract():
     assert len(health) == 1 and "lpt-healthcheck.py" in health[0]
     copies = " ".join(rest for word, rest in ins if word == "COPY")
     assert "docker/healthcheck.py /usr/local/lib/lpt-healthcheck.py" in copies
-    # Every Python package the distribution ships is copied before `pip install .`.
+    # Every Python package the distribution ships is copied before it is installed.
     pyproject = (cfg.REPO / "pyproject.toml").read_text()
     include = re.search(r"include\s*=\s*\[([^\]]*)\]", pyproject).group(1)
     for pattern in re.findall(r'"([^"]+)"', include):
@@ -77,7 +77,7 @@ def test_dockerfile_contract():
         assert re.search(rf"(^|\s){pkg}\s", copies), f"package {pkg} is not copied into the image"
     assert "pyproject.toml" in copies and "README.md" in copies
     runs = " ".join(rest for word, rest in ins if word == "RUN")
-    assert "pip install --no-cache-dir --constraint /opt/torch-constraints.txt ." in runs
+    assert "pip install --no-cache-dir --constraint /opt/torch-constraints.txt '.[train]'" in runs
     # The trainer runs from the same image: its console script is part of the distribution.
     assert re.search(r'^lpt-train\s*=\s*"trainer\.cli:main"', pyproject, flags=re.M)
     assert [rest for word, rest in ins][-1] == '["lpt-serve"]' and ins[-1][0] == "CMD"

@@ -249,7 +249,7 @@ def test_concurrent_decodes_leave_the_warning_filters_alone(served):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
 def test_images_decode_on_the_bounded_pool_below_the_process_priority(served):
-    pool = served.state.decode_pool
+    pool = served.state.classifier.decode_pool
     assert pool._pool._max_workers == served.state.config.decode_threads >= 1
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen = []

@@ -70,4 +70,4 @@ def test_the_service_decodes_exactly_as_the_trainer_loader(served, tmp_path):
     dataset = image_folder(tmp_path)
     dataset.transform = served.state.backbone.eval_transform
     for i, data in enumerate(datas):
-        assert torch.equal(served.state.decode_pool.decoder(data), dataset[i][0])
+        assert torch.equal(served.state.classifier.decode_pool.decoder(data), dataset[i][0])

@@ -58,7 +58,9 @@ def upload_rejected(served, data: bytes, expected_code: str, multipart: bool = F
         assert r.status_code == 422, (task, r.status_code, r.text)
         assert error_code(r) == expected_code, r.text
     assert store_view(served) == before
-    assert served.state.cache.active_version("default", FRESH) is None
+    assert served.state.prompt_sets.states.get("default", FRESH) is None and not len(
+        served.state.prompt_sets.cache.resident_keys("default", FRESH)
+    )
 
 
 def raw_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:

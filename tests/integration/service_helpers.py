@@ -11,12 +11,12 @@ from typing import Any
 import httpx
 import torch
 from PIL import Image
-from service.state import ServiceState
 
 from lpt.backbone import Backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.prompt_set import PromptSet
 from prompts_store.base import PromptStore
+from service.application import Service
 from service.images import to_rgb
 from tests.support.service_app import auth
 
@@ -95,7 +95,7 @@ class GatedInfer:
     """Replaces ``engine.infer``: each call signals ``entered`` and waits for ``release`` (bounded), then runs
     the real forward, or raises once when ``fail_next`` is set."""
 
-    def __init__(self, state: ServiceState, gate: bool = True, wait_s: float = 30.0):
+    def __init__(self, state: Service, gate: bool = True, wait_s: float = 30.0):
         self.real = state.engine.infer
         self.entered = threading.Event()
         self.release = threading.Event()

@@ -44,7 +44,7 @@ async def test_full_queue_answers_429_with_retry_after(backbone, tmp_path):
     async with serve(config, backbone) as (app, c):
         assert (await upload(c, "t", data)).status_code == 201
         gate = GatedInfer(state_of(app))
-        queue = state_of(app).queue
+        queue = state_of(app).classifier.queue
         results: dict[int, httpx.Response] = {}
 
         async def send(i: int) -> None:
@@ -101,7 +101,7 @@ async def test_deadline_answers_504_and_the_service_recovers(backbone, tmp_path)
         r = await classify(c, "t", IMG)
         assert r.status_code == 200, r.text
         assert_matches(r.json()["predictions"], reference_probs(backbone, ps, IMG))
-        await wait_until_async(lambda: len(state_of(app).queue) == 0, 10, "the queue to drain")
+        await wait_until_async(lambda: len(state_of(app).classifier.queue) == 0, 10, "the queue to drain")
         assert_no_leases(app)
         m = await metrics(c)
         assert m['lpt_requests_total{endpoint="/v1/classify",status="504"}'] == 2
@@ -150,7 +150,7 @@ async def test_a_cold_task_under_100_concurrent_requests_is_read_from_the_store_
     store = CountingStore(inner)
     try:
         async with serve(config, backbone, store=store) as (app, c):
-            assert state_of(app).cache.active_version("default", "cold") is None  # not resident: cold
+            assert not state_of(app).prompt_sets.cache.resident_keys("default", "cold")  # not resident: cold
             results: list[httpx.Response] = []
 
             async def send() -> None:
@@ -206,7 +206,7 @@ async def test_identical_reuploads_under_classify_traffic_keep_the_cache_within_
                     tg.start_soon(traffic, task)
                     tg.start_soon(reupload, task)
         assert {r.status_code for r in answers} == {200}, [(r.status_code, r.text) for r in answers if r.is_error]
-        cache = state_of(app).cache
+        cache = state_of(app).prompt_sets.cache
         await wait_until_async(lambda: all(n == 0 for n in open_leases(state_of(app)).values()), 10, "every lease back")
         assert cache.resident_bytes <= config.cache_bytes, (len(cache), cache.resident_bytes / one_set)
         for task, (ps, _data) in sets.items():  # every task still servable, with its own scores
@@ -225,7 +225,7 @@ async def test_eviction_under_a_small_cache_budget_then_reload_gives_identical_r
     one_set = sets["a"][0].nbytes + precompute_shared_kv(backbone.model, sets["a"][0]).nbytes
     config = make_config(tmp_path, cache_bytes=one_set + one_set // 2)  # room for one set, not two
     async with serve(config, backbone) as (app, c):
-        cache = state_of(app).cache
+        cache = state_of(app).prompt_sets.cache
         assert (await upload(c, "a", sets["a"][1])).status_code == 201
         first = await classify(c, "a", IMG)
         assert first.status_code == 200
@@ -259,7 +259,7 @@ async def test_one_tenant_flooding_does_not_starve_another(backbone, tmp_path):
         for tenant in KEYS:
             assert (await upload(c, "t", data, tenant=tenant)).status_code == 201
         gate = GatedInfer(state_of(app))
-        queue = state_of(app).queue
+        queue = state_of(app).classifier.queue
         statuses: list[int] = []
 
         async def send(tenant: str) -> None:
@@ -306,7 +306,7 @@ async def test_shutdown_past_its_timeout_answers_queued_requests_503_and_finishe
                     await wait_until_async(gate.entered.is_set, 10, "the worker to block in the forward")
                     tg.start_soon(send, 1)
                     tg.start_soon(send, 2)
-                    await wait_until_async(lambda: len(state_of(app).queue) == 2, 10, "two queued requests")
+                    await wait_until_async(lambda: len(state_of(app).classifier.queue) == 2, 10, "two queued requests")
                     await lifespan.__aexit__(None, None, None)  # the worker cannot drain them in 0.3 s
                     gate.release.set()
     finally:

@@ -179,7 +179,7 @@ async def test_a_blob_failing_its_checksum_is_a_non_retryable_server_error(backb
     _, data = set_bytes(backbone.info, seed=6)
     async with serve(make_config(tmp_path), backbone) as (app, c):
         assert (await upload(c, "t", data)).status_code == 201
-        state_of(app).cache.drop_task("default", "t")  # not resident: the next classify reads the store
+        state_of(app).prompt_sets.cache.discard_task("default", "t")  # not resident: the next classify reads the store
         db = sqlite3.connect(state_of(app).store.path)  # the disk flips one bit of the stored blob
         try:
             (blob,) = db.execute("SELECT data FROM blobs").fetchone()
@@ -198,8 +198,8 @@ async def test_showing_a_task_reads_metadata_without_making_its_set_resident(bac
     ps, data = set_bytes(backbone.info, classes=5, seed=7)
     async with serve(make_config(tmp_path), backbone) as (app, c):
         assert (await upload(c, "t", data)).status_code == 201
-        cache = state_of(app).cache
-        cache.drop_task("default", "t")
+        cache = state_of(app).prompt_sets.cache
+        cache.discard_task("default", "t")
         misses = (await metrics(c))["lpt_prompt_cache_misses_total"]
         show = await c.get("/v1/prompts/t")
         assert show.status_code == 200 and show.json()["class_names"] == ps.class_names

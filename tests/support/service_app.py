@@ -155,5 +155,5 @@ async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
 
 def open_leases(state: Service) -> dict[tuple, int]:
     """Open leases per resident set: all zero once every request has settled."""
-    table = state.cache.table
+    table = state.prompt_sets.cache.table
     return {tuple(key): table.leases_of(key) for key in table.in_lru_order()}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 import os
+import typing
 from pathlib import Path
 
 import pytest
