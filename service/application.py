@@ -111,8 +111,14 @@ class Service:
     # -- health -----------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        """The batch loop runs and has ticked recently (a stalled loop fails liveness)."""
-        return self.worker.alive and self.heartbeat_age < max(5.0, 3 * self.config.request_timeout)
+        """The batch loop runs, has ticked recently (a stalled loop fails liveness), and its batches do not all
+        fail (a device stuck in an error state: a restart is the remedy)."""
+        stalled = self.heartbeat_age >= max(5.0, 3 * self.config.request_timeout)
+        return (
+            self.worker.alive
+            and not stalled
+            and not _past(self.worker.failing_batches, self.config.unhealthy_after_failures)
+        )
 
     @property
     def heartbeat_age(self) -> float:
@@ -123,13 +129,16 @@ class Service:
         Blocking (it may ping the store)."""
         store_ok = self.store_reachable()
         resident = len(self.prompt_sets.cache)
-        ready = self.warmed_up and not self.draining.is_set() and (store_ok or resident > 0)
+        failing = self.worker.failing_batches
+        batches_ok = not _past(failing, self.config.unready_after_failures)
+        ready = self.warmed_up and not self.draining.is_set() and (store_ok or resident > 0) and batches_ok
         return {
             "ready": ready,
             "warmed_up": self.warmed_up,
             "store": store_ok,
             "resident_sets": resident,
             "draining": self.draining.is_set(),
+            "failing_batches": failing,
         }
 
     def store_reachable(self) -> bool:
@@ -152,3 +161,8 @@ class Service:
         if self.engine.device.type == "cuda":
             self.metrics.device_memory.set(torch.cuda.memory_allocated(self.engine.device))
         return self.metrics.render()
+
+
+def _past(count: int, limit: int) -> bool:
+    """``count`` reached a failure limit (0 turns the limit off)."""
+    return limit > 0 and count >= limit

@@ -30,7 +30,8 @@ class Engine:
         self.dtype = dtype
 
     def infer(self, images: torch.Tensor, entries: list[ResidentSet]) -> list[torch.Tensor]:
-        """Probabilities for each row; rows of different geometry (L, S) run as separate forwards.
+        """Probabilities ``softmax(logits / T)`` for each row, with T its set's temperature (1 for a set without
+        one); rows of different geometry (L, S) run as separate forwards.
 
         Args:
             images: ``[B, 3, H, W]`` preprocessed images (any device).
@@ -58,9 +59,11 @@ class Engine:
                 [e.prompt_set for e in distinct], self.device, self.dtype, [e.shared_kv for e in distinct]
             )
         slots = torch.tensor([slot_of[e.key] for e in entries], device=self.device)
+        # Each set's calibrated temperature: scores are softmax(logits / T); T = 1 (no temperature) divides exactly.
+        temperature = torch.tensor([e.prompt_set.score_temperature for e in distinct], device=self.device)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             out = prompted_forward(self.backbone.model, images, bank, slots)
-            return out.logits.float().softmax(dim=-1)
+            return (out.logits.float() / temperature[slots][:, None]).softmax(dim=-1)
 
     def warm_up(self) -> None:
         """One mixed two-task forward (with and without a group-prompt pool), so the first request pays no lazy

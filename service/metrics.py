@@ -56,11 +56,20 @@ class ServiceMetrics:
         )
         self.batch_failures = Counter(
             "lpt_batch_failures",
-            "Batches failed with all their requests, by stage (forward, or the loop around it)",
+            "Batches failed with all their requests, by stage (forward, the loop around it, or a probe forward)",
             ["stage"],
             registry=r,
         )
-        for stage in ("forward", "loop"):  # exported at 0 from the start, so rates and alerts need no special case
+        self.consecutive_batch_failures = Gauge(
+            "lpt_consecutive_batch_failures",
+            "Batches failed in a row since the last good one (readiness and liveness fail past their settings)",
+            registry=r,
+        )
+        for stage in (
+            "forward",
+            "loop",
+            "probe",
+        ):  # exported at 0 from the start, so rates and alerts need no special case
             self.batch_failures.labels(stage)
         self.device_memory = Gauge(
             "lpt_device_memory_bytes", "Device memory allocated by this process (CUDA)", registry=r

@@ -224,12 +224,16 @@ class PromptCache:
         return resident
 
     def class_names(self, key: SetKey) -> list[str]:
-        """A version's class names: from its resident entry, else parsed from the store's bytes on the CPU
-        (a metadata read never makes a set resident)."""
+        """A version's class names (``described``)."""
+        return list(self.described(key).class_names)
+
+    def described(self, key: SetKey) -> PromptSet:
+        """A version's prompt set for its metadata: the resident entry's, else parsed from the store's bytes on the
+        CPU (a metadata read never makes a set resident)."""
         entry = self.table.peek(key)
         if entry is not None:
-            return list(entry.prompt_set.class_names)
-        return list(decode(self._get(key.tenant, key.task, key.version).data).class_names)
+            return entry.prompt_set
+        return decode(self._get(key.tenant, key.task, key.version).data)
 
     def discard_task(self, tenant: str, task: str) -> None:
         """Forget a task's versions now; leased ones free their memory once their batch ends. A load in flight

@@ -28,7 +28,7 @@ from typing import NoReturn, TypeVar
 
 from lpt.backbone import BackboneInfo
 from lpt.errors import NotFound, StoreUnavailable, TooLarge
-from lpt.prompt_set import PromptSet, ValidationLimits, load_and_validate
+from lpt.prompt_set import DEFAULT_TEMPERATURE, PromptSet, ValidationLimits, load_and_validate
 from prompts_store.base import PromptStore, StoredVersion, Subscription, TaskState
 from service.errors import SetChanged
 from service.metrics import ServiceMetrics
@@ -57,10 +57,14 @@ class TaskSummary:
 
 @dataclass(frozen=True)
 class TaskDetail:
+    """The active version's class names and score temperature (scores are ``softmax(logits / T)``), and every
+    version."""
+
     task: str
     active_version: int
     class_names: list[str]
     versions: list[StoredVersion]
+    temperature: float = DEFAULT_TEMPERATURE
 
 
 def state_of(info: StoredVersion) -> TaskState:
@@ -142,11 +146,12 @@ class PromptSets:
         return out
 
     def show(self, tenant: str, task: str) -> TaskDetail:
-        """The active version's class names (metadata only: nothing becomes resident) and every version."""
+        """The active version's class names and temperature (metadata only: nothing becomes resident) and every
+        version."""
         active = self._store(self.store.active_version, tenant, task)
         versions = self._store(self.store.list_versions, tenant, task)
-        key = SetKey(tenant, task, active.version, active.sha256)
-        return TaskDetail(task, active.version, self.cache.class_names(key), versions)
+        described = self.cache.described(SetKey(tenant, task, active.version, active.sha256))
+        return TaskDetail(task, active.version, list(described.class_names), versions, described.score_temperature)
 
     # -- following the store ----------------------------------------------------------------------
     def subscribe(self, reconcile_s: float) -> None:

@@ -82,6 +82,12 @@ class ServiceSettings(BaseSettings):
     log_level: str = setting("info", "debug, info, warning or error")
     store_timeout: float = setting(0.5, "seconds a store call may take before the store counts as unavailable")
     reconcile_s: float = setting(2.0, "seconds between re-reads of the store's state (recovers missed notices)")
+    unready_after_failures: int = setting(
+        3, "failed batches in a row after which /readyz answers 503 (traffic moves to other replicas; 0: never)"
+    )
+    unhealthy_after_failures: int = setting(
+        20, "failed batches in a row after which /healthz answers 503 (the orchestrator restarts it; 0: never)"
+    )
     shutdown_timeout: float = setting(20.0, "seconds to finish in-flight work on SIGTERM")
     replica_id: str | None = setting(None, "this replica's name in the X-LPT-Replica header", unset="HOST:PORT")
 
@@ -159,6 +165,8 @@ class ServiceConfig:
     log_level: str = _default("log_level")
     store_timeout: float = _default("store_timeout")
     reconcile_s: float = _default("reconcile_s")
+    unready_after_failures: int = _default("unready_after_failures")
+    unhealthy_after_failures: int = _default("unhealthy_after_failures")
     shutdown_timeout: float = _default("shutdown_timeout")
     replica_id: str | None = _default("replica_id")
 

@@ -4,6 +4,11 @@ The loop runs in its own thread, so model code never runs on the event loop, and
 ``/healthz``. Each iteration is guarded as a whole: whatever fails (the forward, stacking the images,
 bookkeeping), that batch's requests fail with ``BatchFailed`` (500), the failure is logged and counted
 (``lpt_batch_failures_total``), and the loop takes the next batch. Nothing is left hanging.
+
+A device that fails every forward would fail every request forever while the loop itself stays alive, so the
+loop also counts failed batches in a row (``failing_batches``, gauge ``lpt_consecutive_batch_failures``); the
+health endpoints read it (``application.py``) and one good batch sets it back to 0; while it is not 0, an idle
+loop runs a probe forward (the engine's warm-up) every ``PROBE_INTERVAL_S``, which counts as a batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from service.queue import FairQueue, RowResult, WorkItem, collect_batch
 log = logging.getLogger(__name__)
 
 FAILURE_PAUSE_S = 0.05  # after a failed iteration, so a persistent fault cannot spin the loop hot
+# While batches fail, an idle loop tries a probe forward this often: a replica taken out of traffic gets no
+# batches, so without probes it could never see the device recover.
+PROBE_INTERVAL_S = 2.0
 
 
 class EngineWorker:
@@ -46,6 +54,8 @@ class EngineWorker:
         self.max_wait_s = max_wait_s
         self.heartbeat = time.monotonic()
         self.batches = 0
+        self.failing_batches = 0  # failed batches since the last good one
+        self._last_probe = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lpt-engine", daemon=True)
 
@@ -76,9 +86,27 @@ class EngineWorker:
                 if batch:
                     self.run_batch(batch)
                     self.heartbeat = time.monotonic()
+                elif self.failing_batches and time.monotonic() - self._last_probe >= PROBE_INTERVAL_S:
+                    self.probe()
             except Exception as exc:
                 self._fail(batch, exc, "loop")
                 time.sleep(FAILURE_PAUSE_S)
+
+    def probe(self) -> None:
+        """A forward with no request in it, while batches fail: success counts as a good batch."""
+        self._last_probe = time.monotonic()
+        try:
+            self.engine.warm_up()
+        except Exception as exc:
+            self._fail([], exc, "probe")
+            return
+        self._succeeded()
+
+    def _succeeded(self) -> None:
+        if self.failing_batches:
+            log.warning("a batch succeeded after %d failed batches in a row", self.failing_batches)
+        self.failing_batches = 0
+        self.metrics.consecutive_batch_failures.set(0)
 
     def run_batch(self, batch: list[WorkItem]) -> None:
         """One forward for ``batch`` and every row's future settled; a failed forward fails the batch."""
@@ -92,6 +120,7 @@ class EngineWorker:
             self._fail(batch, exc, "forward")
             return
         self.batches += 1
+        self._succeeded()
         self.metrics.inference_duration.observe(time.monotonic() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tasks.observe(len({(e.key.tenant, e.key.task) for e in entries}))
@@ -101,7 +130,13 @@ class EngineWorker:
     def _fail(self, batch: list[WorkItem], exc: Exception, stage: str) -> None:
         """Fail every unsettled request of ``batch``; log and count the failure. Must not raise itself."""
         try:
-            log.error("batch of %d images failed in the %s", len(batch), stage, exc_info=exc)
+            self.failing_batches += 1
+            self._last_probe = time.monotonic()  # the next probe waits a whole interval after any failure
+            self.metrics.consecutive_batch_failures.set(self.failing_batches)
+            log.error(
+                "batch of %d images failed in the %s (%d failed batches in a row)",
+                len(batch), stage, self.failing_batches, exc_info=exc,
+            )  # fmt: skip
             self.metrics.batch_failures.labels(stage).inc()
         finally:
             error = BatchFailed(f"inference failed for this batch: {type(exc).__name__}")

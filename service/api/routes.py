@@ -165,6 +165,7 @@ async def show_prompt_set(request: Request, tenant: str = Depends(tenant_of), ta
         "task": detail.task,
         "active_version": detail.active_version,
         "class_names": detail.class_names,
+        "temperature": detail.temperature,
         "versions": [_version_info(v, active=v.version == detail.active_version) for v in detail.versions],
     }
 

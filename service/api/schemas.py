@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from lpt.prompt_set import DEFAULT_TEMPERATURE
+
 
 class ErrorBody(BaseModel):
     code: str = Field(description="machine-readable error code")
@@ -18,7 +20,10 @@ class ErrorResponse(BaseModel):
 class Prediction(BaseModel):
     index: int
     label: str
-    score: float = Field(description="softmax probability")
+    score: float = Field(
+        description="the class's probability softmax(logits / T) under the task's calibrated temperature T "
+        "(GET /v1/prompts/{task}): of the images scored 0.8, about 80 % are that class; T = 1 for a set without one"
+    )
 
 
 SHA256_FIELD = Field(
@@ -84,6 +89,11 @@ class TaskDetail(BaseModel):
     task: str
     active_version: int
     class_names: list[str] | None = None
+    temperature: float = Field(
+        default=DEFAULT_TEMPERATURE,
+        description="the active version's score temperature T: scores are softmax(logits / T), fitted by lpt-train "
+        "on held-out images; 1.0 for a set that carries none",
+    )
     versions: list[VersionInfo]
 
 

@@ -153,3 +153,32 @@ def test_a_failure_in_the_loop_outside_the_forward_fails_only_that_batch(backbon
             assert_no_leases(s)
         finally:
             worker.metrics.batch_tasks = real
+
+
+def test_a_device_that_fails_every_forward_leaves_readiness_then_liveness_and_comes_back(own_backbone, tmp_path):
+    config = make_config(
+        tmp_path, max_batch_size=1, max_wait_ms=1.0, unready_after_failures=2, unhealthy_after_failures=4
+    )
+    with serve_in_thread(config, own_backbone) as s:
+        assert s.post("/v1/prompts?task=t", content=prompt_bytes(own_backbone.info)).status_code == 201
+        fault = FailingForward(own_backbone.model)
+        try:
+            fault.armed.set()
+            classify = ("POST", "/v1/classify?task=t", {"content": image(1), "headers": {"content-type": "image/png"}})
+            assert s.gather([classify])[0].status_code == 500
+            assert s.get("/readyz").status_code == 200 and s.get("/healthz").status_code == 200  # one is not a fault
+            assert s.gather([classify])[0].status_code == 500
+            ready = s.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["detail"]["failing_batches"] == 2
+            assert s.get("/healthz").status_code == 200  # out of traffic, not yet restarted
+            for _ in range(2):
+                assert s.gather([classify])[0].status_code == 500
+            assert s.get("/healthz").status_code == 503
+            metrics = parse_metrics(s.get("/metrics").text)
+            assert metrics["lpt_consecutive_batch_failures"] >= 4
+            fault.armed.clear()  # the device recovers: the idle loop's probe forward finds out without traffic
+            wait_until(lambda: s.get("/readyz").status_code == 200, 15, "the probe to clear the failures")
+            assert s.get("/healthz").status_code == 200
+            assert parse_metrics(s.get("/metrics").text)["lpt_consecutive_batch_failures"] == 0
+        finally:
+            fault.handle.remove()

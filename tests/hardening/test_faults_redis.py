@@ -94,7 +94,10 @@ def test_redis_fault_keeps_cached_tasks_serving_and_fails_uploads_fast(backbone,
         for task, seed in (("hot", 1), ("warm", 2)):
             upload_healthy(s, task, prompt_bytes(info, seed=seed))
             assert classify(s, task).status_code == 200
-        assert readyz(s) == (200, {"warmed_up": True, "store": True, "resident_sets": 2, "draining": False})
+        assert readyz(s) == (
+            200,
+            {"warmed_up": True, "store": True, "resident_sets": 2, "draining": False, "failing_batches": 0},
+        )
 
         inject(redis_pw)
         try:
