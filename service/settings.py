@@ -1,9 +1,9 @@
-"""Configuration: every setting of ``lpt-serve`` is declared once, in ``ServiceSettings``.
+"""Configuration: every setting of ``lpt-serve`` is declared once, as a field of the frozen ``ServiceConfig``.
 
-From that one declaration come the ``LPT_*`` environment variables (pydantic-settings), the command-line
-flags with their help and defaults (``service/cli.py`` generates them from the fields) and the frozen
-``ServiceConfig`` that flows inward (the same fields, typed, with their defaults read from the settings).
-Nothing below the edge reads the environment.
+From that one declaration come the ``LPT_*`` environment variables (``ServiceSettings``, a pydantic-settings
+model generated from the fields), the command-line flags with their help and defaults (``service/cli.py``
+generates them from the settings) and the typed, frozen config that flows inward. Nothing below the edge reads
+the environment.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lpt.host_memory import RETAIN_BYTES
@@ -30,13 +31,15 @@ DEMO_BACKBONE = ("deit_tiny_patch16_224", "random:0")
 
 def setting(default: Any, help: str, unset: str | None = None) -> Any:
     """A setting's default and help; ``unset`` says what a ``None`` default resolves to (shown by ``--help``)."""
-    return Field(default, description=help, json_schema_extra={"unset": unset} if unset else None)
+    return field(default=default, metadata={"help": help, "unset": unset})
 
 
-class ServiceSettings(BaseSettings):
-    """Every knob of ``lpt-serve``: flag ``--max-batch-size`` and variable ``LPT_MAX_BATCH_SIZE``; a flag wins."""
-
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Every knob of ``lpt-serve``, declared once: flag ``--max-batch-size`` and variable ``LPT_MAX_BATCH_SIZE``
+    come from the field ``max_batch_size`` (``ServiceSettings`` below). Frozen, it flows inward; ``store``,
+    ``device``, ``replica_id`` and ``decode_threads`` are resolved when unset, and ``api_keys`` holds the parsed
+    keys (tenant -> secret)."""
 
     host: str = setting("127.0.0.1", "bind address")
     port: int = setting(8000, "TCP port (0: any free port)")
@@ -46,7 +49,7 @@ class ServiceSettings(BaseSettings):
     store: str | None = setting(
         None, "redis://... or rediss://... URL, or a path for the embedded store", unset="DATA_DIR/store"
     )
-    data_dir: Path = setting(Path("data"), "directory for the embedded store and the demo files")
+    data_dir: Path = setting(Path("data"), "directory for the embedded store and the demo files")  # noqa: RUF009
     device: str | None = setting(None, "cuda, cuda:N or cpu", unset="cuda when available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "compute dtype (auto: bfloat16 on cuda, float32 on cpu)"
@@ -68,12 +71,7 @@ class ServiceSettings(BaseSettings):
     )
     max_prompt_bytes: int = setting(MAX_PROMPT_BYTES, "largest prompt set upload in bytes")
     max_classes: int = setting(ValidationLimits.max_classes, "largest class count a prompt set may have")
-    api_keys: str | None = setting(
-        None,
-        "'tenant:secret' pairs, comma-separated; prefer the variable or a file (a flag shows in ps)",
-        unset="none: single-tenant",
-    )
-    api_keys_file: Path | None = setting(None, "file of 'tenant:secret' lines ('#' comments)", unset="none")
+    api_keys: dict[str, str] = field(default_factory=dict, repr=False, metadata={"help": "tenant -> secret"})
     insecure: bool = setting(False, "allow a non-loopback address without API keys")
     demo: bool = setting(
         False, f"install a demo task; backbone {DEMO_BACKBONE[0]} with {DEMO_BACKBONE[1]} weights unless one is chosen"
@@ -90,85 +88,6 @@ class ServiceSettings(BaseSettings):
     )
     shutdown_timeout: float = setting(20.0, "seconds to finish in-flight work on SIGTERM")
     replica_id: str | None = setting(None, "this replica's name in the X-LPT-Replica header", unset="HOST:PORT")
-
-    @model_validator(mode="after")
-    def _demo_defaults(self) -> ServiceSettings:
-        """``--demo`` changes the defaults of what was not set: the offline backbone and the access log."""
-        if not self.demo:
-            return self
-        chosen = self.model_fields_set
-        if "backbone" not in chosen:
-            self.backbone = DEMO_BACKBONE[0]
-            if "backbone_weights" not in chosen:
-                self.backbone_weights = DEMO_BACKBONE[1]
-        if "access_log" not in chosen:
-            self.access_log = True
-        return self
-
-    def freeze(self) -> ServiceConfig:
-        """The frozen config: the same values, with the API keys parsed (inline and file together)."""
-        values = {name: getattr(self, name) for name in CONFIG_FIELDS}
-        return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
-
-
-def _cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's CPU set), else the machine's count."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def env_name(field_name: str) -> str:
-    """The environment variable of a setting (``max_batch_size`` -> ``LPT_MAX_BATCH_SIZE``)."""
-    return ENV_PREFIX + field_name.upper()
-
-
-def _default(name: str) -> Any:
-    """A setting's declared default (``ServiceSettings`` is where each is written)."""
-    return ServiceSettings.model_fields[name].default
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Frozen configuration that flows inward: the settings' values (defaults from ``ServiceSettings``), with
-    ``store``, ``device``, ``replica_id`` and ``decode_threads`` resolved when unset and ``api_keys`` parsed.
-
-    The fields repeat the settings' names and types so that type checkers see them; a test keeps the two equal.
-    """
-
-    host: str = _default("host")
-    port: int = _default("port")
-    backbone: str = _default("backbone")
-    backbone_weights: str = _default("backbone_weights")
-    img_size: int | None = _default("img_size")
-    store: str | None = _default("store")
-    data_dir: Path = _default("data_dir")  # noqa: RUF009 (a Path is immutable)
-    device: str | None = _default("device")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _default("dtype")
-    max_batch_size: int = _default("max_batch_size")
-    max_wait_ms: float = _default("max_wait_ms")
-    queue_size: int = _default("queue_size")
-    tenant_queue_share: float = _default("tenant_queue_share")
-    cache_bytes: int = _default("cache_bytes")
-    request_timeout: float = _default("request_timeout")
-    max_image_bytes: int = _default("max_image_bytes")
-    max_image_pixels: int = _default("max_image_pixels")
-    decode_threads: int | None = _default("decode_threads")
-    decode_niceness: int = _default("decode_niceness")
-    host_memory_retain_bytes: int = _default("host_memory_retain_bytes")
-    max_prompt_bytes: int = _default("max_prompt_bytes")
-    max_classes: int = _default("max_classes")
-    api_keys: dict[str, str] = field(default_factory=dict, repr=False)  # tenant -> secret; not shown
-    insecure: bool = _default("insecure")
-    demo: bool = _default("demo")
-    access_log: bool = _default("access_log")
-    log_level: str = _default("log_level")
-    store_timeout: float = _default("store_timeout")
-    reconcile_s: float = _default("reconcile_s")
-    unready_after_failures: int = _default("unready_after_failures")
-    unhealthy_after_failures: int = _default("unhealthy_after_failures")
-    shutdown_timeout: float = _default("shutdown_timeout")
-    replica_id: str | None = _default("replica_id")
 
     def __post_init__(self) -> None:
         # Resolved here, so a config built directly (tests, benchmarks) means what the same settings mean to lpt-serve.
@@ -209,7 +128,74 @@ class ServiceConfig:
         )
 
 
+def _cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container's CPU set), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting (``max_batch_size`` -> ``LPT_MAX_BATCH_SIZE``)."""
+    return ENV_PREFIX + field_name.upper()
+
+
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceConfig))
+
+
+class _SettingsBase(BaseSettings):
+    """What only the edge knows: the API keys as given (inline and file), and ``--demo``'s defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    api_keys: str | None = Field(
+        None,
+        description="'tenant:secret' pairs, comma-separated; prefer the variable or a file (a flag shows in ps)",
+        json_schema_extra={"unset": "none: single-tenant"},
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file of 'tenant:secret' lines ('#' comments)", json_schema_extra={"unset": "none"}
+    )
+
+    @model_validator(mode="after")
+    def _demo_defaults(self) -> _SettingsBase:
+        """``--demo`` changes the defaults of what was not set: the offline backbone and the access log."""
+        if not self.demo:
+            return self
+        chosen = self.model_fields_set
+        if "backbone" not in chosen:
+            self.backbone = DEMO_BACKBONE[0]
+            if "backbone_weights" not in chosen:
+                self.backbone_weights = DEMO_BACKBONE[1]
+        if "access_log" not in chosen:
+            self.access_log = True
+        return self
+
+    def freeze(self) -> ServiceConfig:
+        """The frozen config: the same values, with the API keys parsed (inline and file together)."""
+        values = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
+
+
+def _settings_field(f: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
+    """The pydantic field of a config field: its type, default, help and what unset means."""
+    unset = f.metadata.get("unset")
+    extra = {"unset": unset} if unset else None
+    return annotation, Field(f.default, description=f.metadata["help"], json_schema_extra=extra)
+
+
+# The environment and flag layer, generated from the config's fields: each is an ``LPT_*`` variable (a flag wins).
+ServiceSettings = create_model(
+    "ServiceSettings",
+    __base__=_SettingsBase,
+    __module__=__name__,
+    **{
+        f.name: _settings_field(f, hints[f.name])
+        for hints in [typing.get_type_hints(ServiceConfig)]
+        for f in dataclasses.fields(ServiceConfig)
+        if f.name != "api_keys"
+    },
+)
 
 
 def _is_loopback(host: str) -> bool:
