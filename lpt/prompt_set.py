@@ -8,7 +8,8 @@ Tensors (float32; float16 and bfloat16 accepted):
 
 Metadata: ``format``, ``backbone``, ``backbone_fingerprint``, ``share_blocks``, ``top_k``, ``head_scale``,
 ``class_names`` (JSON list); optionally ``backbone_input_size`` (JSON list ``[3, H, W]``, so a mismatch can be
-named); any other key is kept verbatim in ``PromptSet.extra``.
+named) and ``temperature`` (the set's calibration: scores are ``softmax(logits / T)``; a set without it scores
+with T = 1); any other key is kept verbatim in ``PromptSet.extra``.
 
 Decoding never unpickles: the 8-byte header length and the JSON header are checked by hand before
 safetensors touches the bytes, so pickles, zips, truncated files and header bombs fail fast with a code.
@@ -32,11 +33,16 @@ from lpt.errors import PromptSetInvalid
 FORMAT = "lpt-prompt-set/1"
 TENSOR_NAMES = ("shared_prompt", "group_prompts", "group_keys", "head.weight")
 REQUIRED_META = ("format", "backbone", "backbone_fingerprint", "share_blocks", "top_k", "head_scale", "class_names")
-OPTIONAL_META = ("backbone_input_size",)
+OPTIONAL_META = ("backbone_input_size", "temperature")
 ALLOWED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HEADER_LIMIT = 16 * 1024 * 1024
 # s in logits = s * cos(feature, w_c): the cosine head's scale when a set does not say otherwise.
 DEFAULT_HEAD_SCALE = 20.0
+# T in scores = softmax(logits / T), for a set that stores no temperature (uncalibrated: the raw softmax).
+DEFAULT_TEMPERATURE = 1.0
+# The temperatures a set may carry: a fitted T far outside means the fit or the set is broken (T -> 0 turns scores
+# into one-hot votes, a large T into a uniform spread), and the range bounds what one tenant's file can do to scores.
+TEMPERATURE_RANGE = (0.05, 20.0)
 # The largest prompt set a store accepts and a service uploads by default (a set is ~1% of the backbone).
 MAX_PROMPT_BYTES = 64 * 1024 * 1024
 
@@ -67,6 +73,7 @@ class PromptSet:
     group_keys: torch.Tensor | None = None
     extra: dict[str, str] = field(default_factory=dict)
     backbone_input_size: tuple[int, ...] | None = None
+    temperature: float | None = None
 
     @property
     def depth(self) -> int:
@@ -87,6 +94,11 @@ class PromptSet:
     @property
     def num_classes(self) -> int:
         return self.head_weight.shape[0]
+
+    @property
+    def score_temperature(self) -> float:
+        """T of the served scores ``softmax(logits / T)``: the calibrated temperature, else ``DEFAULT_TEMPERATURE``."""
+        return DEFAULT_TEMPERATURE if self.temperature is None else float(self.temperature)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"shared_prompt": self.shared_prompt, "head.weight": self.head_weight}
@@ -116,6 +128,8 @@ class PromptSet:
         )
         if self.backbone_input_size is not None:
             meta["backbone_input_size"] = json.dumps([int(v) for v in self.backbone_input_size])
+        if self.temperature is not None:
+            meta["temperature"] = repr(float(self.temperature))
         return meta
 
     def backbone_identity(self) -> dict[str, object]:
@@ -185,6 +199,15 @@ def _not_safetensors(data: bytes, detail: str) -> PromptSetInvalid:
     return _bad("not_safetensors", f"not a safetensors file: {detail}")
 
 
+def _json(raw: bytes | str, what: str, field: str | None) -> object:
+    """JSON from an untrusted part; JSON nested deeper than the parser's recursion limit is refused like any other
+    bad value (code ``nested_json``), not left to crash the caller."""
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise _bad("nested_json", f"{what} nests JSON too deeply", field) from exc
+
+
 def _read_header(data: bytes) -> dict:
     if len(data) < 8:
         raise _not_safetensors(data, f"{len(data)} bytes is too short")
@@ -199,7 +222,7 @@ def _read_header(data: bytes) -> dict:
     if not raw.lstrip().startswith(b"{"):
         raise _not_safetensors(data, "the header is not a JSON object (pickle, zip or another format?)")
     try:
-        header = json.loads(raw)
+        header = _json(raw, "the header", None)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad("not_safetensors", f"the header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -247,7 +270,7 @@ def decode(data: bytes) -> PromptSet:
         missing = "group_keys" if "group_prompts" in tensors else "group_prompts"
         raise _bad("missing_tensor", "group_prompts and group_keys come together", missing)
     try:
-        class_names = json.loads(meta["class_names"])
+        class_names = _json(meta["class_names"], "class_names", "class_names")
     except json.JSONDecodeError as exc:
         raise _bad("bad_metadata", f"class_names is not JSON: {exc}", "class_names") from exc
     if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
@@ -257,6 +280,7 @@ def decode(data: bytes) -> PromptSet:
     except ValueError as exc:
         raise _bad("bad_metadata", f"head_scale must be a number, got {meta['head_scale']!r}", "head_scale") from exc
     input_size = _input_size_meta(meta)
+    temperature = _temperature_meta(meta)
     pool = tensors.get("group_prompts")
     if pool is not None and pool.ndim >= 1 and pool.shape[0] == 0:
         pool = None
@@ -273,6 +297,7 @@ def decode(data: bytes) -> PromptSet:
         group_keys=tensors["group_keys"] if pool is not None else None,
         extra={k: v for k, v in meta.items() if k not in REQUIRED_META + OPTIONAL_META},
         backbone_input_size=input_size,
+        temperature=temperature,
     )
 
 
@@ -281,13 +306,32 @@ def _input_size_meta(meta: dict[str, str]) -> tuple[int, ...] | None:
     if raw is None:
         return None
     try:
-        size = json.loads(raw)
+        size = _json(raw, "backbone_input_size", "backbone_input_size")
     except json.JSONDecodeError:
         size = None
     if not (isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size)):
         message = f"backbone_input_size must be a JSON list [C, H, W], got {raw!r}"
         raise _bad("bad_metadata", message, "backbone_input_size")
     return tuple(size)
+
+
+def _temperature_meta(meta: dict[str, str]) -> float | None:
+    raw = meta.get("temperature")
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise _bad("bad_metadata", f"temperature must be a number, got {raw!r}", "temperature") from exc
+
+
+def _validate_temperature(temperature: float | None) -> None:
+    if temperature is None:
+        return
+    low, high = TEMPERATURE_RANGE
+    if not (math.isfinite(temperature) and low <= temperature <= high):
+        message = f"temperature must be a finite number in [{low:g}, {high:g}], got {temperature}"
+        raise _bad("bad_metadata", message, "temperature")
 
 
 def _shape(t: torch.Tensor, name: str, ndim: int) -> None:
@@ -324,6 +368,7 @@ def validate(ps: PromptSet, backbone: BackboneInfo, limits: ValidationLimits | N
         raise _bad("bad_share_blocks", f"share_blocks {ps.share_blocks} not in [0, {depth})", "share_blocks")
     if not (math.isfinite(ps.head_scale) and ps.head_scale > 0):
         raise _bad("bad_metadata", f"head_scale must be a positive finite number, got {ps.head_scale}", "head_scale")
+    _validate_temperature(ps.temperature)
     if ps.head_weight.shape[1] != dim:
         raise _bad("bad_shape", f"head.weight is {list(ps.head_weight.shape)}, expected [C, {dim}]", "head.weight")
     num_classes = ps.head_weight.shape[0]

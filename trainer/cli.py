@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="[required] training data: folder, list file, archive.zip/inner/folder, CIFAR root, synthetic:C:N:IR",
     )
     io.add_argument("--val", help="[required] evaluation data (same forms as --train)")
+    io.add_argument(
+        "--calibration-data",
+        help="held-out data each prompt set's score temperature is fitted on (same forms as --val; read with "
+        "--val-data-root; default: the --val set)",
+    )
     io.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="how to read --train/--val")
     io.add_argument("--data-root", help="image root for list files (default: the list file's folder)")
     io.add_argument("--val-data-root", help="image root for the --val list file (default: --data-root)")
@@ -344,8 +349,14 @@ def setup_distributed(device_arg: str | None) -> DistContext:
 
 
 def load_data(args: argparse.Namespace, img_size: int):
+    """The training set (long-tailed cut when asked), the evaluation set and the calibration set (or ``None``)."""
     train = load_dataset(args.train, "train", args.data_format, args.data_root, args.cifar_lt, img_size)
-    val = load_dataset(args.val, "val", args.data_format, args.val_data_root or args.data_root, args.cifar_lt, img_size)
+    val_root = args.val_data_root or args.data_root
+    val = load_dataset(args.val, "val", args.data_format, val_root, args.cifar_lt, img_size)
+    calibration = None
+    if args.calibration_data:
+        calibration = load_dataset(args.calibration_data, "val", args.data_format, val_root, args.cifar_lt, img_size)
+        calibration = calibration.with_classes(train.class_names)
     ratio = args.imbalance_ratio or (100.0 if args.cifar_lt else None)
     if ratio:
         train = long_tailed_subset(train, ratio, args.max_per_class)
@@ -353,12 +364,17 @@ def load_data(args: argparse.Namespace, img_size: int):
         train = per_class_subset(train, args.max_per_class)
     if args.val_max_per_class:
         val = per_class_subset(val, args.val_max_per_class)
-    return train, val.with_classes(train.class_names)
+    return train, val.with_classes(train.class_names), calibration
 
 
 def metadata(args: argparse.Namespace, cfg: TrainConfig, report: dict[str, Any]) -> dict[str, str]:
     """The prompt set's extra metadata: the evaluation and how it was trained."""
-    evaluation = {**summary(report), "phase1": summary(report["phase1"]), "val_images": report["val"]["images"]}
+    evaluation = {
+        **summary(report),
+        "phase1": summary(report["phase1"]),
+        "val_images": report["val"]["images"],
+        "calibration": calibration_summary(report["calibration"]),
+    }
     trained = {
         "train_images": report["train"]["images"],
         "class_counts": report["train"]["class_counts"],
@@ -367,6 +383,15 @@ def metadata(args: argparse.Namespace, cfg: TrainConfig, report: dict[str, Any])
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     return {"evaluation": json.dumps(evaluation), "training": json.dumps(trained)}
+
+
+def calibration_summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The temperature, where it was fitted and the overall ECE / NLL before and after (prompt-set metadata)."""
+    keys = ("temperature", "data", "source", "images")
+    out: dict[str, Any] = {k: calibration[k] for k in keys if k in calibration}
+    for when in ("before", "after"):
+        out[when] = {k: calibration[when]["overall"][k] for k in ("ece", "nll")}
+    return out
 
 
 class PushTargetError(Exception):
@@ -414,13 +439,15 @@ def run(args: argparse.Namespace) -> int:
         backbone = load_backbone(args.backbone, args.backbone_weights, args.img_size)
         if args.push and ctx.is_main:
             check_push_target(args.push, api_key(args), backbone.info.to_dict())
-        train, val = load_data(args, backbone.info.input_size[-1])
+        train, val, calibration = load_data(args, backbone.info.input_size[-1])
         cfg = train_config(args)
         checkpoint = args.checkpoint or str(Path(args.out).with_suffix(".ckpt.safetensors"))
         if args.resume not in (None, "auto"):
             checkpoint = args.resume
         log.info("training on %d images in %d classes, evaluating on %d", len(train), len(train.class_names), len(val))
-        trainer = Trainer(backbone, train, val, cfg, ctx, checkpoint=checkpoint, log=log.info)
+        trainer = Trainer(
+            backbone, train, val, cfg, ctx, checkpoint=checkpoint, log=log.info, calibration_set=calibration
+        )
         result = trainer.fit(resume=args.resume is not None, stop_after_epochs=args.stop_after_epochs)
         if not result.finished:
             log.info("stopped early; resume with --resume (checkpoint %s)", checkpoint)
@@ -434,6 +461,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_outputs(args: argparse.Namespace, cfg: TrainConfig, info, result) -> None:
+    source = args.calibration_data or args.val
+    for calibration in (result.report["calibration"], result.report["phase1"].get("calibration")):
+        if calibration is not None:
+            calibration["source"] = f"{'--calibration-data' if args.calibration_data else '--val'} {source}"
     ps = result.prompt_set
     ps.extra = metadata(args, cfg, result.report)
     validate(ps, info)  # never write a file the service would reject

@@ -43,6 +43,8 @@ class EvalCounts:
     predictions: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     selection: torch.Tensor | None = None  # [C, P] times each pool entry was selected, by true class
+    logits: torch.Tensor | None = None  # [N, C] float32 logits in dataset order (``keep_logits``)
+    logit_targets: torch.Tensor | None = None  # [N] their labels
 
     @property
     def overall(self) -> float:
@@ -102,6 +104,7 @@ def evaluate(
     workers: int = 0,
     amp: bool = False,
     progress: bool = False,
+    keep_logits: bool = False,
 ) -> EvalCounts:
     """Top-1 counts of ``predict`` (images -> logits) over ``dataset``, split across data-parallel ranks.
 
@@ -115,6 +118,7 @@ def evaluate(
         workers: DataLoader workers.
         amp: bf16 autocast on CUDA.
         progress: show a tqdm bar.
+        keep_logits: also return every image's logits and label (gathered from every rank, in dataset order).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if _is_distributed() else (0, 1)
     indices = list(range(rank, len(dataset), world))
@@ -124,6 +128,7 @@ def evaluate(
     predictions: list[int] = []
     targets: list[int] = []
     selection: torch.Tensor | None = None
+    kept: list[torch.Tensor] = []
     for images, target in _bar(loader, progress, "eval"):
         with autocast(device, amp):
             out = predict(images.to(device, non_blocking=True))
@@ -131,10 +136,15 @@ def evaluate(
         if isinstance(out, PromptedOutput) and out.selected.numel():
             selection = _count_selection(selection, out.selected.cpu(), target, num_classes)
         pred = logits.float().argmax(dim=1).cpu()
+        if keep_logits:
+            kept.append(logits.float().cpu())
         total += torch.bincount(target, minlength=num_classes)
         correct += torch.bincount(target[pred == target], minlength=num_classes)
         predictions.extend(pred.tolist())
         targets.extend(target.tolist())
+    all_logits = all_targets = None
+    if keep_logits:
+        all_logits, all_targets = _gathered_logits(kept, targets, indices, num_classes, world)
     if world > 1:
         stacked = torch.stack([correct, total])
         dist.all_reduce(stacked)
@@ -142,7 +152,29 @@ def evaluate(
         predictions, targets = [], []  # per-image order is only meaningful on one process
         if selection is not None:
             dist.all_reduce(selection)
-    return EvalCounts(correct=correct, total=total, predictions=predictions, targets=targets, selection=selection)
+    return EvalCounts(
+        correct=correct,
+        total=total,
+        predictions=predictions,
+        targets=targets,
+        selection=selection,
+        logits=all_logits,
+        logit_targets=all_targets,
+    )
+
+
+def _gathered_logits(
+    kept: list[torch.Tensor], targets: list[int], indices: list[int], num_classes: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's logits (and labels), or every rank's put back in dataset order under data parallelism."""
+    logits = torch.cat(kept) if kept else torch.zeros(0, num_classes)
+    labels = torch.tensor(targets, dtype=torch.long)
+    if world == 1:
+        return logits, labels
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (indices, logits, labels))
+    order = torch.tensor([i for part in parts for i in part[0]]).argsort()
+    return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
 
 
 def _count_selection(
@@ -237,8 +269,31 @@ def _plot_selection(ax, phase2: dict[str, Any], per_class: list[dict[str, Any]])
     ax.set_title("phase 2: " + describe_selection(phase2).replace("; ", ";\n"), fontsize=8)
 
 
+def _plot_reliability(ax, calibration: dict[str, Any]) -> None:
+    """Reliability diagram: top-1 accuracy against mean confidence per bin, before and after temperature scaling."""
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    styles = {"before": ("tab:red", "o", "T = 1"), "after": ("tab:blue", "s", f"T = {calibration['temperature']:.3f}")}
+    for when, (colour, marker, name) in styles.items():
+        rows = [r for r in calibration["reliability"][when] if r["images"]]
+        ece = 100 * calibration[when]["overall"]["ece"]
+        ax.plot(
+            [r["confidence"] for r in rows],
+            [r["accuracy"] for r in rows],
+            color=colour,
+            marker=marker,
+            label=f"{name}: ECE {ece:.2f}%",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"mean top-1 confidence ({calibration['bins']} equal-width bins)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(f"reliability on the evaluation set (T fitted on {calibration['data']})", fontsize=9)
+    ax.legend(loc="upper left")
+
+
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:
-    """PNG with the training curves (loss and lr per epoch, both phases) and per-class accuracy vs training count.
+    """PNG with the training curves (loss and lr per epoch, both phases), per-class accuracy vs training count,
+    phase 2's pool use and the reliability diagram before and after temperature scaling.
 
     Args:
         report: the trainer's report (``history`` and ``per_class`` are read).
@@ -251,8 +306,9 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phase2 = report.get("phase2")
-    fig, axes = plt.subplots(1, 3 if phase2 else 2, figsize=(18 if phase2 else 12, 4.5))
+    phase2, calibration = report.get("phase2"), report.get("calibration")
+    panels = 2 + bool(phase2) + bool(calibration)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     ax_loss, ax_cls = axes[0], axes[1]
     history = report.get("history", [])
     x = [h["global_epoch"] for h in history]
@@ -287,6 +343,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     ax_cls.legend()
     if phase2:
         _plot_selection(axes[2], phase2, report["per_class"])
+    if calibration:
+        _plot_reliability(axes[-1], calibration)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from lpt.backbone import Backbone
 from lpt.forward import PromptBank
 from lpt.init import init_prompt_set
 from lpt.prompt_set import PromptSet
+from trainer.calibration import calibration_report, describe_calibration
 from trainer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import DistContext, TrainConfig, TrainResult, deterministic, ib_weight_at, lr_at
 from trainer.data import ImageDataset, train_transform
@@ -61,6 +62,8 @@ class Trainer:
         ctx: data-parallel context.
         checkpoint: where to save after every epoch (rank 0); ``None`` saves nothing.
         log: receives one line per epoch and phase (rank 0).
+        calibration_set: held-out data the temperature of each prompt set is fitted on (its transform: the
+            backbone's eval one); ``None``: ``val_set``.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Trainer:
         ctx: DistContext | None = None,
         checkpoint: str | Path | None = None,
         log: Callable[[str], None] = print,
+        calibration_set: ImageDataset | None = None,
     ):
         self.backbone = backbone
         self.cfg = config
@@ -82,6 +86,9 @@ class Trainer:
         self.train_set.transform = train_transform(backbone.info.data_config, config.min_crop_scale)
         self.val_set = val_set
         self.val_set.transform = backbone.eval_transform
+        self.calibration_set = calibration_set
+        if calibration_set is not None:
+            calibration_set.transform = backbone.eval_transform
         if config.prompt_init not in PROMPT_INITS:
             raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {config.prompt_init!r}")
         if config.head_init not in HEAD_INITS:
@@ -192,6 +199,7 @@ class Trainer:
             phase1 = self._evaluate(ckpt.params, with_pool=False, what="phase 1")
             phase1.pop("predictions")
             phase1.pop("selection")
+            phase1["calibration"] = self._calibrate(ckpt.params, False, phase1.pop("logits"), "phase 1")
             ckpt.state["phase1"] = phase1
             ckpt.phase, ckpt.epoch, ckpt.momentum = (2 if self.has_pool else 3), 0, {}
             if self.has_pool:
@@ -205,6 +213,7 @@ class Trainer:
         final = self._evaluate(ckpt.params, with_pool=self.has_pool, what="final")
         predictions = final.pop("predictions")
         selection = final.pop("selection")
+        calibration = self._calibrate(ckpt.params, self.has_pool, final.pop("logits"), "final")
         phase2 = None
         if self.has_pool and selection is not None:
             phase2 = selection_report(
@@ -221,21 +230,31 @@ class Trainer:
             "per_class": final["per_class"],
             "history": ckpt.state["history"],
             "phase2": phase2,
+            "calibration": calibration,
             "warnings": ckpt.state.get("warnings", []),
             "start_feature_cosine": ckpt.state.get("start_feature_cosine"),
             "train": {"images": len(self.train_set), "class_counts": self.class_counts},
             "val": {"images": len(self.val_set)},
         }
+        phase1_temperature = (ckpt.state["phase1"].get("calibration") or {}).get("temperature")
         return TrainResult(
             finished=True,
-            prompt_set=self.prompt_set(ckpt.params, with_pool=self.has_pool),
-            phase1_prompt_set=self.prompt_set(ckpt.params, with_pool=False),
+            prompt_set=self.prompt_set(ckpt.params, self.has_pool, calibration["temperature"]),
+            phase1_prompt_set=self.prompt_set(ckpt.params, False, phase1_temperature),
             report=report,
             predictions=predictions,
         )
 
-    def prompt_set(self, params: dict[str, torch.Tensor], with_pool: bool) -> PromptSet:
-        """A servable prompt set from the parameters (pool dropped for the phase-1 / deep-VPT set)."""
+    def prompt_set(
+        self, params: dict[str, torch.Tensor], with_pool: bool, temperature: float | None = None
+    ) -> PromptSet:
+        """A servable prompt set from the parameters (pool dropped for the phase-1 / deep-VPT set).
+
+        Args:
+            params: the trained tensors.
+            with_pool: keep the group-prompt pool (phase 2's set).
+            temperature: the set's fitted temperature (``None``: an uncalibrated set).
+        """
         t = self.template
         return PromptSet(
             shared_prompt=params["shared_prompt"].detach().cpu().float().contiguous(),
@@ -249,24 +268,43 @@ class Trainer:
             head_scale=t.head_scale,
             group_prompts=params["group_prompts"].detach().cpu().float().contiguous() if with_pool else None,
             group_keys=params["group_keys"].detach().cpu().float().contiguous() if with_pool else None,
+            temperature=temperature,
         )
 
-    def _evaluate(self, params: dict[str, torch.Tensor], with_pool: bool, what: str) -> dict[str, Any]:
-        ps = self.prompt_set(params, with_pool)
-        bank = PromptBank.stack([ps], device=self.ctx.device)
-        counts = evaluate(
+    def _counts(self, params: dict[str, torch.Tensor], with_pool: bool, dataset: ImageDataset):
+        """The served forward of the parameters' prompt set over ``dataset``: counts, selections and logits."""
+        bank = PromptBank.stack([self.prompt_set(params, with_pool)], device=self.ctx.device)
+        return evaluate(
             prompt_predictor(self.backbone.model, bank),
-            self.val_set,
+            dataset,
             len(self.class_names),
             self.ctx.device,
             batch_size=self.cfg.eval_batch_size,
             workers=self.cfg.workers,
             amp=self.cfg.amp,
             progress=self.cfg.progress and self.ctx.is_main,
+            keep_logits=True,
         )
+
+    def _calibrate(
+        self, params: dict[str, torch.Tensor], with_pool: bool, evaluation: tuple[torch.Tensor, torch.Tensor], what: str
+    ) -> dict[str, Any]:
+        """Fit the set's temperature (on the calibration set, else the evaluation set) and report both scores."""
+        if self.calibration_set is None:
+            fitted_on, data = evaluation, "the evaluation set"
+        else:
+            counts = self._counts(params, with_pool, self.calibration_set)
+            fitted_on, data = (counts.logits, counts.logit_targets), "the calibration set"
+        report = calibration_report(fitted_on, evaluation, self.class_counts, data)
+        self.log(f"[{what}] {describe_calibration(report)}")
+        return report
+
+    def _evaluate(self, params: dict[str, torch.Tensor], with_pool: bool, what: str) -> dict[str, Any]:
+        counts = self._counts(params, with_pool, self.val_set)
         report = accuracy_report(counts, self.class_counts, self.class_names)
         report["predictions"] = counts.predictions
         report["selection"] = counts.selection
+        report["logits"] = (counts.logits, counts.logit_targets)
         groups = " ".join(f"{g} {report[g]:.2f}" for g in ("many", "medium", "few") if report[g] is not None)
         self.log(f"[{what}] top-1 {report['overall']:.2f}% ({groups})")
         return report
