@@ -132,6 +132,16 @@ def test_header_not_json(served):
     upload_rejected(served, struct.pack("<Q", 12) + b"{not json at", "not_safetensors")
 
 
+def test_deeply_nested_json_in_the_header(served):
+    header = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    upload_rejected(served, struct.pack("<Q", len(header)) + header, "nested_json")
+
+
+def test_deeply_nested_json_in_the_class_names(served, good):
+    meta = {**good.metadata(), "class_names": "[" * 50_000 + "]" * 50_000}
+    upload_rejected(served, raw_safetensors(good.tensors(), meta), "nested_json")
+
+
 def test_empty_body(served):
     upload_rejected(served, b"", "not_safetensors")
 
