@@ -3,7 +3,9 @@
 ``Classifier.classify`` names every stage of a request: admission (draining, then the tenant's room in the
 queue, before a byte of the body is read), reading the images, a lease on the task's prompt set, decoding,
 queueing one row per image for the batch loop (``worker.py``), waiting for the rows, and the top-k with labels.
-The HTTP routes and any other front end call it; none of them touches the queue, the cache or torch.
+``Classifier.probabilities`` takes the same path and answers every class probability with the class names (the
+Open Inference Protocol's front end). The front ends call these; none of them touches the queue, the cache or
+torch.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from service.errors import DeadlineExceeded, ShuttingDown
 from service.images import DecodePool
 from service.prompt_sets import PromptSets
 from service.queue import FairQueue, RowResult, WorkItem
+from service.resident import SetKey
 
 ReadImages = Callable[[], Awaitable[list[bytes]]]
 
@@ -39,6 +43,18 @@ class Classification:
     version: int
     sha256: str
     predictions: list[list[Prediction]]
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """The answer to one request with every class: which set answered, its class names, and ``probs``, one row
+    of class probabilities per image (``[N, C]`` float32)."""
+
+    task: str
+    version: int
+    sha256: str
+    class_names: list[str]
+    probs: np.ndarray
 
 
 class Classifier:
@@ -79,6 +95,30 @@ class Classifier:
                 overloaded service refuses it before reading or decoding anything.
             top_k: predictions per image (at most the class count).
         """
+        key, results = await self._run(tenant, task, version, read_images)
+        return Classification(task, key.version, key.sha256, [_top_k(r, top_k) for r in results])
+
+    async def probabilities(
+        self, tenant: str, task: str, version: int | None, read_images: ReadImages
+    ) -> Probabilities:
+        """Every class probability of the images ``read_images`` returns, on the same path as ``classify``
+        (admission, lease, decode, queue, batch), so the requests of both share batches.
+
+        Args:
+            tenant: who asks (fairness and namespace).
+            task: task id.
+            version: a stored version, or None for the active one.
+            read_images: reads the request's encoded images once the request is admitted.
+        """
+        key, results = await self._run(tenant, task, version, read_images)
+        names = list(results[0].entry.prompt_set.class_names)
+        probs = torch.stack([r.probs for r in results]).float().numpy()
+        return Probabilities(task, key.version, key.sha256, names, probs)
+
+    async def _run(
+        self, tenant: str, task: str, version: int | None, read_images: ReadImages
+    ) -> tuple[SetKey, list[RowResult]]:
+        """Admit, read, lease, decode, queue and wait: the key of the set that answered and one row per image."""
         deadline = time.monotonic() + self.request_timeout
         self.admit(tenant)
         blobs = await read_images()
@@ -88,8 +128,7 @@ class Classifier:
             items = [WorkItem(tenant=tenant, image=img, lease=lease.share(), deadline=deadline) for img in images]
             self.queue.put_many(items)
             results = await _results(items, deadline)
-        key = lease.key
-        return Classification(task, key.version, key.sha256, [_top_k(r, top_k) for r in results])
+        return lease.key, results
 
     def admit(self, tenant: str) -> None:
         """Raise ShuttingDown or QueueFull now if a request of ``tenant`` would not be taken."""

@@ -43,6 +43,7 @@ class ServiceConfig:
 
     host: str = setting("127.0.0.1", "bind address")
     port: int = setting(8000, "TCP port (0: any free port)")
+    grpc_port: int = setting(8001, "TCP port of the Open Inference Protocol over gRPC (0: off)")
     backbone: str = setting("vit_base_patch16_224.augreg_in21k", "timm model name")
     backbone_weights: str = setting("hub", "'hub', a weights file path, or 'random:SEED'")
     img_size: int | None = setting(None, "input size, when not the model's default", unset="the model's own")
@@ -59,6 +60,9 @@ class ServiceConfig:
     queue_size: int = setting(1024, "images waiting at most before 429")
     tenant_queue_share: float = setting(0.5, "share of the queue one tenant may fill (with API keys)")
     cache_bytes: int = setting(2 * 1024**3, "device bytes for resident prompt sets")
+    pin_loaded_models: bool = setting(
+        False, "a model repository 'load' (Open Inference Protocol) also holds the set against eviction until 'unload'"
+    )
     request_timeout: float = setting(10.0, "seconds before a classify answers 504")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image in bytes")
     max_image_pixels: int = setting(40_000_000, "largest width*height of an image")
@@ -99,6 +103,11 @@ class ServiceConfig:
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
+        if self.cache_bytes < self.max_prompt_bytes:
+            raise ValueError(
+                f"--cache-bytes ({self.cache_bytes}) is smaller than --max-prompt-bytes ({self.max_prompt_bytes}): "
+                "a set that may be uploaded could never stay resident; raise the one or lower the other"
+            )
 
     @property
     def single_tenant(self) -> bool:
@@ -174,7 +183,10 @@ class _SettingsBase(BaseSettings):
     def freeze(self) -> ServiceConfig:
         """The frozen config: the same values, with the API keys parsed (inline and file together)."""
         values = {name: getattr(self, name) for name in CONFIG_FIELDS}
-        return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
+        try:
+            return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
+        except ValueError as exc:  # settings that contradict each other: one clear line, before anything loads
+            raise SystemExit(f"lpt-serve: invalid settings: {exc}") from None
 
 
 def _settings_field(f: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
