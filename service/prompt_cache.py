@@ -16,6 +16,7 @@ outside it. Lock order: this cache's lock, then the table's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lpt.backbone import BackboneInfo
-from lpt.errors import NotFound, StoreCorrupt, StoreUnavailable
+from lpt.errors import NotFound, StoreCorrupt, StoreUnavailable, TooLarge
 from lpt.prompt_set import PromptSet, ValidationLimits, decode, load_and_validate
 from prompts_store.base import PromptStore, StoredBlob, StoredVersion
 from service.errors import DeadlineExceeded, SetChanged
@@ -34,6 +35,8 @@ from service.metrics import ServiceMetrics
 from service.resident import Lease, ResidentSet, ResidentTable, SetKey, make_resident
 
 log = logging.getLogger(__name__)
+# The key of a set prepared before it is stored: replaced by its real one on install.
+_PROVISIONAL = StoredVersion("", "", 0, "", 0, 0.0)
 
 
 @dataclass(eq=False)
@@ -211,12 +214,29 @@ class PromptCache:
         """The device copy of a validated set: the one place a resident entry is built."""
         return make_resident(info, ps, self.device, self.dtype, self.model)
 
-    def install(self, info: StoredVersion, ps: PromptSet) -> ResidentSet | None:
-        """Make a just-stored (already validated) version resident; None when ``admit`` refuses it.
+    def prepare(self, ps: PromptSet) -> ResidentSet:
+        """The device copy of a validated set before it is stored (its key is provisional until ``install``).
+
+        Raises:
+            TooLarge: the set would take more device bytes than the whole cache budget (it could never stay
+                resident: every request would load it again).
+        """
+        entry = make_resident(_PROVISIONAL, ps, self.device, self.dtype, self.model)
+        if entry.nbytes > self.table.budget_bytes:
+            raise TooLarge(
+                message=f"the prompt set takes {entry.nbytes} bytes on the device; the cache budget is "
+                f"{self.table.budget_bytes} bytes (--cache-bytes)",
+                field="body",
+            )
+        return entry
+
+    def install(self, info: StoredVersion, prepared: ResidentSet) -> ResidentSet | None:
+        """Make a just-stored version resident from its ``prepare``d copy; None when ``admit`` refuses it.
 
         An identical re-upload names a version that may already be resident (and leased): that entry stays.
         """
-        entry = self._make_entry(info, ps)
+        key = SetKey(info.tenant, info.task, info.version, info.sha256)
+        entry = dataclasses.replace(prepared, key=key, info=info)
         with self._lock:
             if not self.admit(entry.key):
                 return None

@@ -111,10 +111,11 @@ class PromptSets:
                 message=f"prompt set of {len(data)} bytes exceeds the limit of {self.max_bytes}", field="body"
             )
         ps = load_and_validate(data, self.backbone, self.limits)
+        prepared = self.cache.prepare(ps)  # refused before anything is stored when it could never stay resident
         meta = {"num_classes": str(ps.num_classes), "num_params": str(ps.num_params)}
         stored = self._store(self.store.put, tenant, task, data, meta)
         self.states.apply(state_of(stored))  # before install: admission asks the newest state
-        self.cache.install(stored, ps)
+        self.cache.install(stored, prepared)
         return Uploaded(stored, ps)
 
     def activate(self, tenant: str, task: str, version: int) -> StoredVersion:

@@ -64,6 +64,8 @@ def replicas(tmp_path_factory, backbone, sets) -> Iterator[tuple[RedisServer, li
             redis.url,
             "--cache-bytes",
             str(budget),
+            "--max-prompt-bytes",
+            str(budget),
             "--reconcile-s",
             str(RECONCILE_S),
         ]

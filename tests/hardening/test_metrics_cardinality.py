@@ -23,7 +23,7 @@ def traffic(served, tasks: list[str]) -> set[str]:
 def test_series_do_not_grow_with_tasks(backbone, tmp_path):
     data = encode(make_set(backbone.info, classes=2, pool=0))
     # A small cache budget so the second round also evicts: eviction counters must not be per task either.
-    config = make_config(tmp_path, cache_bytes=len(data) * 8)
+    config = make_config(tmp_path, cache_bytes=len(data) * 8, max_prompt_bytes=len(data) * 2)
     with serve_in_thread(config, backbone) as s:
         store = s.state.store
         store.put("default", "task-0", data)

@@ -184,7 +184,9 @@ async def test_identical_reuploads_under_classify_traffic_keep_the_cache_within_
     one_set = make_resident(
         StoredVersion("t", "t0", 1, "", 0, 0.0), sets["t0"][0], "cpu", torch.float32, backbone.model
     ).nbytes
-    config = make_config(tmp_path, cache_bytes=int(2.5 * one_set), max_batch_size=4, max_wait_ms=5.0)
+    config = make_config(
+        tmp_path, cache_bytes=int(2.5 * one_set), max_prompt_bytes=2 * one_set, max_batch_size=4, max_wait_ms=5.0
+    )
     busy = ["t0", "t1", "t2", "t3"]
     async with serve(config, backbone) as (app, c):
         for task, (_ps, data) in sets.items():
@@ -223,7 +225,8 @@ async def test_eviction_under_a_small_cache_budget_then_reload_gives_identical_r
     sets = {name: set_bytes(info, classes=5, pool=3, seed=seed) for name, seed in (("a", 1), ("b", 2))}
     # float32 on the CPU: the resident size is the set's tensors plus its shared-prompt keys/values
     one_set = sets["a"][0].nbytes + precompute_shared_kv(backbone.model, sets["a"][0]).nbytes
-    config = make_config(tmp_path, cache_bytes=one_set + one_set // 2)  # room for one set, not two
+    budget = one_set + one_set // 2  # room for one set, not two
+    config = make_config(tmp_path, cache_bytes=budget, max_prompt_bytes=budget)
     async with serve(config, backbone) as (app, c):
         cache = state_of(app).prompt_sets.cache
         assert (await upload(c, "a", sets["a"][1])).status_code == 201

@@ -7,6 +7,8 @@ import sqlite3
 
 import pytest
 
+from lpt.forward import precompute_shared_kv
+from service.settings import ServiceSettings
 from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
 from tests.support.images import image_bytes
 from tests.support.prompt_sets import set_bytes
@@ -207,3 +209,24 @@ async def test_showing_a_task_reads_metadata_without_making_its_set_resident(bac
         assert (await classify(c, "t", IMG)).status_code == 200  # classify loads it
         assert len(cache) == 1
         assert (await c.get("/v1/prompts/t")).json()["class_names"] == ps.class_names  # from the resident entry
+
+
+async def test_a_set_larger_than_the_cache_budget_is_refused_naming_both_sizes(backbone, tmp_path):
+    ps, data = set_bytes(backbone.info, classes=5, seed=3)
+    resident = ps.nbytes + precompute_shared_kv(backbone.model, ps).nbytes  # float32 on the CPU, with keys/values
+    assert resident > len(data)  # the file passes the upload limit; its resident copy is larger than the cache
+    config = make_config(tmp_path, cache_bytes=len(data), max_prompt_bytes=len(data))
+    async with serve(config, backbone) as (app, c):
+        r = await upload(c, "big", data)
+        assert r.status_code == 413, r.text
+        message = r.json()["error"]["message"]
+        assert f"takes {resident} bytes" in message and f"budget is {len(data)} bytes" in message, message
+        assert (await c.get("/v1/prompts/big")).status_code == 404  # nothing stored
+        assert state_of(app).store.list_tasks("default") == []
+
+
+def test_a_cache_budget_below_the_upload_limit_is_refused_at_start(tmp_path):
+    with pytest.raises(ValueError, match="--cache-bytes"):
+        make_config(tmp_path, cache_bytes=1000, max_prompt_bytes=2000)
+    with pytest.raises(SystemExit, match="--cache-bytes"):
+        ServiceSettings(cache_bytes=1000, max_prompt_bytes=2000, device="cpu").freeze()
