@@ -1,4 +1,5 @@
-"""``create_app(config)``: the ASGI app; its lifespan builds, starts and stops the ``Service``."""
+"""``create_app(config)``: the ASGI app; its lifespan builds, starts and stops the ``Service`` (and the Open
+Inference Protocol's gRPC server, when ``grpc_port`` is set)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from prompts_store.base import PromptStore
 from service.api.routes import error_response, router
 from service.application import Service
 from service.demo import install_demo
+from service.oip.frontend import OpenInference
+from service.oip.grpc_server import start_grpc_server
+from service.oip.rest import OIP_ENDPOINTS
+from service.oip.rest import router as oip_router
 from service.settings import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ ENDPOINTS = {
     "/healthz",
     "/readyz",
     "/metrics",
+    *OIP_ENDPOINTS,
 }
 
 
@@ -50,11 +56,20 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         await run_in_threadpool(service.start)
         if config.demo:
             await run_in_threadpool(install_demo, service)
+        app.state.oip = oip = OpenInference(service, config.pin_loaded_models)
+        try:
+            grpc_server = await start_grpc_server(oip, config.host, config.grpc_port) if config.grpc_port else None
+        except BaseException:  # a taken port: the service does not start half-way
+            await run_in_threadpool(service.stop)
+            raise
         # "ready" is logged by the server once its socket accepts connections (service/cli.py), not here.
         log.debug("application started: backbone %s on %s", service.backbone.info.name, config.device)
         try:
             yield
         finally:
+            if grpc_server is not None:  # in-flight calls finish while the batch loop still runs
+                await grpc_server.stop(config.shutdown_timeout)
+            oip.close()
             await run_in_threadpool(service.stop)
 
     app = FastAPI(
@@ -66,6 +81,7 @@ def create_app(config: ServiceConfig, backbone: Backbone | None = None, store: P
         description="Multi-tenant Long-tailed Prompt Tuning inference on one frozen ViT.",
     )
     app.include_router(router)
+    app.include_router(oip_router)
     _install_offline_docs(app)
     _install_error_handlers(app)
 

@@ -252,6 +252,7 @@ def test_dashboard_metrics_exist_in_service_metrics(tmp_path):
         store=str(tmp_path / "store"),
         data_dir=tmp_path,
         device="cpu",
+        grpc_port=0,
     )
     with TestClient(create_app(config)) as client:
         for path in ("/healthz", "/readyz", "/v1/backbone"):

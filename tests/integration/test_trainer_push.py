@@ -26,7 +26,9 @@ KEY = "push-test-secret"
 def service_url(tmp_path: Path):
     backbone = load_backbone("test_vit", "random:0", img_size=32)
     port = free_port()
-    config = ServiceConfig(store=str(tmp_path / "store"), data_dir=tmp_path, api_keys={"acme": KEY}, port=port)
+    config = ServiceConfig(
+        store=str(tmp_path / "store"), data_dir=tmp_path, api_keys={"acme": KEY}, port=port, grpc_port=0
+    )
     server = uvicorn.Server(
         uvicorn.Config(create_app(config, backbone=backbone), host="127.0.0.1", port=port, log_level="warning")
     )

@@ -56,6 +56,8 @@ class LptServe(LoggedProcess):
         host: the address it listens on.
         data_dir: passed as ``--data-dir`` when given.
         listen_flags: pass ``--host`` and ``--port``; False when ``env`` sets ``LPT_HOST`` and ``LPT_PORT``.
+        grpc_port: its Open Inference Protocol gRPC port (``--grpc-port``); 0, the default here, turns it off so
+            that parallel servers never contend for the service's default port.
     """
 
     def __init__(
@@ -68,13 +70,17 @@ class LptServe(LoggedProcess):
         host: str = "127.0.0.1",
         data_dir: Path | None = None,
         listen_flags: bool = True,
+        grpc_port: int = 0,
     ):
         self.port = free_port() if port is None else port
         self.host = host
         self.data_dir = data_dir
+        self.grpc_port = grpc_port
         command = serve_command()
         if listen_flags:
-            command += ["--host", host, "--port", str(self.port)]
+            command += ["--host", host, "--port", str(self.port), "--grpc-port", str(grpc_port)]
+        else:
+            env = {"LPT_GRPC_PORT": str(grpc_port), **(env or {})}
         if data_dir is not None:
             command += ["--data-dir", str(data_dir)]
         super().__init__("lpt-serve", [*command, *args], log, clean_env(env))

@@ -55,6 +55,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> ServiceConfig:
         max_wait_ms=2.0,
         reconcile_s=0.5,
         replica_id="test",
+        grpc_port=0,  # off: a test that wants gRPC names a free port
     )
     return replace(base, **overrides)
 
