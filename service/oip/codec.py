@@ -42,6 +42,8 @@ MAX_IMAGES = MAX_PARTS
 MAX_CLASSIFICATION = 100_000
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _LENGTH = struct.Struct("<I")
+# Clients find outputs by name, so the one output is asked for at most once (probabilities or classification).
+ONE_OUTPUT = f"outputs must name the one output, {OUTPUT_NAME}, at most once"
 
 
 @dataclass(frozen=True)
@@ -275,8 +277,8 @@ def _rest_outputs(header: dict) -> list[RequestedOutput]:
     outputs = header.get("outputs")
     if outputs is None or outputs == []:
         return [RequestedOutput(binary_default, 0)]
-    if not isinstance(outputs, list) or len(outputs) > 2 or not all(isinstance(o, dict) for o in outputs):
-        raise bad_tensor(f"outputs must list {OUTPUT_NAME} at most twice (probabilities, classification)", "outputs")
+    if not isinstance(outputs, list) or len(outputs) > 1 or not all(isinstance(o, dict) for o in outputs):
+        raise bad_tensor(ONE_OUTPUT, "outputs")
     out = []
     for o in outputs:
         params = _parameters(o)

@@ -22,6 +22,7 @@ import grpc
 from lpt.errors import LptError
 from service.errors import http_status
 from service.oip.codec import (
+    ONE_OUTPUT,
     InferRequest,
     RequestedOutput,
     bad_request,
@@ -72,9 +73,9 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         if len(elements) != count:
             raise bad_tensor(f"input IMAGE: contents hold {len(elements)} elements, the shape {count}")
         images = elements
+    if len(request.outputs) > 1:
+        raise bad_tensor(ONE_OUTPUT, "outputs")
     outputs = [requested_output(o.name, True, _classification(o.parameters)) for o in request.outputs]
-    if len(outputs) > 2:
-        raise bad_tensor("outputs must list PROBABILITIES at most twice (probabilities, classification)", "outputs")
     return InferRequest(request.id, images, outputs or [RequestedOutput(True, 0)])
 
 
