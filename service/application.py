@@ -20,7 +20,7 @@ from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import ValidationLimits
 from prompts_store import open_store
 from prompts_store.base import PromptStore
-from service.auth import Authenticator
+from service.auth import Authenticator, KeysFile
 from service.classifier import Classifier
 from service.engine import Engine
 from service.images import DecodePool, ImageDecoder
@@ -52,6 +52,11 @@ class Service:
         self.backbone = backbone
         self.metrics = ServiceMetrics()
         self.auth = Authenticator(config.api_keys)
+        self.keys_file = (
+            None if config.api_keys_file is None else KeysFile(config.api_keys_file, config.api_keys, self.auth)
+        )
+        if self.keys_file is not None:
+            self.auth.replace(self.keys_file.load())
         self.limits = ValidationLimits(max_classes=config.max_classes)
         self.draining = threading.Event()
         self.warmed_up = False
@@ -95,6 +100,8 @@ class Service:
     def start(self) -> None:
         """Start the batch loop, warm the forward up, then follow the store (blocking: call from a thread)."""
         self.worker.start()
+        if self.keys_file is not None:
+            self.keys_file.start()
         self.engine.warm_up()
         self.warmed_up = True
         self.prompt_sets.subscribe(self.config.reconcile_s)
@@ -102,11 +109,17 @@ class Service:
     def stop(self) -> None:
         """Drain: refuse new work, finish what is queued (bounded by the shutdown timeout), release everything."""
         self.draining.set()
+        if self.keys_file is not None:
+            self.keys_file.close()
         self.worker.stop(self.config.shutdown_timeout)
         self.prompt_sets.close()
         self.classifier.decode_pool.close()
         if self._owns_store:
             self.store.close()
+
+    def reload_keys(self) -> bool:
+        """Read the keys file again now (SIGHUP); False when there is none or it was not applied."""
+        return self.keys_file is not None and self.keys_file.reload()
 
     # -- health -----------------------------------------------------------------------------------
     @property

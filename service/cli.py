@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import socket
 import sys
 import types
@@ -160,7 +161,16 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=config.shutdown_timeout,
         access_log=config.access_log,
     )
+    app = uv_config.app
+    signal.signal(signal.SIGHUP, lambda *_: _reload_keys(app))
     _Server(uv_config, config, sock).run(sockets=[sock])
+
+
+def _reload_keys(app: Any) -> None:
+    """SIGHUP: read the API keys file again (the service logs whether it was applied)."""
+    service = getattr(app.state, "lpt", None)
+    if service is not None and not service.reload_keys():
+        log.warning("SIGHUP: no keys file to read (--api-keys-file), or it was not applied")
 
 
 if __name__ == "__main__":

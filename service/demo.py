@@ -34,7 +34,7 @@ def install_demo(state: Service) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.safetensors").write_bytes(data)
     _demo_image().save(out / "demo.jpg", quality=90)
-    tenants = list(state.config.api_keys) or [DEFAULT_TENANT]
+    tenants = state.auth.tenants or [DEFAULT_TENANT]
     for tenant in tenants:
         try:
             state.store.active_version(tenant, DEMO_TASK)

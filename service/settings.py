@@ -20,9 +20,8 @@ from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lpt.host_memory import RETAIN_BYTES
-from lpt.ids import check_tenant_id
 from lpt.prompt_set import MAX_PROMPT_BYTES, ValidationLimits
-from service.auth import check_api_keys
+from service.auth import KEY_VARIABLES, InvalidKeys, check_api_keys, merge_keys, parse_keys, read_keys_file, secrets_of
 
 ENV_PREFIX = "LPT_"
 # The demo runs offline: a seeded DeiT-Tiny unless a backbone is chosen explicitly.
@@ -75,7 +74,12 @@ class ServiceConfig:
     )
     max_prompt_bytes: int = setting(MAX_PROMPT_BYTES, "largest prompt set upload in bytes")
     max_classes: int = setting(ValidationLimits.max_classes, "largest class count a prompt set may have")
-    api_keys: dict[str, str] = field(default_factory=dict, repr=False, metadata={"help": "tenant -> secret"})
+    api_keys: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, repr=False, metadata={"help": "tenant -> its secrets (LPT_API_KEYS parsed)"}
+    )
+    api_keys_file: Path | None = setting(  # noqa: RUF009 (setting() returns a dataclass field)
+        None, "file of 'tenant:secret' lines ('#' comments); re-read when it changes or on SIGHUP", unset="none"
+    )
     insecure: bool = setting(False, "allow a non-loopback address without API keys")
     demo: bool = setting(
         False, f"install a demo task; backbone {DEMO_BACKBONE[0]} with {DEMO_BACKBONE[1]} weights unless one is chosen"
@@ -103,6 +107,7 @@ class ServiceConfig:
         }
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "api_keys", secrets_of(self.api_keys))  # one secret per tenant reads as a tuple
         if self.cache_bytes < self.max_prompt_bytes:
             raise ValueError(
                 f"--cache-bytes ({self.cache_bytes}) is smaller than --max-prompt-bytes ({self.max_prompt_bytes}): "
@@ -111,7 +116,7 @@ class ServiceConfig:
 
     @property
     def single_tenant(self) -> bool:
-        return not self.api_keys
+        return not self.api_keys and self.api_keys_file is None
 
     @property
     def tenant_queue_size(self) -> int:
@@ -129,7 +134,7 @@ class ServiceConfig:
 
     def check_exposure(self) -> None:
         """Refuse to listen beyond loopback without keys, unless explicitly insecure."""
-        if self.api_keys or self.insecure or _is_loopback(self.host):
+        if not self.single_tenant or self.insecure or _is_loopback(self.host):
             return
         raise SystemExit(
             f"refusing to listen on {self.host} without API keys: set LPT_API_KEYS / --api-keys-file, "
@@ -153,7 +158,7 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceConfig))
 
 
 class _SettingsBase(BaseSettings):
-    """What only the edge knows: the API keys as given (inline and file), and ``--demo``'s defaults."""
+    """What only the edge knows: the API keys as given inline, and ``--demo``'s defaults."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -161,9 +166,6 @@ class _SettingsBase(BaseSettings):
         None,
         description="'tenant:secret' pairs, comma-separated; prefer the variable or a file (a flag shows in ps)",
         json_schema_extra={"unset": "none: single-tenant"},
-    )
-    api_keys_file: Path | None = Field(
-        None, description="file of 'tenant:secret' lines ('#' comments)", json_schema_extra={"unset": "none"}
     )
 
     @model_validator(mode="after")
@@ -184,7 +186,14 @@ class _SettingsBase(BaseSettings):
         """The frozen config: the same values, with the API keys parsed (inline and file together)."""
         values = {name: getattr(self, name) for name in CONFIG_FIELDS}
         try:
-            return ServiceConfig(**values | {"api_keys": _parse_keys(self.api_keys, self.api_keys_file)})
+            inline = parse_keys((self.api_keys or "").split(","))
+            # Refused here, before the backbone loads, with the rule the authenticator applies.
+            check_api_keys(merge_keys(inline, read_keys_file(self.api_keys_file)) if self.api_keys_file else inline)
+            return ServiceConfig(**values | {"api_keys": inline})
+        except InvalidKeys as exc:
+            raise SystemExit(str(exc)) from None
+        except OSError as exc:
+            raise SystemExit(f"{KEY_VARIABLES}: cannot read the keys file: {exc}") from None
         except ValueError as exc:  # settings that contradict each other: one clear line, before anything loads
             raise SystemExit(f"lpt-serve: invalid settings: {exc}") from None
 
@@ -217,24 +226,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _parse_keys(inline: str | None, path: Path | None) -> dict[str, str]:
-    """``tenant:secret`` pairs, comma-separated (env) or one per line (file; ``#`` comments)."""
-    pairs: list[str] = []
-    if inline:
-        pairs += [p for p in inline.split(",") if p.strip()]
-    if path:
-        lines = Path(path).read_text().splitlines()
-        pairs += [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    keys: dict[str, str] = {}
-    for pair in pairs:
-        tenant, sep, secret = pair.strip().partition(":")
-        if not sep or not secret:
-            raise SystemExit("API keys must be 'tenant:secret' pairs (the secret is not shown here)")
-        keys[check_tenant_id(tenant)] = secret
-    check_api_keys(keys)  # refused here, before the backbone loads, with the rule the authenticator applies
-    return keys
 
 
 def _default_device() -> str:

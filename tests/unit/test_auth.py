@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 
-from service.auth import MIN_SECRET_CHARS, Authenticator, check_api_keys
+from service.auth import MIN_SECRET_CHARS, Authenticator, InvalidKeys, check_api_keys
 from service.errors import Unauthorized
 from tests.support.lpt_serve import TEST_BACKBONE_ARGS, run_lpt_serve
 from tests.support.ports import free_port
@@ -29,12 +29,12 @@ OLD_EXAMPLE = "change-me-to-a-long-random-secret"
     ],
 )
 def test_guessable_keys_are_refused_naming_the_variable_and_tenant_not_the_secret(secret, why):
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(InvalidKeys) as refused:
         check_api_keys({"acme": "acme-secret-0123456789", "globex": secret})
     message = str(refused.value)
     assert "LPT_API_KEYS" in message and "'globex'" in message and why in message
     assert secret not in message and "acme-secret" not in message
-    with pytest.raises(SystemExit):
+    with pytest.raises(InvalidKeys):
         Authenticator({"globex": secret})
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import build_parser, flag_name, load_config
+from service.auth import merge_keys, read_keys_file
 from service.settings import DEMO_BACKBONE, ServiceConfig, ServiceSettings, env_name
 
 FIELDS = list(ServiceSettings.model_fields)
@@ -107,10 +108,14 @@ def test_api_keys_from_variable_flag_and_file(monkeypatch, tmp_path):
     keys_file.write_text("# tenants\nglobex:globex-secret-0001\n")
     monkeypatch.setenv("LPT_API_KEYS", "acme:acme-secret-0001")
     config = load_config(["--api-keys-file", str(keys_file), "--device", "cpu"])
-    assert config.api_keys == {"acme": "acme-secret-0001", "globex": "globex-secret-0001"}
+    assert config.api_keys == {"acme": ("acme-secret-0001",)} and config.api_keys_file == keys_file
+    assert merge_keys(config.api_keys, read_keys_file(keys_file)) == {
+        "acme": ("acme-secret-0001",),
+        "globex": ("globex-secret-0001",),
+    }
     assert "acme-secret-0001" not in repr(config)
-    config = load_config(["--api-keys", "initech:initech-secret-1", "--device", "cpu"])
-    assert config.api_keys == {"initech": "initech-secret-1"}
+    config = load_config(["--api-keys", "initech:initech-secret-1,initech:initech-secret-2", "--device", "cpu"])
+    assert config.api_keys == {"initech": ("initech-secret-1", "initech-secret-2")}  # two keys: rotation
 
 
 def test_demo_defaults_the_offline_backbone_and_the_access_log(monkeypatch):
@@ -126,14 +131,14 @@ def test_demo_defaults_the_offline_backbone_and_the_access_log(monkeypatch):
 
 def test_the_settings_are_generated_from_the_config_fields():
     config_fields = {f.name: f for f in dataclasses.fields(ServiceConfig)}
-    assert set(config_fields) == set(FIELDS) - {"api_keys_file"}
+    assert set(config_fields) == set(FIELDS)
     hints = typing.get_type_hints(ServiceConfig)
     for name, info in ServiceSettings.model_fields.items():
         if name in config_fields and name != "api_keys":
             assert config_fields[name].default == info.default, name
             assert hints[name] == info.annotation, name
             assert info.description == config_fields[name].metadata["help"], name
-    assert hints["api_keys"] == dict[str, str]
+    assert hints["api_keys"] == dict[str, tuple[str, ...]]
     direct = ServiceConfig(device="cpu")
     via_settings = ServiceSettings(device="cpu").freeze()
     assert direct == via_settings
