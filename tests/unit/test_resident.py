@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from lpt.prompt_kv import SharedKV
 from service.metrics import ServiceMetrics
 from service.resident import ResidentTable, SetKey
 from tests.support.resident import SET_BYTES, tiny_entry
+
+
+def key(task: str) -> SetKey:
+    """The key of ``tiny_entry(task)``."""
+    return tiny_entry(task).key
 
 
 def table(sets: float) -> ResidentTable:
@@ -16,16 +24,16 @@ def table(sets: float) -> ResidentTable:
 def test_entry_bytes_count_every_tensor_it_owns() -> None:
     entry = tiny_entry()
     assert entry.nbytes == SET_BYTES == entry.prompt_set.nbytes
-    entry.extras["attn_kv"] = torch.zeros(2, 16)  # per-set device data attached before insert is budgeted too
-    assert entry.nbytes == SET_BYTES + 2 * 16 * 4
+    with_kv = dataclasses.replace(entry, shared_kv=SharedKV(torch.zeros(2, 16)))  # keys/values are budgeted too
+    assert with_kv.nbytes == SET_BYTES + 2 * 16 * 4
 
 
 def test_lru_evicts_the_least_recently_used_unleased_entry() -> None:
     t = table(2.5)
     for task in ("a", "b"):
         t.insert(tiny_entry(task))
-    assert t.lease(SetKey("acme", "a", 1)) is not None  # a is now the most recently used (and leased)
-    t.lease(SetKey("acme", "a", 1)).release()
+    assert t.lease(key("a")) is not None  # a is now the most recently used (and leased)
+    t.lease(key("a")).release()
     t.insert(tiny_entry("c"))
     assert [k.task for k in t.in_lru_order()] == ["a", "c"]
     assert t.nbytes == 2 * SET_BYTES <= t.budget_bytes
@@ -55,7 +63,7 @@ def test_reinsert_returns_the_resident_entry_and_its_leases_stay_true() -> None:
     assert t.leases_of(first.key) == 0
     t.insert(tiny_entry("b"))
     t.insert(tiny_entry("c"))
-    assert SetKey("acme", "a", 1) not in t  # released for real: it can be evicted
+    assert key("a") not in t  # released for real: it can be evicted
 
 
 def test_release_is_idempotent_and_share_adds_a_lease() -> None:
