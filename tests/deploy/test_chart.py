@@ -338,7 +338,8 @@ def _secret_values(values: dict[str, Any], objects: list[dict[str, Any]]) -> set
             found.add(text.strip())
             for line in text.splitlines():
                 found.add(line.partition(":")[2].strip())
-    found.update(values["auth"]["keys"].values())
+    for given in values["auth"]["keys"].values():
+        found.update([given] if isinstance(given, str) else given)
     url = values["externalStore"]["url"]
     if url:
         found.add(url)
@@ -387,12 +388,24 @@ def test_api_keys_come_from_a_mounted_secret(variant):
         assert item["key"] == values["auth"]["existingSecretKey"]
         assert not [s for s in ch.of_kind(objects, "Secret") if s["metadata"]["name"] == secret_name]
     else:
-        keys_file = base64.b64decode(ch.one(objects, "Secret", secret_name)["data"][item["key"]]).decode()
-        tenants = dict(line.split(":", 1) for line in keys_file.splitlines())
-        from service.auth import check_api_keys
+        from service.auth import check_api_keys, parse_keys
 
-        check_api_keys(tenants)  # generated or given: keys the service accepts
-        assert tenants == (values["auth"]["keys"] or {"admin": tenants.get("admin")})
+        data = ch.one(objects, "Secret", secret_name)["data"]
+        keys = parse_keys(base64.b64decode(data[item["key"]]).decode().splitlines())
+        check_api_keys(keys)  # generated or given: keys the service accepts
+        given = {tenant: (s,) if isinstance(s, str) else tuple(s) for tenant, s in values["auth"]["keys"].items()}
+        assert keys == (given or {"admin": keys.get("admin")})
+        # The trainer's key is the first tenant's first key.
+        assert base64.b64decode(data["admin-key"]).decode() == keys[min(keys)][0]
+
+
+def test_a_tenant_may_hold_two_keys_while_rotating():
+    from service.auth import parse_keys
+
+    old, new = "3c9f1e7a5b2d8c4f6a0e9b1d7c3f5a2e", "8b1d4f7a2c9e5b3d6f0a1c8e4b7d2f9a"
+    objects = ch.render({"auth": {"keys": {"acme": [old, new]}}})
+    data = ch.one(objects, "Secret", f"{FULLNAME}-auth")["data"]
+    assert parse_keys(base64.b64decode(data["api-keys"]).decode().splitlines()) == {"acme": (old, new)}
 
 
 def test_store_url_comes_from_a_secret(variant):
@@ -709,3 +722,39 @@ def test_trainer_job_runs_the_trainer_cli():
         10,
         DEFAULTS["model"]["backbone"],
     )
+
+
+# -- Documentation -----------------------------------------------------------------------------------
+
+
+def test_docs_cover_install_upgrade_and_the_kubernetes_advice():
+    docs = (cfg.REPO / "docs" / "deploy.md").read_text()
+    section = docs[docs.index("\n## Kubernetes\n") :]
+    section = section[: section.index("\n## ", 1)]
+    for phrase in (
+        "rendered and validated offline, never installed on a real",
+        "helm install lpt-serve charts/lpt-serve",
+        "helm upgrade lpt-serve charts/lpt-serve",
+        "### Scale",
+        "### Rotate keys",
+        # The deployment advice the chart follows stays written down.
+        "runAsNonRoot",
+        "LPT_API_KEYS_FILE",
+        "fieldRef: metadata.name",
+        "readinessProbe: GET /readyz",
+        "livenessProbe: GET /healthz",
+        "startupProbe",
+        "terminationGracePeriodSeconds",
+        "LPT_SHUTDOWN_TIMEOUT",
+        "nvidia.com/gpu: 1",
+        "LPT_DECODE_THREADS",
+        "LPT_DECODE_NICENESS",
+        "LPT_HOST_MEMORY_RETAIN_BYTES",
+        'upstream-hash-by: "$arg_task"',
+        "hash $arg_task consistent",
+        "/metrics",
+    ):
+        assert phrase in section, f"docs/deploy.md, section Kubernetes, lacks: {phrase}"
+    readme = (ch.CHART_DIR / "README.md").read_text()
+    for key in DEFAULTS:
+        assert f"`{key}`" in readme, f"charts/lpt-serve/README.md does not describe `{key}`"
