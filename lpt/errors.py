@@ -24,8 +24,8 @@ class LptError(Exception):
         self.field = field
         super().__init__(f"{self.code}: {self.message}" + (f" (field: {field})" if field else ""))
 
-    def to_dict(self) -> dict[str, str]:
-        out = {"code": self.code, "message": self.message}
+    def to_dict(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"code": self.code, "message": self.message}
         if self.field:
             out["field"] = self.field
         return out
@@ -89,3 +89,29 @@ class StoreCorrupt(LptError):
     """Stored bytes fail their sha256/size check: the store holds a damaged blob. Retrying cannot help."""
 
     code = "store_corrupt"
+
+
+class QuotaExceeded(LptError):
+    """An upload would take a tenant past one of its quotas; nothing was stored.
+
+    The error names the limit (``field``: the setting, e.g. ``max_bytes_per_tenant``), its value, the tenant's
+    current use and what the upload would add, in the message and as numbers in ``to_dict``.
+
+    Args:
+        message: human-readable explanation.
+        limit: the setting that would be exceeded.
+        allowed: the setting's value.
+        used: the tenant's use now, in the limit's unit (tasks or bytes).
+        requested: what the upload would add, in the same unit.
+    """
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, limit: str, allowed: int, used: int, requested: int):
+        super().__init__(None, message, limit)
+        self.allowed = allowed
+        self.used = used
+        self.requested = requested
+
+    def to_dict(self) -> dict[str, str | int]:
+        return super().to_dict() | {"limit": self.allowed, "used": self.used, "requested": self.requested}

@@ -1,4 +1,5 @@
-"""Pieces both backends share: argument checks, metadata encoding, the revision clock, snapshot diffs, the watcher."""
+"""Pieces both backends share: argument checks, metadata encoding, the revision clock, retention and quota
+arithmetic, snapshot diffs, the watcher."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-from lpt.errors import InvalidVersion, StoreCorrupt, TooLarge
+from lpt.errors import InvalidVersion, QuotaExceeded, StoreCorrupt, TooLarge
 from lpt.ids import check_task_id, check_tenant_id
-from prompts_store.base import ChangeEvent, StoredVersion, TaskState
+from prompts_store.base import ChangeEvent, Quotas, StoredVersion, TaskState, TenantUsage
 
 log = logging.getLogger("prompts_store")
 
@@ -101,6 +103,112 @@ def verify_blob(info: StoredVersion, data: bytes) -> None:
     if len(data) != info.size or sha256_hex(data) != info.sha256:
         raise StoreCorrupt(
             "store_corrupt", f"blob of {info.tenant}/{info.task} v{info.version} fails its sha256 check", "data"
+        )
+
+
+def versions_to_prune(
+    versions: Iterable[int], active: int, previous: int | None, keep_inactive: int | None
+) -> list[int]:
+    """The versions retention deletes: every inactive one but the newest ``keep_inactive``, where ``previous`` (the
+    version active before ``active``) is always kept and counts as one of them.
+
+    Args:
+        versions: the task's version numbers, ``active`` among them.
+        active: the active version (never deleted).
+        previous: the version active before it, or None.
+        keep_inactive: inactive versions to keep; None keeps them all.
+    """
+    if keep_inactive is None:
+        return []
+    inactive = sorted((v for v in versions if v != active), reverse=True)
+    kept = {previous} if previous in inactive else set()
+    for v in inactive:
+        if len(kept) >= keep_inactive:
+            break
+        kept.add(v)
+    return sorted(v for v in inactive if v not in kept)
+
+
+def blob_bytes(blobs: Iterable[tuple[str, int]]) -> int:
+    """Bytes the (sha256, size) pairs of a task's versions occupy: each distinct blob once."""
+    return sum(dict(blobs).values())
+
+
+@dataclass(frozen=True)
+class PutPlan:
+    """What one ``put`` of new bytes changes in a task, computed from the task's versions before it.
+
+    Attributes:
+        version: the number the new version gets.
+        pruned: the versions retention deletes in the same transaction.
+        dropped_blobs: sha256 of the blobs no kept version references afterwards.
+        new_task: whether the task has no live versions before the put (it counts against the task quota).
+        blob_stored: whether a version of the task already holds the same bytes (nothing to upload).
+        added_bytes: bytes the new blob adds (0 when it is stored already).
+        freed_bytes: bytes the dropped blobs free.
+    """
+
+    version: int
+    pruned: list[int]
+    dropped_blobs: list[str]
+    new_task: bool
+    blob_stored: bool
+    added_bytes: int
+    freed_bytes: int
+
+
+def plan_put(
+    versions: Mapping[int, tuple[str, int]], active: int | None, last: int, sha: str, size: int, keep: int | None
+) -> PutPlan:
+    """The effect of putting blob ``sha`` (``size`` bytes) as version ``last + 1`` of a task.
+
+    Args:
+        versions: the task's live versions, number -> (sha256, size).
+        active: the active version before the put (None: the task does not exist); it becomes the previous one.
+        last: the last version number issued.
+        sha: the new blob's sha256.
+        size: its length.
+        keep: inactive versions to keep (``Quotas.keep_inactive_versions``).
+    """
+    version = last + 1
+    pruned = versions_to_prune([*versions, version], version, active, keep)
+    kept_blobs = {versions[v][0] for v in versions if v not in pruned} | {sha}
+    dropped = {versions[v][0]: versions[v][1] for v in pruned if versions[v][0] not in kept_blobs}
+    stored = any(s == sha for s, _ in versions.values())
+    return PutPlan(version, pruned, sorted(dropped), not versions, stored, 0 if stored else size, sum(dropped.values()))
+
+
+def check_quotas(quotas: Quotas, tenant: str, usage: TenantUsage, new_tasks: int, added: int, freed: int) -> None:
+    """Raise ``QuotaExceeded`` when a write would take ``tenant`` past a quota; only what a write adds is checked,
+    so a tenant above a limit lowered since can still replace, roll back and delete.
+
+    Args:
+        quotas: the limits.
+        tenant: whose use it is.
+        usage: the tenant's use before the write.
+        new_tasks: tasks the write creates (0 or 1).
+        added: bytes the write adds.
+        freed: bytes the same write frees (retention), counted against ``added``.
+    """
+    limit = quotas.max_tasks_per_tenant
+    if new_tasks > 0 and limit is not None and usage.tasks + new_tasks > limit:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} has {usage.tasks} tasks; the limit (max_tasks_per_tenant) is {limit}: "
+            "delete a task first",
+            "max_tasks_per_tenant",
+            limit,
+            usage.tasks,
+            new_tasks,
+        )
+    limit = quotas.max_bytes_per_tenant
+    if added > freed and limit is not None and usage.bytes + added - freed > limit:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} stores {usage.bytes} bytes of prompt sets and this upload adds {added - freed}; "
+            f"the limit (max_bytes_per_tenant) is {limit} bytes: delete versions or tasks first",
+            "max_bytes_per_tenant",
+            limit,
+            usage.bytes,
+            added - freed,
         )
 
 

@@ -13,6 +13,11 @@ older backup into a wiped store): the clock has moved past every revision issued
 states of a task, the one with the higher revision is the later one. Only data loss can make the store hold
 a state with a lower revision than one already seen (the lost write's); ``state`` and ``snapshot`` then report
 what the store holds, and the task's next write gets a revision above both.
+
+``Quotas`` bound what one tenant may store (tasks, bytes) and how many inactive versions a task keeps; a ``put``
+over a quota raises ``QuotaExceeded`` and writes nothing, and a ``put`` that leaves a task with more inactive
+versions than allowed deletes the oldest in its own transaction (never the active version, nor the version that
+was active before it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from lpt.errors import LptError, NotFound, StoreCorrupt, StoreUnavailable, TooLarge
+from lpt.errors import LptError, NotFound, QuotaExceeded, StoreCorrupt, StoreUnavailable, TooLarge
 from lpt.prompt_set import MAX_PROMPT_BYTES
 
 DEFAULT_MAX_BYTES = MAX_PROMPT_BYTES
@@ -29,15 +34,20 @@ DEFAULT_MAX_BYTES = MAX_PROMPT_BYTES
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "ChangeEvent",
+    "GcReport",
     "NotFound",
     "PromptStore",
+    "QuotaExceeded",
+    "Quotas",
     "StoreCorrupt",
     "StoreUnavailable",
     "StoredBlob",
     "StoredVersion",
     "Subscription",
+    "SupportsMaintenance",
     "SupportsRestore",
     "TaskState",
+    "TenantUsage",
     "TooLarge",
     "VersionConflict",
 ]
@@ -99,6 +109,46 @@ class TaskState:
     revision: int
     active: int | None
     sha256: str | None
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per-tenant limits and per-task retention; ``None`` means no limit.
+
+    Attributes:
+        max_tasks_per_tenant: most tasks a tenant may hold; creating one more raises ``QuotaExceeded``.
+        max_bytes_per_tenant: most bytes a tenant may store, counting each distinct blob of each of its tasks
+            once (every version kept, active or not); an upload that would pass it raises ``QuotaExceeded``.
+        keep_inactive_versions: inactive versions a task keeps; the upload that passes it deletes the oldest.
+            The version that was active before the current one is always kept (and counts as one of them).
+    """
+
+    max_tasks_per_tenant: int | None = None
+    max_bytes_per_tenant: int | None = None
+    keep_inactive_versions: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_tasks_per_tenant", "max_bytes_per_tenant", "keep_inactive_versions"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant stores: live tasks, and bytes (each distinct blob of each task once)."""
+
+    tasks: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``gc`` did: tasks it pruned, versions it deleted and the bytes they freed."""
+
+    tasks_pruned: int = 0
+    versions_deleted: int = 0
+    bytes_freed: int = 0
 
 
 # Change events are states ("task X is now at state S"), so a consumer can compare revisions.
@@ -187,4 +237,20 @@ class SupportsRestore(Protocol):
         version. A task created by a restore is active at that version until ``activate`` says otherwise.
         A write gives the task a new revision (from the clock, so above every revision the store issued
         before a wipe)."""
+        ...
+
+
+@runtime_checkable
+class SupportsMaintenance(Protocol):
+    """Usage and retention for the operator (``lpt store usage``, ``lpt store gc``); both bundled backends have it."""
+
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's live tasks and stored bytes, as the quotas count them."""
+        ...
+
+    def gc(self, keep_inactive_versions: int | None) -> GcReport:
+        """Apply retention to every task (``None``: the store's own ``Quotas.keep_inactive_versions``): delete
+        all inactive versions but the newest ``keep_inactive_versions``, never the active version nor the one
+        active before it, and bring the usage counters up to date. Deleting inactive versions changes no task's
+        state, so no revision moves."""
         ...

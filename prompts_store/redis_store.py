@@ -1,100 +1,229 @@
-"""Redis backend: optimistic transactions (WATCH/MULTI/EXEC, no Lua), pub/sub plus reconciliation.
+"""Redis backend (one server, Sentinel or Cluster): optimistic transactions (WATCH/MULTI/EXEC, no Lua), pub/sub
+plus reconciliation, ``WAIT`` for the replicas, per-tenant quotas and per-task retention.
 
-Keys (``p`` is the prefix, ``lpt:`` by default; ids never contain ``:`` or ``/``, see ``lpt.ids``)::
+Keys (``p`` is the prefix, ``lpt:`` by default; ids never contain ``:``, ``/``, ``{`` or ``}``, see ``lpt.ids``).
+Every key of a task carries the hash tag ``{tenant/task}``, so in a Cluster all of them live in one slot and a
+task's transaction runs on one node; a tenant's keys carry ``{tenant}``::
 
-    {p}tenants                       SET    tenants that have at least one task
-    {p}tasks:{tenant}                SET    task ids of a tenant
-    {p}task:{tenant}:{task}          HASH   active -> N;  v:N -> JSON {sha256, size, created, meta}
-    {p}blob:{tenant}:{task}:{sha256} STRING the bytes (content-addressed inside the task)
-    {p}blobs:{tenant}:{task}         SET    sha256 of every blob key above, so delete finds them all
-    {p}seq:{tenant}:{task}           STRING last version number issued; kept on delete so numbers never repeat
-    {p}upload:{tenant}:{task}:{sha256}:{uuid}  STRING a blob being uploaded (expires after an hour)
-    {p}active                        HASH   "{tenant}/{task}" -> JSON {revision, active, sha256}: every task's
-                                            state, tombstones (active and sha256 null) included; state() is one
-                                            HGET, snapshot() one HGETALL
-    channel {p}changes               JSON {tenant, task, revision, active, sha256} published inside the same MULTI
-                                     as the write
+    {p}{tenant/task}:task                HASH   state -> JSON {revision, active, sha256, previous, last};
+                                                v:N -> JSON {sha256, size, created, meta}
+    {p}{tenant/task}:blob:{sha256}       STRING the bytes (content-addressed inside the task)
+    {p}{tenant/task}:upload:{sha}:{uuid} STRING a blob being uploaded (expires after an hour)
+    {p}{tenant}:tasks                    SET    every task id the tenant ever wrote (deleted ones too: tombstones)
+    {p}{tenant}:usage                    HASH   tasks -> live tasks; bytes -> bytes stored (the quotas' counters)
+    {p}tenants                           SET    every tenant that ever wrote (written when a tenant first appears)
+    channel {p}changes                   JSON {tenant, task, revision, active, sha256} published inside the MULTI
 
-A version becomes visible only through the MULTI that writes its ``v:N`` field, the active pointer and the
-task's state, so readers never see a partial version. The blob is written before that MULTI (so contention
-retries do not resend megabytes), in 1 MiB chunks to an expiring ``{p}upload:...`` key that is then renamed; a
-blob without a version is harmless and is removed with its task.
+A version becomes visible only through the MULTI that writes its ``v:N`` field and the task's ``state`` together
+(and renames its uploaded blob into place), so readers never see a partial version; the task's ``state`` field
+is its revision, active version and sha256: ``state()`` is one HGET. ``state`` outlives a delete (the tombstone)
+with ``last``, the last version number issued, so numbers never repeat. A revision takes ``TIME`` from the
+primary that holds the task, read after the WATCH.
 
-Every write of a task WATCHes its task hash and changes it in the MULTI, so two writes of one task never
-interleave; the task's ``{p}active`` entry changes only in those MULTIs and needs no WATCH of its own (watching
-the shared hash would make writes of unrelated tasks conflict). A revision takes Redis's ``TIME``, read after
-the WATCH: one clock for every writer, so a client with a slow clock cannot issue revisions behind the others.
+Writes of a task WATCH its one hash and run WATCH ... EXEC on one connection to the primary that holds it (in a
+Cluster: the node of the task's slot), followed by ``WAIT`` for the replicas known to be up (see
+``Topology.replicas_to_wait``): a write is acknowledged once every such replica holds it, or fails with
+``StoreUnavailable`` (code ``store_unreplicated``; the write is on the primary, retrying the same bytes is safe).
 
-Stores written before revisions hold a bare version number N in ``{p}active``: it reads as revision 0 with the
-sha256 of ``v:N``, and the task's next write replaces it with the JSON state.
+The tenant's counters live in another slot than its tasks, so a write reserves what it adds first (an atomic
+check against the quotas and increment of ``{p}{tenant}:usage``), then commits the task, then returns what the
+commit did not use and subtracts what retention freed. A crash between the steps leaves the counters too high,
+never too low: quotas can refuse early, never let a tenant past its limit; ``lpt store gc`` recounts them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, replace
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from lpt.errors import InvalidId, NotFound, StoreUnavailable
 from lpt.ids import check_task_id, check_tenant_id
 from prompts_store._common import (
+    PutPlan,
     Snapshot,
     Watcher,
     check_ids,
     check_put,
+    check_quotas,
     check_version,
     decode_info,
     encode_info,
     log,
     next_revision,
+    plan_put,
     sha256_hex,
     unknown_state,
     verify_blob,
+    versions_to_prune,
 )
-from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, StoredVersion, TaskState, VersionConflict
+from prompts_store.base import (
+    DEFAULT_MAX_BYTES,
+    ChangeEvent,
+    GcReport,
+    Quotas,
+    StoredBlob,
+    StoredVersion,
+    TaskState,
+    TenantUsage,
+    VersionConflict,
+)
+from prompts_store.redis_legacy import migrate_legacy_layout
+from prompts_store.redis_topology import CLUSTER_ERRORS, Topology
+from prompts_store.redis_urls import parse_redis_url, redact_url
+
+__all__ = ["RedisPromptStore", "redact_url"]
+
+T = TypeVar("T")
 
 # Optimistic transactions retry on conflict; this bounds a put under pathological contention.
 _MAX_ATTEMPTS = 500
 # Blob upload chunk: small enough to cross a slow link within one socket timeout.
 _CHUNK = 1 << 20
 _UPLOAD_TTL_S = 3600
+_RETRY: Any = object()  # what a transaction attempt returns when a watched key changed
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+@dataclass
+class _TaskRecord:
+    """A task's hash as read under WATCH: its state and its versions' raw metadata."""
+
+    tenant: str
+    task: str
+    revision: int = 0
+    active: int | None = None
+    sha256: str | None = None
+    previous: int | None = None
+    last: int = 0
+    raw_state: bytes | None = None
+    versions: dict[int, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, tenant: str, task: str, fields: dict[bytes, bytes]) -> _TaskRecord:
+        rec = cls(tenant, task, versions={int(k[2:]): v for k, v in fields.items() if k.startswith(b"v:")})
+        raw = fields.get(b"state")
+        if raw is not None:
+            d = json.loads(raw)
+            rec.revision, rec.active, rec.sha256 = int(d["revision"]), d["active"], d["sha256"]
+            rec.previous, rec.last, rec.raw_state = d.get("previous"), int(d.get("last", 0)), raw
+        rec.last = max([rec.last, *rec.versions])
+        return rec
+
+    @property
+    def state(self) -> TaskState:
+        return TaskState(self.tenant, self.task, self.revision, self.active, self.sha256)
+
+    def info(self, version: int, revision: int | None = None) -> StoredVersion:
+        rev = self.revision if revision is None else revision
+        return decode_info(self.tenant, self.task, version, self.versions[version], rev)
+
+    def blobs(self) -> dict[int, tuple[str, int]]:
+        """version -> (sha256, size)."""
+        out = {}
+        for v, raw in self.versions.items():
+            d = json.loads(raw)
+            out[v] = (d["sha256"], int(d["size"]))
+        return out
+
+
+def _encode_state(revision: int, active: int | None, sha: str | None, previous: int | None, last: int) -> str:
+    return json.dumps({"revision": revision, "active": active, "sha256": sha, "previous": previous, "last": last})
+
+
+def _decode_state(tenant: str, task: str, raw: bytes | None) -> TaskState:
+    if raw is None:
+        return unknown_state(tenant, task)
+    d = json.loads(raw)
+    return TaskState(tenant, task, int(d["revision"]), d["active"], d["sha256"])
+
+
+class _Session:
+    """One pooled connection held from WATCH to EXEC and the ``WAIT`` after it (``WAIT`` counts the replicas that
+    acknowledged this connection's writes). Replies are raw (no redis-py reply callbacks).
+
+    Args:
+        client: a client of the primary the transaction runs on.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._watching = False
+
+    def __enter__(self) -> _Session:
+        self._conn = self._pool.get_connection()
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        conn, self._conn = self._conn, None
+        if isinstance(exc_type, type) and issubclass(exc_type, redis.RedisError | OSError):
+            conn.disconnect()  # the reply stream may be mid-way; a new connection also drops the WATCH
+        elif self._watching:
+            try:
+                conn.send_command("UNWATCH")
+                conn.read_response()
+            except (redis.RedisError, OSError):
+                conn.disconnect()
+        self._pool.release(conn)
+
+    def __call__(self, *args: Any) -> Any:
+        self._conn.send_command(*args)
+        reply = self._conn.read_response()
+        if args[0] == "WATCH":
+            self._watching = True
+        elif args[0] == "UNWATCH":
+            self._watching = False
+        return reply
+
+    def execute(self, commands: list[tuple[Any, ...]]) -> list[Any] | None:
+        """MULTI, the commands and EXEC in one send; None when a watched key changed (nothing was applied)."""
+        self._conn.send_packed_command(self._conn.pack_commands([("MULTI",), *commands, ("EXEC",)]))
+        queued: list[Exception] = []
+        reply: Any = None
+        for _ in range(len(commands) + 2):  # read every reply, so the connection stays in step
+            try:
+                reply = self._conn.read_response()
+            except redis.ResponseError as e:  # refused at queue time (ACL, MOVED); EXEC then aborts
+                queued.append(e)
+        self._watching = False
+        if queued:
+            raise queued[0]
+        if reply is None:
+            return None
+        failed = [r for r in reply if isinstance(r, Exception)]
+        if failed:
+            raise failed[0]
+        return reply
+
+    def time_us(self) -> int:
+        seconds, micros = self("TIME")
+        return int(seconds) * 1_000_000 + int(micros)
 
 
 class RedisPromptStore:
-    """Prompt store on Redis (or Valkey). Thread-safe: redis-py pools connections.
+    """Prompt store on Redis or Valkey: one server, Sentinel, or Cluster. Thread-safe (redis-py pools connections).
 
-    Every Redis failure (refused, timeout, paused, auth, loading, response error) surfaces as
-    ``StoreUnavailable`` after at most about ``timeout_s``: socket and connect timeouts are ``timeout_s``,
-    timeouts are never retried, and a dropped connection is retried once, immediately (a pooled connection
-    is stale after a Redis restart). A ``put`` that raises ``StoreUnavailable`` may or may not have been
-    applied; retrying it with the same bytes is safe (an equal active version is returned).
+    Every Redis failure (refused, timeout, paused, auth, loading, failover, response error) surfaces as
+    ``StoreUnavailable`` after at most about ``timeout_s`` (a write: per round trip): socket and connect
+    timeouts are ``timeout_s``, timeouts are never retried. A write that raises ``StoreUnavailable`` may or may
+    not have been applied; retrying it with the same bytes is safe (an equal active version is returned).
 
     Args:
-        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` for TLS (query parameters such
-            as ``ssl_ca_certs`` or ``ssl_cert_reqs`` are passed to redis-py), or ``unix:///path?db=N``.
+        url: a URL of ``prompts_store.redis_urls`` (``redis://``, ``rediss://``, ``unix://``,
+            ``redis+sentinel://``, ``rediss+sentinel://``, ``redis+cluster://``, ``rediss+cluster://``).
         max_bytes: largest blob ``put`` accepts.
         timeout_s: socket and connect timeout in seconds.
-        prefix: key prefix, to share a Redis database with other data.
+        prefix: key prefix, to share a Redis database with other data (no ``{`` or ``}``).
         health_check_interval: seconds of idleness after which a pooled connection is PINGed before use.
+        quotas: per-tenant limits and retention (none by default).
     """
 
     def __init__(
@@ -104,103 +233,182 @@ class RedisPromptStore:
         timeout_s: float = 0.5,
         prefix: str = "lpt:",
         health_check_interval: int = 10,
+        quotas: Quotas | None = None,
     ):
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix must not contain '{' or '}' (they delimit hash tags)")
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.prefix = prefix
+        self.quotas = quotas or Quotas()
         self.url = redact_url(url)
         self.channel = f"{prefix}changes"
-        self._states_key = f"{prefix}active"
-        self._r = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=health_check_interval,
-            # One immediate retry, on dropped connections only: a timeout already cost timeout_s.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            client_name="lpt-prompt-store",
-        )
+        self.tenants_key = f"{prefix}tenants"
+        self._topology = Topology(parse_redis_url(url), timeout_s, health_check_interval)
+        # WAIT must answer before the socket timeout does.
+        self._wait_ms = max(1, int(timeout_s * 500))
+        self._layout_lock = threading.Lock()
+        self._layout_checked = False
 
     def __repr__(self) -> str:
         return f"RedisPromptStore({self.url!r})"
 
+    @property
+    def topology(self) -> str:
+        """``server``, ``sentinel`` or ``cluster``."""
+        return self._topology.kind
+
     # -- keys ---------------------------------------------------------------------------------------
-    def _task_key(self, tenant: str, task: str) -> str:
-        return f"{self.prefix}task:{tenant}:{task}"
+    def task_key(self, tenant: str, task: str) -> str:
+        return f"{self.prefix}{{{tenant}/{task}}}:task"
 
-    def _blob_key(self, tenant: str, task: str, sha: str) -> str:
-        return f"{self.prefix}blob:{tenant}:{task}:{sha}"
+    def blob_key(self, tenant: str, task: str, sha: str) -> str:
+        return f"{self.prefix}{{{tenant}/{task}}}:blob:{sha}"
 
-    def _blobs_key(self, tenant: str, task: str) -> str:
-        return f"{self.prefix}blobs:{tenant}:{task}"
+    def _upload_key(self, tenant: str, task: str, sha: str) -> str:
+        return f"{self.prefix}{{{tenant}/{task}}}:upload:{sha}:{uuid.uuid4().hex}"
 
-    def _seq_key(self, tenant: str, task: str) -> str:
-        return f"{self.prefix}seq:{tenant}:{task}"
+    def tasks_key(self, tenant: str) -> str:
+        return f"{self.prefix}{{{tenant}}}:tasks"
 
-    def _tasks_key(self, tenant: str) -> str:
-        return f"{self.prefix}tasks:{tenant}"
+    def usage_key(self, tenant: str) -> str:
+        return f"{self.prefix}{{{tenant}}}:usage"
 
+    # -- plumbing -----------------------------------------------------------------------------------
     @contextmanager
     def _unavailable(self, what: str) -> Iterator[None]:
         try:
+            self._ensure_layout()
             yield
-        except (redis.RedisError, OSError) as e:
+        except (redis.RedisError, OSError, *CLUSTER_ERRORS) as e:
+            if isinstance(e, redis.ConnectionError | redis.ResponseError | OSError):
+                with suppress(Exception):
+                    self._topology.refresh()  # a Cluster node may be gone or a slot moved
             raise StoreUnavailable(
                 "store_unavailable", f"redis {what} failed ({self.url}): {type(e).__name__}: {e}"
             ) from e
 
-    def _read_state(self, r: redis.Redis | redis.client.Pipeline, tenant: str, task: str) -> TaskState:
-        """The task's state from ``{p}active`` (in a WATCHed pipeline: read at once, like every command there)."""
-        state = _decode_state(tenant, task, r.hget(self._states_key, f"{tenant}/{task}"))
-        if state.active is not None and state.sha256 is None:  # written before revisions: a bare number
-            raw = r.hget(self._task_key(tenant, task), f"v:{state.active}")
-            state = replace(state, sha256=json.loads(raw)["sha256"] if raw is not None else None)
-        return state
+    def _ensure_layout(self) -> None:
+        """Once per store object: move a layout written before hash tags into this one (one server or Sentinel)."""
+        if self._layout_checked:
+            return
+        with self._layout_lock:
+            if not self._layout_checked:
+                if self._topology.kind != "cluster":
+                    migrate_legacy_layout(self, self._topology.client)
+                self._layout_checked = True
 
-    def _record(self, pipe: redis.client.Pipeline, state: TaskState) -> None:
-        """Inside the caller's MULTI: store the task's new state and publish it."""
-        pipe.hset(self._states_key, f"{state.tenant}/{state.task}", _encode_state(state))
-        pipe.publish(self.channel, json.dumps(asdict(state)))
+    def _session(self, key: str) -> _Session:
+        return _Session(self._topology.node(key))
 
-    @staticmethod
-    def _next_revision(pipe: redis.client.Pipeline, previous: int) -> int:
-        """The hybrid-clock revision after ``previous``, on Redis's clock (``TIME``, read at once)."""
-        seconds, micros = pipe.time()
-        return next_revision(previous, int(seconds) * 1_000_000 + int(micros))
+    def _optimistic(self, what: str, attempt: Callable[[int], T]) -> T:
+        """Run ``attempt`` until it returns something else than ``_RETRY`` (a watched key changed, or a Cluster
+        slot moved), pausing with jitter between attempts."""
+        for n in range(_MAX_ATTEMPTS):
+            try:
+                result = attempt(n)
+            except (redis.exceptions.MovedError, redis.exceptions.AskError):
+                self._topology.refresh()
+                result = _RETRY
+            if result is not _RETRY:
+                return result
+            # Jitter spreads contending writers out so one of them wins each round.
+            time.sleep(random.uniform(0, min(0.02, 0.001 * (1 << min(n, 5)))))
+        raise StoreUnavailable("store_contention", f"{what} lost {_MAX_ATTEMPTS} optimistic retries")
 
-    @staticmethod
-    def _backoff(attempt: int) -> None:
-        # Jitter spreads contending writers out so one of them wins each round.
-        time.sleep(random.uniform(0, min(0.02, 0.001 * (1 << min(attempt, 5)))))
+    def _read_task(self, s: _Session, tenant: str, task: str) -> _TaskRecord:
+        return _TaskRecord.parse(tenant, task, s("HGETALL", self.task_key(tenant, task)) or {})
+
+    def _replicate(self, s: _Session) -> None:
+        """``WAIT`` until the replicas known to be up hold this connection's writes; raise when they do not."""
+        needed = self._topology.replicas_to_wait(s("ROLE") if self._topology.asks_role else None)
+        if needed == 0:
+            return
+        acked = int(s("WAIT", needed, self._wait_ms))
+        if acked < needed:
+            raise StoreUnavailable(
+                "store_unreplicated",
+                f"the write reached {acked} of {needed} replicas within {self._wait_ms} ms ({self.url}): it is on "
+                "the primary but could be lost in a failover; retry it",
+            )
+
+    def _message(self, state: TaskState) -> tuple[str, str, str]:
+        return ("PUBLISH", self.channel, json.dumps(asdict(state)))
+
+    # -- tenants: index and counters ----------------------------------------------------------------
+    def _register(self, tenant: str, task: str) -> None:
+        """Before a task's first write: the tenant in the registry, the task in the tenant's index (so a snapshot
+        finds every state the store holds); the global key is written only when a tenant is new."""
+        client = self._topology.client
+        if not client.sismember(self.tenants_key, tenant):
+            client.sadd(self.tenants_key, tenant)
+        client.sadd(self.tasks_key(tenant), task)
+
+    def _read_usage(self, s: _Session | None, tenant: str) -> TenantUsage:
+        """The tenant's counters, in the session (under its WATCH) or with the plain client."""
+        key = self.usage_key(tenant)
+        reply = (
+            s("HMGET", key, "tasks", "bytes") if s is not None else self._topology.client.hmget(key, "tasks", "bytes")
+        )
+        tasks, stored = (int(x) if x is not None else 0 for x in reply)
+        return TenantUsage(tasks, stored)
+
+    def _limited(self) -> bool:
+        return self.quotas.max_tasks_per_tenant is not None or self.quotas.max_bytes_per_tenant is not None
+
+    def _count(self, tenant: str, tasks: int, nbytes: int, freed: int = 0, check: bool = False) -> None:
+        """Add ``tasks`` and ``nbytes`` (negative: subtract) to the tenant's counters; with ``check``, first refuse
+        (``QuotaExceeded``) when that would pass a quota, ``freed`` being what the same write frees."""
+        if tasks == 0 and nbytes == 0:
+            return
+        key = self.usage_key(tenant)
+        checked = check and self._limited() and (tasks > 0 or nbytes > freed)
+
+        def attempt(_n: int) -> Any:
+            with self._session(key) as s:
+                if checked:
+                    s("WATCH", key)
+                    check_quotas(self.quotas, tenant, self._read_usage(s, tenant), tasks, nbytes, freed)
+                done = s.execute([("HINCRBY", key, "tasks", tasks), ("HINCRBY", key, "bytes", nbytes)])
+                return _RETRY if done is None else True
+
+        self._optimistic(f"usage of {tenant}", attempt)
 
     # -- writes -------------------------------------------------------------------------------------
-    def _upload_blob(self, tenant: str, task: str, sha: str, data: bytes) -> None:
-        """Write the blob under a temporary key in chunks, then move it in place and register it in one MULTI.
+    def _upload_blob(self, tmp: str, data: bytes) -> None:
+        """Write the blob under an expiring temporary key in chunks; the version's transaction renames it.
 
         Chunks because the socket timeout bounds each ``sendall`` as a whole: 64 MiB in one command would need
-        more than a short timeout on a real network. The temporary key expires, so an upload cut off by a crash
-        cleans itself up; nothing references a blob until the version transaction commits.
+        more than a short timeout on a real network. An upload cut off by a crash expires by itself.
         """
-        tmp = f"{self.prefix}upload:{tenant}:{task}:{sha}:{uuid.uuid4().hex}"
         view = memoryview(data)
+        client = self._topology.client
         try:
             for off in range(0, max(len(data), 1), _CHUNK):
-                with self._r.pipeline(transaction=False) as p:
+                with client.pipeline(transaction=False) as p:
                     p.append(tmp, view[off : off + _CHUNK])
                     p.expire(tmp, _UPLOAD_TTL_S)
                     p.execute()
-            with self._r.pipeline(transaction=True) as p:
-                p.sadd(self._blobs_key(tenant, task), sha)
-                p.rename(tmp, self._blob_key(tenant, task, sha))
-                p.persist(self._blob_key(tenant, task, sha))
-                p.execute()
         except redis.RedisError:
             with suppress(redis.RedisError):
-                self._r.delete(tmp)
+                client.delete(tmp)
             raise
 
+    def _confirm(self, s: _Session, rec: _TaskRecord, result: T) -> T:
+        """An answer that writes nothing (an idempotent put or activate) is still only given once the replicas
+        hold the state it reports: rewrite the state unchanged, then ``WAIT``. Without replicas, nothing."""
+        needed = self._topology.replicas_to_wait(s("ROLE") if self._topology.asks_role else None)
+        if needed == 0 or rec.raw_state is None:
+            return result
+        if s.execute([("HSET", self.task_key(rec.tenant, rec.task), "state", rec.raw_state)]) is None:
+            return _RETRY
+        self._replicate(s)
+        return result
+
     def put(self, tenant: str, task: str, data: bytes, meta: dict[str, str] | None = None) -> StoredVersion:
-        """Store ``data`` as a new version and activate it; bytes equal to the active version return it.
+        """Store ``data`` as a new version and activate it; bytes equal to the active version return it. Quotas
+        are checked before the bytes are sent and again, atomically, before the commit; retention deletes the
+        oldest inactive versions in the same transaction.
 
         Args:
             tenant: owner namespace.
@@ -212,155 +420,287 @@ class RedisPromptStore:
         meta = check_put(data, meta, self.max_bytes)
         data = bytes(data)
         sha = sha256_hex(data)
-        tk, sk = self._task_key(tenant, task), self._seq_key(tenant, task)
-        with self._unavailable("put"):
-            for attempt in range(_MAX_ATTEMPTS):
-                with self._r.pipeline(transaction=True) as p:
-                    try:
-                        p.watch(tk, sk)
-                        current = self._read_state(p, tenant, task)
-                        if current.active is not None and current.sha256 == sha:
-                            raw = p.hget(tk, f"v:{current.active}")
-                            if raw is not None:
-                                return decode_info(tenant, task, current.active, raw, current.revision)
-                        if not p.exists(self._blob_key(tenant, task, sha)):
-                            p.unwatch()
-                            self._upload_blob(tenant, task, sha, data)
-                            continue
-                        version = int(p.get(sk) or 0) + 1
-                        revision = self._next_revision(p, current.revision)
-                        info = StoredVersion(
-                            tenant, task, version, sha, len(data), time.time(), meta, new=True, revision=revision
-                        )
-                        p.multi()
-                        p.set(sk, version)
-                        encoded = encode_info(sha, len(data), info.created, meta)
-                        p.hset(tk, mapping={"active": version, f"v:{version}": encoded})
-                        p.sadd(self._tasks_key(tenant), task)
-                        p.sadd(f"{self.prefix}tenants", tenant)
-                        self._record(p, TaskState(tenant, task, revision, version, sha))
-                        p.execute()
-                        return info
-                    except redis.WatchError:
-                        self._backoff(attempt)
-        raise StoreUnavailable("store_contention", f"put of {tenant}/{task} lost {_MAX_ATTEMPTS} optimistic retries")
+        tk = self.task_key(tenant, task)
+        upload: list[str] = []  # the temporary key holding the bytes, once sent
+        reserved = [0, 0]  # (tasks, bytes) added to the counters for this put and not yet committed
+        unknown = [False]  # an EXEC was sent and its outcome is not known: keep the reservation
+
+        def attempt(_n: int) -> Any:
+            with self._session(tk) as s:
+                s("WATCH", tk, *upload)
+                rec = self._read_task(s, tenant, task)
+                if rec.active is not None and rec.sha256 == sha:
+                    return self._confirm(s, rec, rec.info(rec.active))
+                plan = plan_put(rec.blobs(), rec.active, rec.last, sha, len(data), self.quotas.keep_inactive_versions)
+                if not plan.blob_stored and not (upload and s("EXISTS", upload[0])):
+                    s("UNWATCH")
+                    if self._limited():  # refuse before sending megabytes
+                        check_quotas(
+                            self.quotas, tenant, self._read_usage(None, tenant),
+                            int(plan.new_task), plan.added_bytes, plan.freed_bytes,
+                        )  # fmt: skip
+                    upload[:] = [self._upload_key(tenant, task, sha)]
+                    self._upload_blob(upload[0], data)
+                    return _RETRY
+                want = (int(plan.new_task), plan.added_bytes)
+                self._count(tenant, want[0] - reserved[0], want[1] - reserved[1], plan.freed_bytes, check=True)
+                reserved[:] = want
+                info = StoredVersion(
+                    tenant, task, plan.version, sha, len(data), time.time(), meta, new=True,
+                    revision=next_revision(rec.revision, s.time_us()),
+                )  # fmt: skip
+                unknown[0] = True
+                if s.execute(self._put_commands(rec, plan, info, None if plan.blob_stored else upload[0])) is None:
+                    unknown[0] = False
+                    return _RETRY
+                upload.clear()  # renamed into place
+                reserved[:] = [0, 0]
+                unknown[0] = False
+                self._count(tenant, 0, -plan.freed_bytes)
+                self._replicate(s)
+                return info
+
+        try:
+            with self._unavailable("put"):
+                self._register(tenant, task)
+                return self._optimistic(f"put of {tenant}/{task}", attempt)
+        finally:
+            self._clean_up_put(tenant, upload, reserved, unknown[0])
+
+    def _put_commands(
+        self, rec: _TaskRecord, plan: PutPlan, info: StoredVersion, uploaded: str | None
+    ) -> list[tuple[Any, ...]]:
+        tenant, task = rec.tenant, rec.task
+        tk, blob = self.task_key(tenant, task), self.blob_key(tenant, task, info.sha256)
+        state = _encode_state(info.revision, info.version, info.sha256, rec.active, info.version)
+        commands: list[tuple[Any, ...]] = []
+        if uploaded is not None:
+            commands += [("RENAME", uploaded, blob), ("PERSIST", blob)]
+        encoded = encode_info(info.sha256, info.size, info.created, info.meta)
+        commands.append(("HSET", tk, "state", state, f"v:{info.version}", encoded))
+        if plan.pruned:
+            commands.append(("HDEL", tk, *(f"v:{v}" for v in plan.pruned)))
+        if plan.dropped_blobs:
+            commands.append(("DEL", *(self.blob_key(tenant, task, s) for s in plan.dropped_blobs)))
+        commands.append(self._message(TaskState(tenant, task, info.revision, info.version, info.sha256)))
+        return commands
+
+    def _clean_up_put(self, tenant: str, upload: list[str], reserved: list[int], unknown: bool) -> None:
+        """After a put that did not commit: drop its uploaded bytes and give back what it reserved (unless its
+        EXEC may have run: then the reservation stays, and the counters over-count until ``gc``)."""
+        if upload:
+            with suppress(redis.RedisError, *CLUSTER_ERRORS):
+                self._topology.client.delete(upload[0])
+        if any(reserved) and not unknown:
+            with suppress(redis.RedisError, StoreUnavailable, *CLUSTER_ERRORS):
+                self._count(tenant, -reserved[0], -reserved[1])
 
     def activate(self, tenant: str, task: str, version: int) -> StoredVersion:
         """Make an existing version active at a new revision; the active version itself writes nothing."""
         check_ids(tenant, task)
         check_version(version)
-        tk = self._task_key(tenant, task)
+        tk = self.task_key(tenant, task)
+
+        def attempt(_n: int) -> Any:
+            with self._session(tk) as s:
+                s("WATCH", tk)
+                rec = self._read_task(s, tenant, task)
+                if version not in rec.versions or rec.active is None:
+                    raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
+                if rec.active == version:
+                    return self._confirm(s, rec, rec.info(version))
+                info = rec.info(version, next_revision(rec.revision, s.time_us()))
+                state = _encode_state(info.revision, version, info.sha256, rec.active, rec.last)
+                commands = [
+                    ("HSET", tk, "state", state),
+                    self._message(TaskState(tenant, task, info.revision, version, info.sha256)),
+                ]
+                if s.execute(commands) is None:
+                    return _RETRY
+                self._replicate(s)
+                return info
+
         with self._unavailable("activate"):
-            for attempt in range(_MAX_ATTEMPTS):
-                with self._r.pipeline(transaction=True) as p:
-                    try:
-                        p.watch(tk)
-                        raw = p.hget(tk, f"v:{version}")
-                        if raw is None:
-                            raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
-                        current = self._read_state(p, tenant, task)
-                        info = decode_info(tenant, task, version, raw, current.revision)
-                        if current.active == version:
-                            return info
-                        info = replace(info, revision=self._next_revision(p, current.revision))
-                        p.multi()
-                        p.hset(tk, "active", version)
-                        self._record(p, TaskState(tenant, task, info.revision, version, info.sha256))
-                        p.execute()
-                        return info
-                    except redis.WatchError:
-                        self._backoff(attempt)
-        raise StoreUnavailable("store_contention", f"activate of {tenant}/{task} lost {_MAX_ATTEMPTS} retries")
+            return self._optimistic(f"activate of {tenant}/{task}", attempt)
 
     def delete(self, tenant: str, task: str) -> None:
         """Delete a task, all its versions and blobs. Its version numbers are not reused; its revision is bumped
         and kept (the tombstone)."""
         check_ids(tenant, task)
-        tk, bk, tasks_key = self._task_key(tenant, task), self._blobs_key(tenant, task), self._tasks_key(tenant)
-        executed = False
+        tk = self.task_key(tenant, task)
+
+        def attempt(_n: int) -> Any:
+            with self._session(tk) as s:
+                s("WATCH", tk)
+                rec = self._read_task(s, tenant, task)
+                if rec.active is None:
+                    raise NotFound("not_found", f"task {task!r} does not exist", "task")
+                blobs = dict(rec.blobs().values())
+                revision = next_revision(rec.revision, s.time_us())
+                commands: list[tuple[Any, ...]] = [
+                    ("HDEL", tk, *(f"v:{v}" for v in rec.versions)),
+                    ("HSET", tk, "state", _encode_state(revision, None, None, None, rec.last)),
+                ]
+                if blobs:
+                    commands.append(("DEL", *(self.blob_key(tenant, task, sha) for sha in blobs)))
+                commands.append(self._message(TaskState(tenant, task, revision, None, None)))
+                if s.execute(commands) is None:
+                    return _RETRY
+                self._count(tenant, -1, -sum(blobs.values()))
+                self._replicate(s)
+                return True
+
         with self._unavailable("delete"):
-            for attempt in range(_MAX_ATTEMPTS):
-                with self._r.pipeline(transaction=True) as p:
-                    try:
-                        p.watch(tk, bk, tasks_key)
-                        if not p.exists(tk):
-                            if executed:  # our EXEC ran but its reply was lost; the task is gone either way
-                                return
-                            raise NotFound("not_found", f"task {task!r} does not exist", "task")
-                        shas = [s.decode() for s in p.smembers(bk)]
-                        others = p.scard(tasks_key) - (1 if p.sismember(tasks_key, task) else 0)
-                        revision = self._next_revision(p, self._read_state(p, tenant, task).revision)
-                        p.multi()
-                        p.delete(tk, bk, *(self._blob_key(tenant, task, s) for s in shas))
-                        p.srem(tasks_key, task)
-                        if others == 0:
-                            p.srem(f"{self.prefix}tenants", tenant)
-                        self._record(p, TaskState(tenant, task, revision, None, None))
-                        executed = True
-                        p.execute()
-                        return
-                    except redis.WatchError:
-                        self._backoff(attempt)
-        raise StoreUnavailable("store_contention", f"delete of {tenant}/{task} lost {_MAX_ATTEMPTS} retries")
+            self._optimistic(f"delete of {tenant}/{task}", attempt)
 
     def restore_version(
         self, tenant: str, task: str, version: int, data: bytes, created: float, meta: dict[str, str] | None = None
     ) -> StoredVersion:
-        """Write a version with a given number (backup import). See ``base.SupportsRestore``."""
+        """Write a version with a given number (backup import; counted in the usage, but quotas and retention do
+        not refuse or delete anything: ``lpt store gc`` applies retention afterwards). See
+        ``base.SupportsRestore``."""
         check_ids(tenant, task)
         check_version(version)
         meta = check_put(data, meta, self.max_bytes)
         data = bytes(data)
         sha = sha256_hex(data)
-        tk, sk = self._task_key(tenant, task), self._seq_key(tenant, task)
-        with self._unavailable("restore"):
-            for attempt in range(_MAX_ATTEMPTS):
-                with self._r.pipeline(transaction=True) as p:
-                    try:
-                        p.watch(tk, sk)
-                        raw = p.hget(tk, f"v:{version}")
-                        current = self._read_state(p, tenant, task)
-                        if raw is not None:
-                            info = decode_info(tenant, task, version, raw, current.revision)
-                            if info.sha256 != sha:
-                                raise VersionConflict(
-                                    "version_conflict", f"{tenant}/{task} v{version} exists with other bytes", "version"
-                                )
-                            return info
-                        if not p.exists(self._blob_key(tenant, task, sha)):
-                            p.unwatch()
-                            self._upload_blob(tenant, task, sha, data)
-                            continue
-                        seq = int(p.get(sk) or 0)
-                        state = TaskState(tenant, task, self._next_revision(p, current.revision), version, sha)
-                        if current.active is not None:  # an existing task keeps its pointer
-                            state = replace(state, active=current.active, sha256=current.sha256)
-                        p.multi()
-                        p.set(sk, max(seq, version))
-                        p.hset(tk, f"v:{version}", encode_info(sha, len(data), created, meta))
-                        if current.active is None:  # a new task needs an active pointer; the importer sets the real one
-                            p.hset(tk, "active", version)
-                            p.sadd(self._tasks_key(tenant), task)
-                            p.sadd(f"{self.prefix}tenants", tenant)
-                        self._record(p, state)
-                        p.execute()
-                        return StoredVersion(
-                            tenant, task, version, sha, len(data), created, meta, revision=state.revision
+        tk = self.task_key(tenant, task)
+        upload: list[str] = []
+        unknown = [False]
+
+        def attempt(_n: int) -> Any:
+            with self._session(tk) as s:
+                s("WATCH", tk, *upload)
+                rec = self._read_task(s, tenant, task)
+                if version in rec.versions:
+                    info = rec.info(version)
+                    if info.sha256 != sha:
+                        raise VersionConflict(
+                            "version_conflict", f"{tenant}/{task} v{version} exists with other bytes", "version"
                         )
-                    except redis.WatchError:
-                        self._backoff(attempt)
-        raise StoreUnavailable("store_contention", f"restore of {tenant}/{task} lost {_MAX_ATTEMPTS} retries")
+                    return info
+                blobs = rec.blobs()
+                have_blob = any(s_ == sha for s_, _ in blobs.values())
+                if not have_blob and not (upload and s("EXISTS", upload[0])):
+                    s("UNWATCH")
+                    upload[:] = [self._upload_key(tenant, task, sha)]
+                    self._upload_blob(upload[0], data)
+                    return _RETRY
+                revision = next_revision(rec.revision, s.time_us())
+                new_task = rec.active is None
+                active, active_sha = (version, sha) if new_task else (rec.active, rec.sha256)
+                state = _encode_state(revision, active, active_sha, rec.previous, max(rec.last, version))
+                blob = self.blob_key(tenant, task, sha)
+                commands: list[tuple[Any, ...]] = (
+                    [("RENAME", upload[0], blob), ("PERSIST", blob)] if not have_blob else []
+                )
+                commands += [
+                    ("HSET", tk, "state", state, f"v:{version}", encode_info(sha, len(data), created, meta)),
+                    self._message(TaskState(tenant, task, revision, active, active_sha)),
+                ]
+                unknown[0] = True
+                if s.execute(commands) is None:
+                    unknown[0] = False
+                    return _RETRY
+                upload.clear()
+                unknown[0] = False
+                self._count(tenant, int(new_task), 0 if have_blob else len(data))
+                self._replicate(s)
+                return StoredVersion(tenant, task, version, sha, len(data), created, meta, revision=revision)
+
+        try:
+            with self._unavailable("restore"):
+                self._register(tenant, task)
+                return self._optimistic(f"restore of {tenant}/{task}", attempt)
+        finally:
+            self._clean_up_put(tenant, upload, [0, 0], unknown[0])
+
+    # -- maintenance --------------------------------------------------------------------------------
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's counters: live tasks and stored bytes (each distinct blob of each task once)."""
+        check_tenant_id(tenant)
+        with self._unavailable("usage"):
+            return self._read_usage(None, tenant)
+
+    def gc(self, keep_inactive_versions: int | None = None) -> GcReport:
+        """Apply retention to every task (one transaction each), then recount every tenant's counters. See
+        ``base.SupportsMaintenance``. A put that commits while its tenant is recounted may be left out of the
+        count until the next ``gc``: run it when uploads are quiet."""
+        keep = self.quotas.keep_inactive_versions if keep_inactive_versions is None else keep_inactive_versions
+        report = GcReport()
+        with self._unavailable("gc"):
+            for tenant, tasks in self._index().items():
+                for task in tasks:
+                    if keep is not None:
+                        pruned = self._optimistic(f"gc of {tenant}/{task}", self._pruner(tenant, task, keep))
+                        report = GcReport(
+                            report.tasks_pruned + int(pruned[0] > 0),
+                            report.versions_deleted + pruned[0],
+                            report.bytes_freed + pruned[1],
+                        )
+                self._recount_tenant(tenant, tasks)
+        return report
+
+    def _recount_tenant(self, tenant: str, tasks: list[str] | None = None) -> TenantUsage:
+        """Set the tenant's counters to what its tasks hold (its index's tasks unless ``tasks`` is given)."""
+        if tasks is None:
+            tasks = sorted(t.decode() for t in self._topology.client.smembers(self.tasks_key(tenant)))
+        return self._optimistic(f"recount of {tenant}", lambda _n: self._recount(tenant, tasks))
+
+    def _pruner(self, tenant: str, task: str, keep: int) -> Callable[[int], Any]:
+        tk = self.task_key(tenant, task)
+
+        def attempt(_n: int) -> Any:
+            with self._session(tk) as s:
+                s("WATCH", tk)
+                rec = self._read_task(s, tenant, task)
+                if rec.active is None:
+                    return (0, 0)
+                previous = rec.previous
+                if previous is None:  # not recorded: the newest version below the active one
+                    previous = max((v for v in rec.versions if v < rec.active), default=None)
+                pruned = versions_to_prune(rec.versions, rec.active, previous, keep)
+                if not pruned:
+                    return (0, 0)
+                blobs = rec.blobs()
+                kept = {blobs[v][0] for v in blobs if v not in pruned}
+                dropped = {blobs[v][0]: blobs[v][1] for v in pruned if blobs[v][0] not in kept}
+                commands: list[tuple[Any, ...]] = [("HDEL", tk, *(f"v:{v}" for v in pruned))]
+                if dropped:
+                    commands.append(("DEL", *(self.blob_key(tenant, task, sha) for sha in dropped)))
+                if s.execute(commands) is None:
+                    return _RETRY
+                self._replicate(s)
+                return (len(pruned), sum(dropped.values()))
+
+        return attempt
+
+    def _recount(self, tenant: str, tasks: list[str]) -> Any:
+        """Set the tenant's counters to what its tasks hold (WATCHing them, so a reservation meanwhile retries)."""
+        key = self.usage_key(tenant)
+        with self._session(key) as s:
+            s("WATCH", key)
+            live, stored = 0, 0
+            for task in tasks:
+                rec = _TaskRecord.parse(tenant, task, self._topology.client.hgetall(self.task_key(tenant, task)))
+                if rec.active is not None:
+                    live += 1
+                    stored += sum(dict(rec.blobs().values()).values())
+            if s.execute([("HSET", key, "tasks", live, "bytes", stored)]) is None:
+                return _RETRY
+            return TenantUsage(live, stored)
 
     # -- reads --------------------------------------------------------------------------------------
     def _info(self, tenant: str, task: str, version: int | None) -> StoredVersion:
         """The version's metadata at the task's revision; the state (revision and active pointer) is read first,
-        in one HGET, and versions are immutable with numbers never reused, so the answer belongs to that state."""
-        state = self._read_state(self._r, tenant, task)
+        and versions are immutable with numbers never reused, so the answer belongs to that state."""
+        client, tk = self._topology.client, self.task_key(tenant, task)
+        state = _decode_state(tenant, task, client.hget(tk, "state"))
         if version is None:
             if state.active is None:
                 raise NotFound("not_found", f"task {task!r} does not exist", "task")
             version = state.active
-        raw = self._r.hget(self._task_key(tenant, task), f"v:{version}")
+        raw = client.hget(tk, f"v:{version}")
         if raw is None:
             raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
         return decode_info(tenant, task, version, raw, state.revision)
@@ -372,8 +712,8 @@ class RedisPromptStore:
             check_version(version)
         with self._unavailable("get"):
             info = self._info(tenant, task, version)
-            data = self._r.get(self._blob_key(tenant, task, info.sha256))
-        if data is None:  # deleted between the two reads
+            data = self._topology.client.get(self.blob_key(tenant, task, info.sha256))
+        if data is None:  # deleted (or pruned) between the two reads
             raise NotFound("not_found", f"task {task!r} version {info.version} was deleted", "task")
         verify_blob(info, data)
         return StoredBlob(info, data)
@@ -386,58 +726,64 @@ class RedisPromptStore:
     def list_tasks(self, tenant: str) -> list[str]:
         check_tenant_id(tenant)
         with self._unavailable("list_tasks"):
-            return sorted(t.decode() for t in self._r.smembers(self._tasks_key(tenant)))
+            tasks = sorted(t.decode() for t in self._topology.client.smembers(self.tasks_key(tenant)))
+            states = self._states({tenant: tasks})
+        return [task for (_, task), s in sorted(states.items()) if s.active is not None]
 
     def list_tenants(self) -> list[str]:
-        with self._unavailable("list_tenants"):
-            return sorted(t.decode() for t in self._r.smembers(f"{self.prefix}tenants"))
+        """Tenants with at least one live task."""
+        return sorted({tenant for (tenant, _), state in self.snapshot().items() if state.active is not None})
 
     def list_versions(self, tenant: str, task: str) -> list[StoredVersion]:
         check_ids(tenant, task)
-        with self._unavailable("list_versions"), self._r.pipeline(transaction=True) as p:
-            p.hgetall(self._task_key(tenant, task))
-            p.hget(self._states_key, f"{tenant}/{task}")
-            fields, raw_state = p.execute()
-        if not fields:
+        with self._unavailable("list_versions"):
+            rec = _TaskRecord.parse(tenant, task, self._topology.client.hgetall(self.task_key(tenant, task)))
+        if rec.active is None:
             raise NotFound("not_found", f"task {task!r} does not exist", "task")
-        revision = _decode_state(tenant, task, raw_state).revision
-        out = [decode_info(tenant, task, int(k[2:]), v, revision) for k, v in fields.items() if k.startswith(b"v:")]
-        return sorted(out, key=lambda i: i.version)
+        return [rec.info(v) for v in sorted(rec.versions)]
 
     def state(self, tenant: str, task: str) -> TaskState:
         """The task's revision, active version and its sha256 (one HGET); a tombstone once deleted."""
         check_ids(tenant, task)
         with self._unavailable("state"):
-            return self._read_state(self._r, tenant, task)
+            return _decode_state(tenant, task, self._topology.client.hget(self.task_key(tenant, task), "state"))
+
+    def _index(self) -> dict[str, list[str]]:
+        """Every tenant of the registry -> every task of its index (live or deleted, sorted)."""
+        client = self._topology.client
+        tenants = sorted(t.decode() for t in client.smembers(self.tenants_key))
+        with client.pipeline(transaction=False) as p:
+            for tenant in tenants:
+                p.smembers(self.tasks_key(tenant))
+            members = p.execute()
+        return {tenant: sorted(t.decode() for t in tasks) for tenant, tasks in zip(tenants, members, strict=True)}
+
+    def _states(self, index: dict[str, list[str]]) -> Snapshot:
+        """The state of every task of ``index`` that has one (pipelined; in a Cluster, grouped by node)."""
+        keys = [(tenant, task) for tenant, tasks in index.items() for task in tasks]
+        with self._topology.client.pipeline(transaction=False) as p:
+            for tenant, task in keys:
+                p.hget(self.task_key(tenant, task), "state")
+            raws = p.execute()
+        return {key: _decode_state(*key, raw) for key, raw in zip(keys, raws, strict=True) if raw is not None}
 
     def snapshot(self) -> Snapshot:
+        """Every task's state, tombstones included (a tombstone at revision 0 carries nothing and is left out)."""
         with self._unavailable("snapshot"):
-            raw = self._r.hgetall(self._states_key)
-            out: Snapshot = {}
-            for k, v in raw.items():
-                tenant, _, task = k.decode().partition("/")
-                out[(tenant, task)] = _decode_state(tenant, task, v)
-            legacy = [s for s in out.values() if s.active is not None and s.sha256 is None]
-            if legacy:  # bare numbers from before revisions: the sha256 is in the version's record
-                with self._r.pipeline(transaction=False) as p:
-                    for s in legacy:
-                        p.hget(self._task_key(s.tenant, s.task), f"v:{s.active}")
-                    infos = p.execute()
-                for s, info in zip(legacy, infos, strict=True):
-                    if info is not None:
-                        out[(s.tenant, s.task)] = replace(s, sha256=json.loads(info)["sha256"])
-        return out
+            states = self._states(self._index())
+        return {key: s for key, s in states.items() if s.active is not None or s.revision > 0}
 
     def ping(self) -> None:
         with self._unavailable("ping"):
-            self._r.ping()
+            self._topology.client.ping()
 
     # -- notifications ------------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[ChangeEvent], None], reconcile_s: float = 2.0) -> _RedisWatcher:
         """Deliver changes from pub/sub as they happen and from a snapshot diff every ``reconcile_s``.
 
         Never raises for an unreachable Redis: the watcher thread retries (backoff up to 1 s) and diffs a
-        fresh snapshot as soon as it is back, so changes made during an outage arrive then.
+        fresh snapshot as soon as it is back, so changes made during an outage arrive then. In a Cluster the
+        watcher listens on one node; Redis forwards every PUBLISH to all nodes.
         """
         watcher = _RedisWatcher(self, callback, reconcile_s)
         try:
@@ -448,20 +794,25 @@ class RedisPromptStore:
         watcher.start(baseline)
         return watcher
 
+    def pubsub(self) -> Any:
+        """A pub/sub object on the change channel's connection (the store's watcher uses it)."""
+        with self._unavailable("subscribe"):
+            return self._topology.client.pubsub(ignore_subscribe_messages=True)
+
     def close(self) -> None:
-        self._r.close()
+        self._topology.close()
 
 
 class _RedisWatcher(Watcher):
     def __init__(self, store: RedisPromptStore, callback: Callable[[ChangeEvent], None], reconcile_s: float):
         super().__init__(callback, reconcile_s, name="lpt-store-watch-redis")
         self._store = store
-        self._pubsub: redis.client.PubSub | None = None
+        self._pubsub: Any = None
 
     def _wait(self, timeout: float) -> tuple[list[ChangeEvent], bool]:
         due = False
         if self._pubsub is None:
-            ps = self._store._r.pubsub(ignore_subscribe_messages=True)
+            ps = self._store.pubsub()
             self._pubsub = ps
             ps.subscribe(self._store.channel)
             due = True  # messages published while we were not subscribed are lost: diff a snapshot now
@@ -490,21 +841,6 @@ class _RedisWatcher(Watcher):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _encode_state(state: TaskState) -> str:
-    return json.dumps({"revision": state.revision, "active": state.active, "sha256": state.sha256})
-
-
-def _decode_state(tenant: str, task: str, raw: bytes | None) -> TaskState:
-    """A task's ``{p}active`` entry; None (never written) is revision 0, and a bare version number (written
-    before revisions) is revision 0 with its sha256 left for the caller to look up."""
-    if raw is None:
-        return unknown_state(tenant, task)
-    d = json.loads(raw)
-    if isinstance(d, int):
-        return TaskState(tenant, task, 0, d, None)
-    return TaskState(tenant, task, int(d["revision"]), d["active"], d["sha256"])
 
 
 def _well_formed(state: TaskState) -> bool:

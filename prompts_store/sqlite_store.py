@@ -2,7 +2,8 @@
 
 Tables::
 
-    tasks(tenant, task, active)                        the active pointer; a row exists iff the task exists
+    tasks(tenant, task, active, previous)              the active pointer and the version active before it (kept
+                                                       by retention); a row exists iff the task exists
     versions(tenant, task, version, sha256, size, created, meta)
     blobs(tenant, task, sha256, data)                  content-addressed inside the task
     seqs(tenant, task, last, revision)                 last version issued and the task's revision; written by
@@ -10,17 +11,23 @@ Tables::
                                                        so numbers never repeat and revisions never go back
 
 Every write is one ``BEGIN IMMEDIATE`` transaction (writers serialize on SQLite's lock, readers never block),
-committed with ``synchronous=FULL``: an acknowledged put survives a process kill and a power loss. Change
-notification polls ``PRAGMA data_version`` (cheap, changes when another connection commits) every 0.1 s.
-Keep the file on a local disk: WAL needs shared memory, so network filesystems are not supported.
+committed with ``synchronous=FULL``: an acknowledged put survives a process kill and a power loss. Quotas are
+checked and retention applied inside the put's transaction, so they are exact. Change notification polls
+``PRAGMA data_version`` (cheap, changes when another connection commits) every 0.1 s. Keep the file on a local
+disk: WAL needs shared memory, so network filesystems are not supported.
+
+Connections come from a fixed pool (``pool_size``, opened on demand, each used by one thread at a time), so the
+number of open handles is bounded however many threads the caller starts and retires.
 
 A file whose ``seqs`` lacks ``revision`` (written before the store had revisions) gets the column on open, in
-place, with 0 for every task; each task's next write gives it a clock-based revision.
+place, with 0 for every task; each task's next write gives it a clock-based revision. A ``tasks`` table without
+``previous`` gets it the same way (NULL: retention then keeps the newest version below the active one).
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import threading
 import time
@@ -36,17 +43,30 @@ from prompts_store._common import (
     Watcher,
     check_ids,
     check_put,
+    check_quotas,
     check_version,
     log,
     next_revision,
+    plan_put,
     sha256_hex,
     verify_blob,
+    versions_to_prune,
 )
-from prompts_store.base import DEFAULT_MAX_BYTES, ChangeEvent, StoredBlob, StoredVersion, TaskState, VersionConflict
+from prompts_store.base import (
+    DEFAULT_MAX_BYTES,
+    ChangeEvent,
+    GcReport,
+    Quotas,
+    StoredBlob,
+    StoredVersion,
+    TaskState,
+    TenantUsage,
+    VersionConflict,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    tenant TEXT NOT NULL, task TEXT NOT NULL, active INTEGER NOT NULL, PRIMARY KEY (tenant, task)
+    tenant TEXT NOT NULL, task TEXT NOT NULL, active INTEGER NOT NULL, previous INTEGER, PRIMARY KEY (tenant, task)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS versions (
     tenant TEXT NOT NULL, task TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL,
@@ -62,6 +82,18 @@ CREATE TABLE IF NOT EXISTS seqs (
 ) WITHOUT ROWID;
 """
 _ADD_REVISION = "ALTER TABLE seqs ADD COLUMN revision INTEGER NOT NULL DEFAULT 0"
+_ADD_PREVIOUS = "ALTER TABLE tasks ADD COLUMN previous INTEGER"
+_USAGE = """
+SELECT (SELECT COUNT(*) FROM tasks WHERE tenant = ?1),
+       (SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT task, sha256, size FROM versions WHERE tenant = ?1))
+"""
+# Blobs of a task that no version references any more (after retention deleted versions).
+_DROP_BLOBS = """
+DELETE FROM blobs WHERE tenant = ?1 AND task = ?2
+AND sha256 NOT IN (SELECT sha256 FROM versions WHERE tenant = ?1 AND task = ?2)
+"""
+# Connections per store: reads run in parallel on them (WAL), writes queue on the write lock anyway.
+DEFAULT_POOL_SIZE = 4
 
 # Version columns plus the task's revision, read in the same statement (one consistent snapshot).
 _COLS = "SELECT v.version, v.sha256, v.size, v.created, v.meta, COALESCE(s.revision, 0)"
@@ -100,36 +132,53 @@ def _read_snapshot(conn: sqlite3.Connection) -> Snapshot:
 
 
 class SqlitePromptStore:
-    """Prompt store in one SQLite file. Thread-safe (a connection per thread) and multi-process safe.
+    """Prompt store in one SQLite file. Thread-safe (a fixed pool of connections) and multi-process safe.
 
     Args:
         path: the database file; its directory is created (mode 0700) if missing.
         max_bytes: largest blob ``put`` accepts.
-        busy_timeout_s: how long a writer waits for another writer's lock before ``StoreUnavailable``.
+        busy_timeout_s: how long a writer waits for another writer's lock, and a caller for a free connection,
+            before ``StoreUnavailable``.
+        quotas: per-tenant limits and retention (none by default).
+        pool_size: most connections open at once (the watcher of ``subscribe`` has one more of its own).
     """
 
-    def __init__(self, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, busy_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        path: str | Path,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        busy_timeout_s: float = 10.0,
+        quotas: Quotas | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+    ):
+        if pool_size < 1:
+            raise ValueError("pool_size must be >= 1")
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.quotas = quotas or Quotas()
+        self._busy_s = busy_timeout_s
         self._busy_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._free = threading.BoundedSemaphore(pool_size)
         self._lock = threading.Lock()
+        self._opened = 0
         self._write_lock = threading.Lock()
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = self._conn()
-            # WAL is a property of the file: set once, every later connection (any process) uses it.
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreUnavailable("store_unavailable", f"cannot enable WAL on {self.path} (got {mode})")
-            with self._write(conn):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                if "revision" not in {row[1] for row in conn.execute("PRAGMA table_info(seqs)")}:
-                    conn.execute(_ADD_REVISION)  # a store from before revisions: every task starts at 0
+            with self._conn() as conn:
+                # WAL is a property of the file: set once, every later connection (any process) uses it.
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreUnavailable("store_unavailable", f"cannot enable WAL on {self.path} (got {mode})")
+                with self._write(conn):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    if "revision" not in {row[1] for row in conn.execute("PRAGMA table_info(seqs)")}:
+                        conn.execute(_ADD_REVISION)  # a store from before revisions: every task starts at 0
+                    if "previous" not in {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}:
+                        conn.execute(_ADD_PREVIOUS)
         except (sqlite3.Error, OSError) as e:
             raise StoreUnavailable("store_unavailable", f"cannot open sqlite store {self.path}: {e}") from e
 
@@ -137,19 +186,61 @@ class SqlitePromptStore:
         return f"SqlitePromptStore({str(self.path)!r})"
 
     # -- connections --------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self._closed:
-                raise StoreUnavailable("store_unavailable", "store is closed")
-            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE for writes), never implicit.
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
-            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-            with self._lock:
-                self._conns.append(conn)
+    @property
+    def open_connections(self) -> int:
+        """Connections of the pool open now (idle or in use); at most ``pool_size``."""
+        return self._opened
+
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE for writes), never implicit.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+        conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        conn.execute("PRAGMA synchronous=FULL")
         return conn
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        """A connection of the pool for the calling thread, until the block ends: an idle one, a new one while
+        fewer than ``pool_size`` are open, else the next one returned (waiting up to the busy timeout)."""
+        if self._closed:
+            raise StoreUnavailable("store_unavailable", "store is closed")
+        if not self._free.acquire(timeout=self._busy_s):
+            raise StoreUnavailable("store_busy", f"no free sqlite connection within {self._busy_s} s ({self.path})")
+        try:
+            conn = self._checkout()
+        except BaseException:
+            self._free.release()
+            raise
+        try:
+            yield conn
+        finally:
+            self._checkin(conn)
+            self._free.release()
+
+    def _checkout(self) -> sqlite3.Connection:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        conn = self._connect()
+        with self._lock:
+            self._opened += 1
+        return conn
+
+    def _checkin(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:  # a read transaction cut short by an error
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if self._closed:
+            self._discard(conn)
+        else:
+            self._idle.put(conn)
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        with suppress(sqlite3.Error):
+            conn.close()
+        with self._lock:
+            self._opened -= 1
 
     @contextmanager
     def _write(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -202,94 +293,167 @@ class SqlitePromptStore:
         )
 
     # -- writes -------------------------------------------------------------------------------------
+    def _usage(self, conn: sqlite3.Connection, tenant: str) -> TenantUsage:
+        tasks, stored = conn.execute(_USAGE, (tenant,)).fetchone()
+        return TenantUsage(int(tasks), int(stored))
+
+    @staticmethod
+    def _versions(conn: sqlite3.Connection, tenant: str, task: str) -> dict[int, tuple[str, int]]:
+        rows = conn.execute("SELECT version, sha256, size FROM versions WHERE tenant = ? AND task = ?", (tenant, task))
+        return {int(v): (sha, int(size)) for v, sha, size in rows}
+
+    @staticmethod
+    def _delete_versions(conn: sqlite3.Connection, tenant: str, task: str, versions: list[int]) -> None:
+        """Delete versions (retention) and then every blob no remaining version of the task references."""
+        conn.executemany(
+            "DELETE FROM versions WHERE tenant = ? AND task = ? AND version = ?", [(tenant, task, v) for v in versions]
+        )
+        conn.execute(_DROP_BLOBS, (tenant, task))
+
     def put(self, tenant: str, task: str, data: bytes, meta: dict[str, str] | None = None) -> StoredVersion:
-        """Store ``data`` as a new version and activate it; bytes equal to the active version return it."""
+        """Store ``data`` as a new version and activate it; bytes equal to the active version return it. Quotas are
+        checked and retention applied in the same transaction."""
         check_ids(tenant, task)
         meta = check_put(data, meta, self.max_bytes)
         data = bytes(data)
         sha = sha256_hex(data)
-        with self._unavailable("put"):
-            conn = self._conn()
-            with self._write(conn):
-                row = self._active_row(conn, tenant, task)
-                if row is not None and row[1] == sha:
-                    return _row_info(tenant, task, row)
-                last, revision = self._read_seq(conn, tenant, task)
-                revision = next_revision(revision)
-                info = StoredVersion(
-                    tenant, task, last + 1, sha, len(data), time.time(), meta, new=True, revision=revision
-                )
-                self._write_version(conn, tenant, task, info, data)
-                self._write_seq(conn, tenant, task, info.version, info.revision)
-                conn.execute(
-                    "INSERT INTO tasks VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET active = excluded.active",
-                    (tenant, task, info.version),
-                )
-            return info
+        with self._unavailable("put"), self._conn() as conn, self._write(conn):
+            row = self._active_row(conn, tenant, task)
+            if row is not None and row[1] == sha:
+                return _row_info(tenant, task, row)
+            last, revision = self._read_seq(conn, tenant, task)
+            plan = plan_put(
+                self._versions(conn, tenant, task),
+                int(row[0]) if row is not None else None,
+                last,
+                sha,
+                len(data),
+                self.quotas.keep_inactive_versions,
+            )
+            if self.quotas.max_tasks_per_tenant is not None or self.quotas.max_bytes_per_tenant is not None:
+                usage = self._usage(conn, tenant)
+                check_quotas(self.quotas, tenant, usage, int(plan.new_task), plan.added_bytes, plan.freed_bytes)
+            info = StoredVersion(
+                tenant,
+                task,
+                plan.version,
+                sha,
+                len(data),
+                time.time(),
+                meta,
+                new=True,
+                revision=next_revision(revision),
+            )
+            self._write_version(conn, tenant, task, info, data)
+            self._write_seq(conn, tenant, task, info.version, info.revision)
+            conn.execute(
+                "INSERT INTO tasks (tenant, task, active, previous) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO UPDATE SET active = excluded.active, previous = excluded.previous",
+                (tenant, task, info.version, row[0] if row is not None else None),
+            )
+            if plan.pruned:
+                self._delete_versions(conn, tenant, task, plan.pruned)
+        return info
 
     def activate(self, tenant: str, task: str, version: int) -> StoredVersion:
         """Make an existing version active at a new revision; the active version itself writes nothing."""
         check_ids(tenant, task)
         check_version(version)
-        with self._unavailable("activate"):
-            conn = self._conn()
-            with self._write(conn):
-                row = conn.execute(
-                    f"{_INFO} WHERE v.tenant = ? AND v.task = ? AND v.version = ?", (tenant, task, version)
-                ).fetchone()
-                if row is None:
-                    raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
-                info = _row_info(tenant, task, row)
-                active = conn.execute("SELECT active FROM tasks WHERE tenant = ? AND task = ?", (tenant, task))
-                if active.fetchone() == (version,):
-                    return info
-                last, revision = self._read_seq(conn, tenant, task)
-                info = replace(info, revision=next_revision(revision))
-                conn.execute("UPDATE tasks SET active = ? WHERE tenant = ? AND task = ?", (version, tenant, task))
-                self._write_seq(conn, tenant, task, last, info.revision)
-            return info
+        with self._unavailable("activate"), self._conn() as conn, self._write(conn):
+            row = conn.execute(
+                f"{_INFO} WHERE v.tenant = ? AND v.task = ? AND v.version = ?", (tenant, task, version)
+            ).fetchone()
+            if row is None:
+                raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
+            info = _row_info(tenant, task, row)
+            (active,) = conn.execute(
+                "SELECT active FROM tasks WHERE tenant = ? AND task = ?", (tenant, task)
+            ).fetchone()
+            if active == version:
+                return info
+            last, revision = self._read_seq(conn, tenant, task)
+            info = replace(info, revision=next_revision(revision))
+            conn.execute(
+                "UPDATE tasks SET active = ?, previous = ? WHERE tenant = ? AND task = ?",
+                (version, active, tenant, task),
+            )
+            self._write_seq(conn, tenant, task, last, info.revision)
+        return info
 
     def delete(self, tenant: str, task: str) -> None:
         """Delete a task, all its versions and blobs. Its version numbers are not reused; its revision is bumped
         and kept (the tombstone)."""
         check_ids(tenant, task)
-        with self._unavailable("delete"):
-            conn = self._conn()
-            with self._write(conn):
-                if conn.execute("DELETE FROM tasks WHERE tenant = ? AND task = ?", (tenant, task)).rowcount == 0:
-                    raise NotFound("not_found", f"task {task!r} does not exist", "task")
-                conn.execute("DELETE FROM versions WHERE tenant = ? AND task = ?", (tenant, task))
-                conn.execute("DELETE FROM blobs WHERE tenant = ? AND task = ?", (tenant, task))
-                last, revision = self._read_seq(conn, tenant, task)
-                self._write_seq(conn, tenant, task, last, next_revision(revision))
+        with self._unavailable("delete"), self._conn() as conn, self._write(conn):
+            if conn.execute("DELETE FROM tasks WHERE tenant = ? AND task = ?", (tenant, task)).rowcount == 0:
+                raise NotFound("not_found", f"task {task!r} does not exist", "task")
+            conn.execute("DELETE FROM versions WHERE tenant = ? AND task = ?", (tenant, task))
+            conn.execute("DELETE FROM blobs WHERE tenant = ? AND task = ?", (tenant, task))
+            last, revision = self._read_seq(conn, tenant, task)
+            self._write_seq(conn, tenant, task, last, next_revision(revision))
 
     def restore_version(
         self, tenant: str, task: str, version: int, data: bytes, created: float, meta: dict[str, str] | None = None
     ) -> StoredVersion:
-        """Write a version with a given number (backup import). See ``base.SupportsRestore``."""
+        """Write a version with a given number (backup import; quotas and retention do not apply: ``lpt store gc``
+        applies retention afterwards). See ``base.SupportsRestore``."""
         check_ids(tenant, task)
         check_version(version)
         meta = check_put(data, meta, self.max_bytes)
         data = bytes(data)
         info = StoredVersion(tenant, task, version, sha256_hex(data), len(data), created, meta)
-        with self._unavailable("restore"):
-            conn = self._conn()
-            with self._write(conn):
-                row = conn.execute(
-                    f"{_INFO} WHERE v.tenant = ? AND v.task = ? AND v.version = ?", (tenant, task, version)
-                ).fetchone()
-                if row is not None:
-                    if row[1] != info.sha256:
-                        raise VersionConflict(
-                            "version_conflict", f"{tenant}/{task} v{version} exists with other bytes", "version"
-                        )
-                    return _row_info(tenant, task, row)
-                last, revision = self._read_seq(conn, tenant, task)
-                info = replace(info, revision=next_revision(revision))
-                self._write_version(conn, tenant, task, info, data)
-                self._write_seq(conn, tenant, task, max(version, last), info.revision)
-                conn.execute("INSERT OR IGNORE INTO tasks VALUES (?, ?, ?)", (tenant, task, version))
-            return info
+        with self._unavailable("restore"), self._conn() as conn, self._write(conn):
+            row = conn.execute(
+                f"{_INFO} WHERE v.tenant = ? AND v.task = ? AND v.version = ?", (tenant, task, version)
+            ).fetchone()
+            if row is not None:
+                if row[1] != info.sha256:
+                    raise VersionConflict(
+                        "version_conflict", f"{tenant}/{task} v{version} exists with other bytes", "version"
+                    )
+                return _row_info(tenant, task, row)
+            last, revision = self._read_seq(conn, tenant, task)
+            info = replace(info, revision=next_revision(revision))
+            self._write_version(conn, tenant, task, info, data)
+            self._write_seq(conn, tenant, task, max(version, last), info.revision)
+            conn.execute("INSERT OR IGNORE INTO tasks (tenant, task, active) VALUES (?, ?, ?)", (tenant, task, version))
+        return info
+
+    # -- maintenance --------------------------------------------------------------------------------
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's live tasks and stored bytes (each distinct blob of each task once), as quotas count them."""
+        check_tenant_id(tenant)
+        with self._unavailable("usage"), self._conn() as conn:
+            return self._usage(conn, tenant)
+
+    def gc(self, keep_inactive_versions: int | None = None) -> GcReport:
+        """Apply retention to every task, one transaction per task. See ``base.SupportsMaintenance``."""
+        keep = self.quotas.keep_inactive_versions if keep_inactive_versions is None else keep_inactive_versions
+        report = GcReport()
+        if keep is None:
+            return report
+        with self._unavailable("gc"), self._conn() as conn:
+            tasks = conn.execute("SELECT tenant, task FROM tasks ORDER BY tenant, task").fetchall()
+            for tenant, task in tasks:
+                with self._write(conn):
+                    report = _add(report, self._prune(conn, tenant, task, keep))
+        return report
+
+    def _prune(self, conn: sqlite3.Connection, tenant: str, task: str, keep: int) -> GcReport:
+        row = conn.execute("SELECT active, previous FROM tasks WHERE tenant = ? AND task = ?", (tenant, task))
+        pointers = row.fetchone()
+        if pointers is None:  # deleted meanwhile
+            return GcReport()
+        active, previous = pointers
+        versions = self._versions(conn, tenant, task)
+        if previous is None:  # not recorded (written before retention): the newest version below the active one
+            previous = max((v for v in versions if v < active), default=None)
+        pruned = versions_to_prune(versions, active, previous, keep)
+        if not pruned:
+            return GcReport()
+        before = self._usage(conn, tenant).bytes
+        self._delete_versions(conn, tenant, task, pruned)
+        return GcReport(1, len(pruned), before - self._usage(conn, tenant).bytes)
 
     # -- reads --------------------------------------------------------------------------------------
     def get(self, tenant: str, task: str, version: int | None = None) -> StoredBlob:
@@ -297,13 +461,12 @@ class SqlitePromptStore:
         check_ids(tenant, task)
         if version is not None:
             check_version(version)
-        with self._unavailable("get"):
-            conn = self._conn()
-            # One statement, so pointer, metadata and bytes come from the same consistent snapshot.
-            if version is None:
-                sql, args = f"{_BLOB}{_JOIN_ACTIVE} WHERE t.tenant = ? AND t.task = ?", (tenant, task)
-            else:
-                sql, args = f"{_BLOB} WHERE v.tenant = ? AND v.task = ? AND v.version = ?", (tenant, task, version)
+        # One statement, so pointer, metadata and bytes come from the same consistent snapshot.
+        if version is None:
+            sql, args = f"{_BLOB}{_JOIN_ACTIVE} WHERE t.tenant = ? AND t.task = ?", (tenant, task)
+        else:
+            sql, args = f"{_BLOB} WHERE v.tenant = ? AND v.task = ? AND v.version = ?", (tenant, task, version)
+        with self._unavailable("get"), self._conn() as conn:
             row = conn.execute(sql, args).fetchone()
         if row is None:
             what = f"version {version}" if version is not None else "active version"
@@ -315,27 +478,26 @@ class SqlitePromptStore:
 
     def active_version(self, tenant: str, task: str) -> StoredVersion:
         check_ids(tenant, task)
-        with self._unavailable("active_version"):
-            row = self._active_row(self._conn(), tenant, task)
+        with self._unavailable("active_version"), self._conn() as conn:
+            row = self._active_row(conn, tenant, task)
         if row is None:
             raise NotFound("not_found", f"task {task!r} does not exist", "task")
         return _row_info(tenant, task, row)
 
     def list_tasks(self, tenant: str) -> list[str]:
         check_tenant_id(tenant)
-        with self._unavailable("list_tasks"):
-            rows = self._conn().execute("SELECT task FROM tasks WHERE tenant = ? ORDER BY task", (tenant,)).fetchall()
+        with self._unavailable("list_tasks"), self._conn() as conn:
+            rows = conn.execute("SELECT task FROM tasks WHERE tenant = ? ORDER BY task", (tenant,)).fetchall()
         return [r[0] for r in rows]
 
     def list_tenants(self) -> list[str]:
-        with self._unavailable("list_tenants"):
-            rows = self._conn().execute("SELECT DISTINCT tenant FROM tasks ORDER BY tenant").fetchall()
+        with self._unavailable("list_tenants"), self._conn() as conn:
+            rows = conn.execute("SELECT DISTINCT tenant FROM tasks ORDER BY tenant").fetchall()
         return [r[0] for r in rows]
 
     def list_versions(self, tenant: str, task: str) -> list[StoredVersion]:
         check_ids(tenant, task)
-        with self._unavailable("list_versions"):
-            conn = self._conn()
+        with self._unavailable("list_versions"), self._conn() as conn:
             conn.execute("BEGIN")
             try:
                 exists = conn.execute("SELECT 1 FROM tasks WHERE tenant = ? AND task = ?", (tenant, task)).fetchone()
@@ -351,17 +513,17 @@ class SqlitePromptStore:
     def state(self, tenant: str, task: str) -> TaskState:
         """The task's revision, active version and its sha256 from one statement; a tombstone once deleted."""
         check_ids(tenant, task)
-        with self._unavailable("state"):
-            revision, active, sha = self._conn().execute(_STATE, (tenant, task)).fetchone()
+        with self._unavailable("state"), self._conn() as conn:
+            revision, active, sha = conn.execute(_STATE, (tenant, task)).fetchone()
         return TaskState(tenant, task, int(revision), active, sha)
 
     def snapshot(self) -> Snapshot:
-        with self._unavailable("snapshot"):
-            return _read_snapshot(self._conn())
+        with self._unavailable("snapshot"), self._conn() as conn:
+            return _read_snapshot(conn)
 
     def ping(self) -> None:
-        with self._unavailable("ping"):
-            self._conn().execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+        with self._unavailable("ping"), self._conn() as conn:
+            conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
 
     # -- notifications ------------------------------------------------------------------------------
     def subscribe(self, callback: Callable[[ChangeEvent], None], reconcile_s: float = 2.0) -> _SqliteWatcher:
@@ -377,12 +539,20 @@ class SqlitePromptStore:
         return watcher
 
     def close(self) -> None:
+        """Close the idle connections now and each one in use when it is returned."""
         self._closed = True
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with suppress(sqlite3.Error):
-                conn.close()
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            self._discard(conn)
+
+
+def _add(a: GcReport, b: GcReport) -> GcReport:
+    return GcReport(
+        a.tasks_pruned + b.tasks_pruned, a.versions_deleted + b.versions_deleted, a.bytes_freed + b.bytes_freed
+    )
 
 
 class _SqliteWatcher(Watcher):

@@ -179,7 +179,7 @@ def test_large_and_empty_blobs_round_trip(backend, stores):
     assert store.put("acme", "empty", b"").size == 0 and store.get("acme", "empty").data == b""
     if backend.server is not None:
         with backend.server.client() as c:
-            assert c.keys("lpt:upload:*") == []  # temporary upload keys were renamed into place
+            assert c.keys("lpt:{*}:upload:*") == []  # temporary upload keys were renamed into place
 
 
 def test_concurrent_puts_are_never_lost_or_torn(stores):
@@ -284,7 +284,7 @@ def test_size_limit_is_checked_before_anything_is_written(backend, stores):
     assert live(small.snapshot()) == {("acme", "a"): 1} and small.list_tasks("acme") == ["a"]
     if backend.server is not None:
         with backend.server.client() as c:  # not even a blob was uploaded
-            assert len(c.keys("lpt:blob:*")) == 1
+            assert len(c.keys("lpt:{*}:blob:*")) == 1 and c.keys("lpt:{*}:upload:*") == []
 
 
 # -- revisions ---------------------------------------------------------------------------------------
@@ -510,14 +510,10 @@ def _set_state_silently(
     missed the message (or what a store holds after it lost the writes that followed ``revision``)."""
     state = TaskState(tenant, task, revision, version, store.get(tenant, task, version).info.sha256)
     if isinstance(store, RedisPromptStore):
-        with backend.server.client() as c, c.pipeline(transaction=True) as p:  # type: ignore[union-attr]
-            p.hset(store._task_key(tenant, task), "active", version)
-            p.hset(
-                "lpt:active",
-                f"{tenant}/{task}",
-                json.dumps({"revision": revision, "active": version, "sha256": state.sha256}),
-            )
-            p.execute()
+        with backend.server.client() as c:  # type: ignore[union-attr]
+            key = store.task_key(tenant, task)
+            old = json.loads(c.hget(key, "state"))
+            c.hset(key, "state", json.dumps(old | {"revision": revision, "active": version, "sha256": state.sha256}))
     else:
         with sqlite3.connect(Path(backend.spec) / "prompts.sqlite") as c:
             c.execute("UPDATE tasks SET active = ? WHERE tenant = ? AND task = ?", (version, tenant, task))
