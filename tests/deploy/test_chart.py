@@ -102,28 +102,39 @@ def _first(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def test_validation_refuses_broken_objects():
     """The validators can fail: a wrong type, an unknown field, a missing required field, bad metadata."""
-    objects = ch.render(ch.load_values(ch.CHART_DIR / "ci" / "gpu-autoscaling-monitoring-values.yaml"))
+    gpu = ch.CHART_DIR / "ci" / "gpu-autoscaling-monitoring-values.yaml"
     version = ch.newest_kubernetes()
-    broken: list[dict[str, Any]] = []
 
-    deployment = _first(objects, "Deployment")
-    deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "40"
-    broken.append(deployment)
-    deployment = _first(objects, "Deployment")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # misspelt: unknown in strict mode
-    broken.append(deployment)
-    monitor = _first(objects, "ServiceMonitor")
-    monitor["spec"]["endpoints"][0]["scrapeIntervall"] = "15s"
-    broken.append(monitor)
-    scaled = _first(objects, "ScaledObject")
-    del scaled["spec"]["scaleTargetRef"]
-    broken.append(scaled)
-    rule = _first(objects, "PrometheusRule")
-    rule["metadata"]["labels"]["release"] = 1
-    broken.append(rule)
-    for obj in broken:
+    def wrong_type(objects):
+        obj = _first(objects, "Deployment")
+        obj["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "40"
+        return obj
+
+    def misspelt(objects):  # an unknown field, refused in strict mode
+        obj = _first(objects, "Deployment")
+        obj["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+        return obj
+
+    def unknown_crd_field(objects):
+        obj = _first(objects, "ServiceMonitor")
+        obj["spec"]["endpoints"][0]["scrapeIntervall"] = "15s"
+        return obj
+
+    def missing_crd_field(objects):
+        obj = _first(objects, "ScaledObject")
+        del obj["spec"]["scaleTargetRef"]
+        return obj
+
+    def bad_crd_metadata(objects):
+        obj = _first(objects, "PrometheusRule")
+        obj["metadata"]["labels"]["release"] = 1
+        return obj
+
+    for breaks in (wrong_type, misspelt, unknown_crd_field, missing_crd_field, bad_crd_metadata):
+        broken = breaks(ch.render_file(gpu))
+        ch.validate(_first(ch.render_file(gpu), broken["kind"]), version)  # valid as rendered
         with pytest.raises(jsonschema.ValidationError):
-            ch.validate(obj, version)
+            ch.validate(broken, version)
 
 
 @pytest.mark.parametrize(
