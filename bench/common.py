@@ -416,6 +416,7 @@ class ServeOptions:
     queue_size: int = 1024
     request_timeout: float = 30.0
     threads: int | None = None  # OMP/torch threads of the server process; None: torch's default
+    grpc: bool = False  # serve the Open Inference Protocol over gRPC too (on a free port, ``LptServe.grpc_port``)
 
 
 class LptServe:
@@ -435,6 +436,7 @@ class LptServe:
         self.ready_timeout = ready_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port() if opts.grpc else 0
         self._tmp = tempfile.TemporaryDirectory(prefix="lpt-bench-serve-")
         self.log_path = Path(self._tmp.name) / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -455,6 +457,7 @@ class LptServe:
         env = dict(os.environ)
         env["LPT_API_KEYS"] = ",".join(f"{t}:{s}" for t, s in self.keys.items())
         env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
+        env["LPT_GRPC_PORT"] = str(self.grpc_port)  # a variable: checkouts without the setting ignore it
         if self.repo != REPO:
             env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
         if self.opts.threads:

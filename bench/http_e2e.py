@@ -8,8 +8,13 @@ so ``HTTP / engine`` is a paired ratio on the same machine state. Repeats altern
 Then an open-loop (Poisson) run at half the peak rate gives the p99 to compare with
 ``2 x (max_wait + one batch forward)``.
 
-Before anything is timed, classify responses must equal the engine's probabilities for the same image and
-prompt set (single- and mixed-task batches), and the server must run the same backbone fingerprint.
+Each closed-loop (scenario, clients) run is repeated per front end (``--protocols``): ``/v1/classify``, the Open
+Inference Protocol's REST with binary tensors (``oip-rest``) and its gRPC (``oip-grpc``), in alternating order, so
+OIP / v1 throughput is compared at the same clients and task mix (target: >= 0.95).
+
+Before anything is timed, classify responses (and OIP responses, over each protocol run) must equal the engine's
+probabilities for the same image and prompt set (single- and mixed-task batches), and the server must run the
+same backbone fingerprint.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
+import numpy as np
 import torch
 
 from bench.common import (
@@ -45,15 +52,18 @@ from bench.common import (
     scrape,
     sync,
 )
-from bench.loadgen import LoadProcess, LoadSpec, Target, zipf_weights
+from bench.loadgen import PROTOCOLS, LoadProcess, LoadSpec, Target, oip_rest_body, zipf_weights
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import encode
 from service.engine import Engine
 from service.images import ImageDecoder
+from service.oip.proto import open_inference_pb2 as oip_pb
+from service.oip.proto import open_inference_pb2_grpc as oip_grpc
 from service.resident import ResidentSet
 
 TARGET_RATIO = 0.75
+OIP_TARGET_RATIO = 0.95  # Open Inference Protocol throughput against /v1 at the same clients and task mix
 SCENARIOS = ("1task", "zipf")
 
 
@@ -88,12 +98,18 @@ class HttpConfig:
         None, help="score tolerance (default: 1e-4 in float32, 2e-2 under bf16/fp16, where batches change rounding)"
     )
     scenarios: tuple[str, ...] = option(SCENARIOS, help="1task, zipf or both")
+    protocols: tuple[str, ...] = option(
+        PROTOCOLS, help="front ends each closed-loop run is repeated with: v1, oip-rest (binary tensors), oip-grpc"
+    )
     py_spy: Path | None = option(None, help="dir: py-spy the server at the highest concurrency")  # noqa: RUF009
 
     def __post_init__(self) -> None:
         unknown = set(self.scenarios) - set(SCENARIOS)
         if unknown:
             raise ValueError(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+        unknown = set(self.protocols) - set(PROTOCOLS)
+        if unknown or "v1" not in self.protocols:
+            raise ValueError(f"protocols must include v1 and come from {', '.join(PROTOCOLS)}; got {self.protocols}")
 
 
 @dataclass
@@ -181,6 +197,66 @@ def check_responses(
             worst = max(worst, compare_answer(answer, sc.entries[t], probs, atol, f"{key} image {img}"))
         diffs[key] = worst
     return diffs
+
+
+def check_oip_responses(
+    serve: LptServe,
+    scenarios: dict[str, Scenario],
+    engine: Engine,
+    images: list[bytes],
+    tensors: list[torch.Tensor],
+    atol: float,
+    protocols: tuple[str, ...],
+) -> dict[str, float]:
+    """Every OIP response's probabilities (REST binary, gRPC) must equal the engine's for the same image and set.
+
+    Raises:
+        CheckFailed: naming the protocol, the task, the image and the difference.
+    """
+    diffs: dict[str, float] = {}
+    channel = grpc.insecure_channel(f"127.0.0.1:{serve.grpc_port}") if "oip-grpc" in protocols else None
+    stub = oip_grpc.GRPCInferenceServiceStub(channel) if channel is not None else None
+    try:
+        for key, sc in scenarios.items():
+            picks = [
+                (i % len(images), (i * 37) % len(sc.targets)) for i in range(min(4, len(images) * len(sc.targets)))
+            ]
+            expected = on_engine_thread(
+                _infer, engine, torch.stack([tensors[i] for i, _ in picks]), [sc.entries[t] for _, t in picks]
+            )
+            for protocol in (p for p in protocols if p != "v1"):
+                worst = 0.0
+                for (img, t), probs in zip(picks, expected, strict=True):
+                    target = sc.targets[t]
+                    ask = oip_rest_probabilities if protocol == "oip-rest" else oip_grpc_probabilities
+                    got = ask(serve, stub, target, images[img])
+                    diff = float(np.abs(got - probs.float().numpy()).max()) if got.shape == probs.shape else 1.0
+                    if not diff <= atol:
+                        raise CheckFailed(f"{protocol} {key} image {img} task {target.task}: differs by {diff:.3g}")
+                    worst = max(worst, diff)
+                diffs[f"{key} {protocol}"] = worst
+    finally:
+        if channel is not None:
+            channel.close()
+    return diffs
+
+
+def oip_rest_probabilities(serve: LptServe, _stub: Any, target: Target, image: bytes) -> np.ndarray:
+    body, header_length = oip_rest_body(image)
+    headers = {"Authorization": f"Bearer {target.secret}", "Inference-Header-Content-Length": header_length}
+    resp = httpx.post(f"{serve.url}/v2/models/{target.task}/infer", content=body, headers=headers, timeout=120.0)
+    if resp.status_code != 200:
+        raise CheckFailed(f"oip-rest {target.task} answered {resp.status_code}: {resp.text}")
+    length = int(resp.headers["Inference-Header-Content-Length"])
+    return np.frombuffer(resp.content[length:], dtype="<f4")
+
+
+def oip_grpc_probabilities(_serve: LptServe, stub: Any, target: Target, image: bytes) -> np.ndarray:
+    request = oip_pb.ModelInferRequest(model_name=target.task)
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+    response = stub.ModelInfer(request, metadata=(("authorization", f"Bearer {target.secret}"),), timeout=120.0)
+    return np.frombuffer(response.raw_output_contents[0], dtype="<f4")
 
 
 def compare_answer(answer: dict, entry: ResidentSet, probs: torch.Tensor, atol: float, where: str = "") -> float:
@@ -315,6 +391,7 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
         max_wait_ms=cfg.max_wait_ms,
         queue_size=cfg.queue_size,
         threads=cfg.server_threads,
+        grpc="oip-grpc" in cfg.protocols,
     )
     images = cifar_jpegs(cfg.images)
     decoder = ImageDecoder(backbone.eval_transform, 10 * 1024 * 1024, 40_000_000)
@@ -336,13 +413,15 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
         scenarios = upload_scenarios(serve, client, cfg, backbone, device, cfg.dtype)
         atol = cfg.atol if cfg.atol is not None else (1e-4 if cfg.dtype == "float32" else 2e-2)
         report["checks"] = check_responses(serve, scenarios, engine, images, tensors, atol)
+        report["checks"] |= check_oip_responses(serve, scenarios, engine, images, tensors, atol, cfg.protocols)
         log(f"  checks passed: max |HTTP - engine| {report['checks']}")
 
-        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         for rep in range(cfg.repeats):
             for key, sc in scenarios.items():
                 levels = cfg.concurrency if rep % 2 == 0 else cfg.concurrency[::-1]
-                for conc in levels:
+                protocols = cfg.protocols if rep % 2 == 0 else cfg.protocols[::-1]
+                for conc, protocol in ((c, p) for c in levels for p in protocols):
                     spec = LoadSpec(
                         url=serve.url,
                         targets=sc.targets,
@@ -351,8 +430,10 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
                         duration_s=cfg.duration_s,
                         warmup_s=cfg.warmup_s,
                         seed=cfg.seed + rep,
+                        protocol=protocol,
+                        grpc_target=f"127.0.0.1:{serve.grpc_port}",
                     )
-                    profile = cfg.py_spy is not None and rep == 0 and conc == max(cfg.concurrency)
+                    profile = cfg.py_spy is not None and rep == 0 and conc == max(cfg.concurrency) and protocol == "v1"
                     spy = start_py_spy(serve, cfg.py_spy, key, cfg.duration_s) if profile else None
                     before = scrape(client, serve.url)
                     res = load.run(spec)
@@ -363,18 +444,19 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
                     t_engine = time_engine(engine, tensors, sc.draw(b, gen), cfg.engine_repeats, device)
                     res.update(stats, engine_batch=b, engine_images_per_s=b / t_engine)
                     res["ratio"] = res["images_per_s"] / res["engine_images_per_s"]
-                    runs.setdefault((key, conc), []).append(res)
+                    runs.setdefault((key, conc, protocol), []).append(res)
                     log(
-                        f"  rep {rep} {key} c={conc}: {res['images_per_s']:.1f} img/s, mean batch "
+                        f"  rep {rep} {key} c={conc} {protocol}: {res['images_per_s']:.1f} img/s, mean batch "
                         f"{stats['mean_batch']:.1f}, engine@{b} {b / t_engine:.1f} img/s, ratio {res['ratio']:.2f}"
                     )
-        for (key, conc), reps in runs.items():
+        for (key, conc, protocol), reps in runs.items():
             lat = latency_summary([x for r in reps for x in r["latencies_s"]])
             requests = sum(r["requests"] for r in reps)
             report["sweep"].append(
                 {
                     "scenario": key,
                     "concurrency": conc,
+                    "protocol": protocol,
                     "images_per_s": statistics.median(r["images_per_s"] for r in reps),
                     "engine_images_per_s": statistics.median(r["engine_images_per_s"] for r in reps),
                     "ratio": statistics.median(r["ratio"] for r in reps),
@@ -389,7 +471,7 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
             )
 
         for key, sc in scenarios.items():
-            rows = [r for r in report["sweep"] if r["scenario"] == key]
+            rows = [r for r in report["sweep"] if r["scenario"] == key and r["protocol"] == "v1"]
             peak = max(rows, key=lambda r: r["images_per_s"])
             rate = 0.5 * peak["images_per_s"]
             spec = LoadSpec(
@@ -441,14 +523,15 @@ def _ok(flag: bool) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The sweep table, then the two targets per scenario."""
     lines = [
-        "| scenario | clients | HTTP images/s | p50 ms | p95 ms | p99 ms | errors % | 429 % | mean batch "
+        "| scenario | clients | protocol | images/s | p50 ms | p95 ms | p99 ms | errors % | 429 % | mean batch "
         "| tasks/batch | engine images/s (same batch) | HTTP / engine | server forward images/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["sweep"]:
         lat = r["latency"]
         lines.append(
-            f"| {r['scenario']} | {r['concurrency']} | {r['images_per_s']:.1f} | {lat['p50_ms']:.0f} "
+            f"| {r['scenario']} | {r['concurrency']} | {r.get('protocol', 'v1')} | {r['images_per_s']:.1f} "
+            f"| {lat['p50_ms']:.0f} "
             f"| {lat['p95_ms']:.0f} | {lat['p99_ms']:.0f} | {100 * r['error_rate']:.1f} | {100 * r['rate_429']:.1f} "
             f"| {r['mean_batch']:.1f} | {r['mean_tasks']:.1f} | {r['engine_images_per_s']:.1f} | {r['ratio']:.2f} "
             f"| {r.get('server_engine_images_per_s', 0.0):.1f} |"
@@ -467,6 +550,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {h['peak_ratio']:.2f} {_ok(h['peak_ratio'] >= TARGET_RATIO)} | {h['rate']:.1f} | {h['mean_batch']:.1f} "
             f"| {p99:.0f} | {h['p99_bound_ms']:.0f} | {_ok(p99 <= h['p99_bound_ms'])} |"
         )
+    lines += oip_markdown(report["sweep"])
     for key, prof in report.get("profile", {}).items():
         if "samples_by_thread" in prof:
             threads = ", ".join(f"{t} {n}" for t, n in prof["samples_by_thread"].items())
@@ -477,6 +561,27 @@ def markdown(report: dict[str, Any]) -> str:
                 f"image decode: {prof['decode_samples']}.",
             ]
     return "\n".join(lines)
+
+
+def oip_markdown(sweep: list[dict[str, Any]]) -> list[str]:
+    """OIP throughput against /v1 at the same scenario and clients, with the 0.95 target (no rows: no OIP runs)."""
+    v1 = {(r["scenario"], r["concurrency"]): r["images_per_s"] for r in sweep if r.get("protocol", "v1") == "v1"}
+    rows = [r for r in sweep if r.get("protocol", "v1") != "v1" and (r["scenario"], r["concurrency"]) in v1]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"| scenario | clients | protocol | images/s | /v1 images/s | OIP / v1 (>= {OIP_TARGET_RATIO}) |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for r in rows:
+        base = v1[(r["scenario"], r["concurrency"])]
+        ratio = r["images_per_s"] / base if base > 0 else 0.0
+        lines.append(
+            f"| {r['scenario']} | {r['concurrency']} | {r['protocol']} | {r['images_per_s']:.1f} | {base:.1f} "
+            f"| {ratio:.2f} {_ok(ratio >= OIP_TARGET_RATIO)} |"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> tuple[HttpConfig, Path | None]:

@@ -1,18 +1,22 @@
 """The one HTTP load generator of the benchmarks, for ``/v1/classify``: closed loop (N concurrent clients) or
-open loop (Poisson arrivals), one stream or several at once (tenants with their own rates).
+open loop (Poisson arrivals), one stream or several at once (tenants with their own rates). A stream may speak
+the Open Inference Protocol instead (``protocol``): REST with binary tensors (tritonclient's default body) or gRPC
+(``ModelInfer`` with raw contents), the same images, tasks and keys.
 
 Runs in its own process (``LoadProcess``), so its CPU time and event loop never share an interpreter
 with the server or with the engine timings of the benchmark process. Imports only the standard library
-and httpx (no torch): the child starts fast and small. Every run is bounded by a request count and a
-wall-clock deadline. The results carry raw latencies; the benchmarks turn them into percentiles with
-``bench.common.percentile``.
+and httpx (no torch; grpc and the protocol's stubs for a gRPC stream): the child starts fast and small.
+Every run is bounded by a request count and a wall-clock deadline. The results carry raw latencies; the
+benchmarks turn them into percentiles with ``bench.common.percentile``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import random
+import struct
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +67,24 @@ class LoadSpec:
     seed: int = 0
     top_k: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "v1"
+    grpc_target: str = ""  # host:port of the gRPC server, for protocol "oip-grpc"
+
+
+PROTOCOLS = ("v1", "oip-rest", "oip-grpc")
+# gRPC status codes as the HTTP statuses the summaries count (the rest: 500).
+GRPC_AS_HTTP = {
+    "OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+}  # fmt: skip
+
+
+def oip_rest_body(image: bytes) -> tuple[bytes, str]:
+    """One image as tritonclient sends it by default: JSON header, then the length-prefixed BYTES element."""
+    raw = struct.pack("<I", len(image)) + image
+    tensor = {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw)}}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, str(len(header))
 
 
 def zipf_weights(n: int, s: float = 1.0) -> list[float]:
@@ -93,36 +115,72 @@ class _Stream:
     Status 0 is a transport error or timeout; -1 an open-loop arrival never sent (the in-flight cap was hit).
     """
 
-    def __init__(self, spec: LoadSpec, client: httpx.AsyncClient, window_end: float):
+    def __init__(self, spec: LoadSpec, client: httpx.AsyncClient, window_end: float, grpc_stub: Any = None):
+        if spec.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {spec.protocol!r}; choose from {', '.join(PROTOCOLS)}")
         self.spec = spec
         self.client = client
+        self.grpc_stub = grpc_stub
         self.window_end = window_end
+        self.rest_bodies = [oip_rest_body(i) for i in spec.images] if spec.protocol == "oip-rest" else []
         self.rng = random.Random(spec.seed)
         self.pick = _Picker(spec.targets, self.rng)
         self.records: list[tuple[float, float, int]] = []
         self.sent = 0
 
-    def next_request(self) -> tuple[Target, bytes]:
-        """The next request's task (drawn by popularity) and image (cycled); counts it as sent."""
-        image = self.spec.images[self.sent % len(self.spec.images)]
+    def next_request(self) -> tuple[Target, int]:
+        """The next request's task (drawn by popularity) and image index (cycled); counts it as sent."""
+        index = self.sent % len(self.spec.images)
         self.sent += 1
-        return self.pick(), image
+        return self.pick(), index
 
-    async def one(self, target: Target, image: bytes) -> None:
-        spec = self.spec
+    async def one(self, target: Target, index: int) -> None:
         start = time.perf_counter()
-        try:
-            resp = await self.client.post(
-                "/v1/classify",
-                params={"task": target.task, "top_k": spec.top_k},
-                content=image,
-                headers={"Authorization": f"Bearer {target.secret}", "Content-Type": "image/jpeg"},
-                timeout=spec.timeout_s,
-            )
-            status = resp.status_code
-        except httpx.HTTPError:
-            status = 0
+        if self.spec.protocol == "oip-grpc":
+            status = await self._grpc(target, index)
+        else:
+            status = await self._http(target, index)
         self.records.append((start, time.perf_counter(), status))
+
+    async def _http(self, target: Target, index: int) -> int:
+        spec = self.spec
+        auth = {"Authorization": f"Bearer {target.secret}"}
+        try:
+            if spec.protocol == "oip-rest":
+                body, header_length = self.rest_bodies[index]
+                resp = await self.client.post(
+                    f"/v2/models/{target.task}/infer",
+                    content=body,
+                    headers={**auth, "Inference-Header-Content-Length": header_length},
+                    timeout=spec.timeout_s,
+                )
+            else:
+                resp = await self.client.post(
+                    "/v1/classify",
+                    params={"task": target.task, "top_k": spec.top_k},
+                    content=spec.images[index],
+                    headers={**auth, "Content-Type": "image/jpeg"},
+                    timeout=spec.timeout_s,
+                )
+            return resp.status_code
+        except httpx.HTTPError:
+            return 0
+
+    async def _grpc(self, target: Target, index: int) -> int:
+        import grpc
+
+        from service.oip.proto import open_inference_pb2 as pb
+
+        request = pb.ModelInferRequest(model_name=target.task)
+        request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+        image = self.spec.images[index]
+        request.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+        metadata = (("authorization", f"Bearer {target.secret}"),)
+        try:
+            await self.grpc_stub.ModelInfer(request, metadata=metadata, timeout=self.spec.timeout_s)
+            return 200
+        except grpc.aio.AioRpcError as exc:
+            return GRPC_AS_HTTP.get(exc.code().name, 500)
 
     async def closed_client(self) -> None:
         while time.perf_counter() < self.window_end and self.sent < self.spec.max_requests:
@@ -167,9 +225,30 @@ async def _run(specs: list[LoadSpec]) -> list[dict[str, Any]]:
     connections = sum(s.concurrency for s in specs)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=first.url, limits=limits) as client:
-        streams = [_Stream(spec, client, window_end) for spec in specs]
-        await asyncio.gather(*(stream.drive() for stream in streams))
+        channels = {s.grpc_target: _grpc_stub(s.grpc_target) for s in specs if s.protocol == "oip-grpc"}
+        try:
+            streams = [
+                _Stream(spec, client, window_end, channels.get(spec.grpc_target, (None, None))[1]) for spec in specs
+            ]
+            await asyncio.gather(*(stream.drive() for stream in streams))
+        finally:
+            for channel, _ in channels.values():
+                await channel.close()
     return [_summarise(s.records, window_start, window_end, s.sent) for s in streams]
+
+
+def _grpc_stub(target: str) -> tuple[Any, Any]:
+    """One channel per gRPC server for every stream of a run (as the HTTP streams share one client)."""
+    import grpc
+
+    from service.oip.proto import open_inference_pb2_grpc as pb_grpc
+
+    options = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ]
+    channel = grpc.aio.insecure_channel(target, options=options)
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def _summarise(records: list[tuple[float, float, int]], w0: float, w1: float, sent: int) -> dict[str, Any]:
