@@ -70,7 +70,15 @@ class Service:
                 model=backbone.model, admit=admit,
             )  # fmt: skip
 
-        self.prompt_sets = PromptSets(store, backbone.info, self.limits, config.max_prompt_bytes, self.metrics, cache)
+        self.prompt_sets = PromptSets(
+            store,
+            backbone.info,
+            self.limits,
+            config.max_prompt_bytes,
+            self.metrics,
+            cache,
+            config.max_concurrent_uploads,
+        )
         queue = FairQueue(config.queue_size, config.tenant_queue_size)
         self.engine = Engine(backbone, config.device, dtype)
         self.worker = EngineWorker(self.engine, queue, self.metrics, config.max_batch_size, config.max_wait_ms / 1000)

@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 
 import lpt
 from lpt.host_memory import retain_freed_memory
+from service.http_protocol import http_protocol
 from service.images import guard_pillow_pixels
 from service.settings import ServiceConfig, ServiceSettings, env_name
 
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         log_level=config.log_level.lower(),
         timeout_graceful_shutdown=config.shutdown_timeout,
         access_log=config.access_log,
+        http=http_protocol(config.header_timeout),
+        limit_concurrency=config.max_connections,
     )
     app = uv_config.app
     signal.signal(signal.SIGHUP, lambda *_: _reload_keys(app))

@@ -42,6 +42,14 @@ class BadImage(BadRequest):
     default_field = "image"
 
 
+class RequestTimeout(ServiceError):
+    """The request body did not arrive within the body deadline (a client sending too slowly)."""
+
+    status = 408
+    code = "body_timeout"
+    default_field = "body"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

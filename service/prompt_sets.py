@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -30,7 +31,7 @@ from lpt.backbone import BackboneInfo
 from lpt.errors import NotFound, StoreUnavailable, TooLarge
 from lpt.prompt_set import DEFAULT_TEMPERATURE, PromptSet, ValidationLimits, load_and_validate
 from prompts_store.base import PromptStore, StoredVersion, Subscription, TaskState
-from service.errors import SetChanged
+from service.errors import QueueFull, SetChanged
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
 from service.resident import Lease, SetKey
@@ -83,6 +84,7 @@ class PromptSets:
         metrics: store error counters.
         cache_factory: builds the device cache given its ``admit`` hook (the cache asks it before a loaded
             set becomes resident).
+        max_uploads: uploads read and stored at once at most.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class PromptSets:
         max_bytes: int,
         metrics: ServiceMetrics,
         cache_factory: Callable[[Callable[[SetKey], bool]], PromptCache],
+        max_uploads: int,
     ):
         self.store = store
         self.backbone = backbone
@@ -102,8 +105,25 @@ class PromptSets:
         self.states = TaskStates()
         self.cache = cache_factory(self._admit)
         self._subscription: Subscription | None = None
+        self.max_uploads = max_uploads
+        self._uploads = 0
+        self._uploads_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        """One of ``max_uploads`` places for an upload being read and stored; none free: QueueFull (429) at once,
+        before the body is read (each upload holds up to ``max_bytes`` in memory)."""
+        with self._uploads_lock:
+            if self._uploads >= self.max_uploads:
+                raise QueueFull(f"{self._uploads} uploads are in progress; retry shortly")
+            self._uploads += 1
+        try:
+            yield
+        finally:
+            with self._uploads_lock:
+                self._uploads -= 1
+
     def upload(self, tenant: str, task: str, data: bytes) -> Uploaded:
         """Validate, store and make active; the set is resident here at once (write-through)."""
         if len(data) > self.max_bytes:

@@ -63,6 +63,10 @@ class ServiceConfig:
         False, "a model repository 'load' (Open Inference Protocol) also holds the set against eviction until 'unload'"
     )
     request_timeout: float = setting(10.0, "seconds before a classify answers 504")
+    header_timeout: float = setting(10.0, "seconds a connection may take to send a request's headers (then closed)")
+    body_timeout: float = setting(30.0, "seconds a request may take to send its body (then 408)")
+    max_connections: int = setting(1024, "open connections at most; past it new requests answer 503")
+    max_concurrent_uploads: int = setting(4, "prompt-set uploads read at once at most; past it 429")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image in bytes")
     max_image_pixels: int = setting(40_000_000, "largest width*height of an image")
     decode_threads: int | None = setting(None, "threads decoding request images", unset="one per CPU core")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 
 from lpt.errors import TooLarge
-from service.errors import BadRequest
+from service.errors import BadRequest, RequestTimeout
 
 MAX_PARTS = 64
 
 
 async def read_capped(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as the declared or streamed size passes ``limit``."""
+    """The whole body, refusing (413) as soon as the declared or streamed size passes ``limit``, and (408) when it
+    has not all arrived within the service's ``body_timeout`` (a client trickling its body holds memory and a
+    connection; every front end reads its bodies here, so the rule is the same for all)."""
+    timeout_s = request.app.state.lpt.config.body_timeout
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -20,12 +25,17 @@ async def read_capped(request: Request, limit: int) -> bytes:
             raise BadRequest("Content-Length is not an integer", "content-length") from exc
         if size > limit:
             raise TooLarge(message=f"body of {size} bytes exceeds the limit of {limit}", field="body")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise TooLarge(message=f"body exceeds the limit of {limit} bytes", field="body")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            total = 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise TooLarge(message=f"body exceeds the limit of {limit} bytes", field="body")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
     body = b"".join(chunks)
     # Starlette serves a cached body to request.form(); set it so multipart parsing reads these bytes.
     request._body = body

@@ -129,9 +129,10 @@ async def upload_prompt_set(
     """201 with a new active version; 200 with the active version when the bytes equal it (nothing changes)."""
     prompt_sets = service_of(request).prompt_sets
     limit = prompt_sets.max_bytes
-    body = await read_capped(request, limit + 64 * 1024)
-    data = (await multipart_files(request, "file", limit))[0] if is_multipart(request) else body
-    uploaded = await run_in_threadpool(prompt_sets.upload, tenant, task, data)
+    with prompt_sets.upload_slot():
+        body = await read_capped(request, limit + 64 * 1024)
+        data = (await multipart_files(request, "file", limit))[0] if is_multipart(request) else body
+        uploaded = await run_in_threadpool(prompt_sets.upload, tenant, task, data)
     stored, ps = uploaded.stored, uploaded.prompt_set
     if not stored.new:
         response.status_code = 200

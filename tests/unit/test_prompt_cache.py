@@ -67,7 +67,7 @@ def make_sets(store: GatedStore, backbone, budget: int) -> PromptSets:
     def cache(admit: Any) -> PromptCache:
         return PromptCache(store, backbone.info, "cpu", torch.float32, budget, metrics, limits, admit=admit)
 
-    return PromptSets(store, backbone.info, limits, 1 << 30, metrics, cache)
+    return PromptSets(store, backbone.info, limits, 1 << 30, metrics, cache, max_uploads=4)
 
 
 def key_of(store: GatedStore, task: str) -> SetKey:
