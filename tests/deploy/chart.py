@@ -15,6 +15,7 @@ import functools
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -201,6 +202,11 @@ def env_of(container_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     names = [e["name"] for e in entries]
     assert len(names) == len(set(names)), f"duplicate env names in {container_spec['name']}: {names}"
     return {e["name"]: e for e in entries}
+
+
+def nginx_blocks(conf: str, keyword: str) -> dict[str, str]:
+    """``{name: body}`` of nginx's ``keyword name { ... }`` blocks (none nests braces in the router's config)."""
+    return {m.group(1): m.group(2) for m in re.finditer(rf"{keyword}\s+(\S+(?:\s+\S+)?)\s*\{{([^{{}}]*)\}}", conf)}
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -478,10 +478,6 @@ def test_selectors_select_their_pods(variant):
 # -- Task affinity -----------------------------------------------------------------------------------
 
 
-def _blocks(conf: str, keyword: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(rf"{keyword}\s+(\S+(?:\s+\S+)?)\s*\{{([^{{}}]*)\}}", conf)}
-
-
 def test_router_hashes_on_the_task(variant):
     values, objects = variant
     mode = values["router"]["mode"]
@@ -492,7 +488,7 @@ def test_router_hashes_on_the_task(variant):
     if mode == "nginx":
         config = ch.one(objects, "ConfigMap", f"{FULLNAME}-router")["data"]["lpt.conf"]
         assert "${" not in config
-        upstreams, locations = _blocks(config, "upstream"), _blocks(config, "location")
+        upstreams, locations = ch.nginx_blocks(config, "upstream"), ch.nginx_blocks(config, "location")
         classify = re.search(r"proxy_pass\s+http://(\w+);", locations["= /v1/classify"]).group(1)
         assert re.search(r"^\s*hash \$arg_task consistent;", upstreams[classify], flags=re.M)
         assert "return 404" in locations["= /metrics"]
