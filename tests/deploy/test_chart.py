@@ -96,6 +96,21 @@ def test_every_ci_values_file_renders_and_validates(variant):
         assert "ServiceMonitor" in custom
 
 
+@pytest.mark.parametrize("values_file", ch.CI_VALUES, ids=CI_IDS)
+def test_helm_lint_strict_passes(values_file):
+    """`helm lint --strict` (warnings are errors) against the oldest supported Kubernetes."""
+    helm = ch.require_module("helm_python")
+    report = helm.lint(
+        ch.CHART_DIR,
+        ch.load_values(values_file),
+        strict=True,
+        namespace=ch.NAMESPACE,
+        kube_version=f"v{ch.OLDEST_KUBERNETES}.0",
+    )
+    warnings = [m["error"] for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not warnings, report
+
+
 def _first(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return next(o for o in objects if o["kind"] == kind)
 
@@ -303,6 +318,7 @@ def test_default_image_is_what_the_dockerfile_builds():
     chart_meta = yaml.safe_load((ch.CHART_DIR / "Chart.yaml").read_text())
     version = re.search(r'^version\s*=\s*"([^"]+)"', (cfg.REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
     assert chart_meta["apiVersion"] == "v2" and chart_meta["appVersion"] == version
+    assert chart_meta["kubeVersion"] == f">={ch.OLDEST_KUBERNETES}.0-0", "the oldest Kubernetes the tests validate"
 
 
 # -- GPUs --------------------------------------------------------------------------------------------
