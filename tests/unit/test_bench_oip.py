@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.http_e2e import HttpConfig, markdown
+from bench.http_e2e import HttpConfig, markdown, oip_ratio
 from bench.loadgen import LoadSpec, oip_rest_body, run
 from service.oip.codec import parse_rest_request
 
@@ -38,3 +38,10 @@ def test_the_report_marks_oip_against_v1_at_the_same_clients():
     table = markdown(report)
     assert "| zipf | 16 | oip-rest | 39.0 | 40.0 | 0.97 ok |" in table
     assert "| zipf | 16 | oip-grpc | 36.0 | 40.0 | 0.90 MISS |" in table
+
+
+def test_the_ratio_is_the_median_of_the_per_repeat_ratios():
+    v1, oip = row("v1", 30.0), row("oip-rest", 30.0)
+    v1["runs"] = [{"images_per_s": 20.0}, {"images_per_s": 40.0}, {"images_per_s": 30.0}]
+    oip["runs"] = [{"images_per_s": 19.0}, {"images_per_s": 42.0}, {"images_per_s": 27.0}]
+    assert oip_ratio(oip, v1) == pytest.approx(0.95)  # the ratios 0.95, 1.05, 0.9
