@@ -17,5 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memory": ("bench.memory", "device bytes per resident prompt set; how many fit in a budget"),
     "scaling": ("bench.scaling", "engine throughput vs distinct tasks per batch and registered tasks"),
     "allocator": ("bench.allocator", "the host allocator setting on and off in fresh processes: CPU forward times"),
+    "fairness": (
+        "bench.fairness",
+        "a quiet tenant's latency while another keeps large PNGs in flight (decode fairness)",
+    ),
     "overload": ("bench.overload", "lpt-serve at 2x/5x capacity: 429 latency, accepted p99, tenant fairness, soak"),
 }

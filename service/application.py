@@ -22,8 +22,9 @@ from prompts_store import open_store
 from prompts_store.base import PromptStore
 from service.auth import Authenticator, KeysFile
 from service.classifier import Classifier
+from service.decode_pool import DecodePool
 from service.engine import Engine
-from service.images import DecodePool, ImageDecoder
+from service.images import ImageDecoder
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
 from service.prompt_sets import PromptSets
@@ -83,7 +84,7 @@ class Service:
         self.engine = Engine(backbone, config.device, dtype)
         self.worker = EngineWorker(self.engine, queue, self.metrics, config.max_batch_size, config.max_wait_ms / 1000)
         decoder = ImageDecoder(backbone.eval_transform, config.max_image_bytes, config.max_image_pixels)
-        decode_pool = DecodePool(decoder, config.decode_threads, config.decode_niceness)
+        decode_pool = DecodePool(decoder, config.decode_threads, config.decode_niceness, config.decode_tenant_pixels)
         self.classifier = Classifier(self.prompt_sets, queue, decode_pool, config.request_timeout, self.draining)
         self.metrics.backbone_info.labels(backbone.info.name, backbone.info.fingerprint[:16]).set(1)
 
@@ -97,7 +98,9 @@ class Service:
         backbone.to(config.device)
         owns_store = store is None
         if store is None:
-            store = open_store(config.store, max_bytes=config.max_prompt_bytes, timeout_s=config.store_timeout)
+            store = open_store(
+                config.store, max_bytes=config.max_prompt_bytes, timeout_s=config.store_timeout, quotas=config.quotas
+            )
         return cls(config, backbone, store, owns_store)
 
     @property

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.decode_pool import DecodePool
 from service.errors import DeadlineExceeded, ShuttingDown
-from service.images import DecodePool
 from service.prompt_sets import PromptSets
 from service.queue import FairQueue, RowResult, WorkItem
 from service.resident import SetKey
@@ -123,7 +123,7 @@ class Classifier:
         self.admit(tenant)
         blobs = await read_images()
         async with self.prompt_sets.lease(tenant, task, version, deadline) as lease:
-            images = await self.decode_pool.decode_all(blobs)
+            images = await self.decode_pool.decode_all(tenant, blobs, deadline)
             # Each row holds its own lease until its future settles, however it settles (the queue's business).
             items = [WorkItem(tenant=tenant, image=img, lease=lease.share(), deadline=deadline) for img in images]
             self.queue.put_many(items)

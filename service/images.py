@@ -8,14 +8,10 @@ too) and the backbone's own timm eval transform.
 
 from __future__ import annotations
 
-import asyncio
+import io
 import logging
-import os
-import sys
-import threading
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -30,7 +26,6 @@ __all__ = [
     "ALLOWED_CONTENT_TYPES",
     "ALLOWED_FORMATS",
     "MAX_ASPECT",
-    "DecodePool",
     "ImageDecoder",
     "check_content_type",
     "guard_pillow_pixels",
@@ -108,6 +103,16 @@ class ImageDecoder:
                 raise
         return out
 
+    def pixels(self, data: bytes) -> int:
+        """Width * height as the image's header declares it, without decoding a pixel (1 when the header cannot be
+        read: decoding will say what is wrong). What a decode will cost, for scheduling."""
+        try:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+                width, height = image.size
+        except Exception:
+            return 1
+        return max(1, width * height)
+
     def decode(self, data: bytes) -> Image.Image:
         if not data:
             raise BadImage("the request body is empty", code="empty_image")
@@ -137,45 +142,6 @@ class ImageDecoder:
             raise ImageRejected(f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT}:1")
         if isinstance(image, JpegImagePlugin.JpegImageFile) and _has_trailing_archive(data):  # JPEG and MPO
             raise ImageRejected("the JPEG carries an archive after its end marker", code="polyglot_image")
-
-
-class DecodePool:
-    """A bounded set of threads that decode request images, below the batch loop's CPU priority.
-
-    Why: decoding a camera photo costs about as much CPU as the backbone's forward for it. Decoded in the web
-    server's shared thread pool (tens of threads), concurrent decodes outnumber the cores and preempt the
-    forward's compute threads mid-kernel, so every core waits at the kernel's barriers for the descheduled one.
-    A pool of one thread per core at a lower priority (Linux ``nice``, per thread) decodes in the time the
-    forward leaves free and yields the cores as soon as the next batch is ready.
-
-    Args:
-        decoder: what each image goes through.
-        threads: decoding threads (at least 1).
-        niceness: how much lower the threads' priority is than the rest of the process (0: the same; Linux only).
-    """
-
-    def __init__(self, decoder: ImageDecoder, threads: int, niceness: int = 0):
-        self.decoder = decoder
-        self.niceness = niceness
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, threads), thread_name_prefix="lpt-decode", initializer=self._lower_priority
-        )
-
-    def _lower_priority(self) -> None:
-        if self.niceness <= 0 or sys.platform != "linux":
-            return
-        try:  # on Linux the niceness of a thread id is that thread's own; raising it needs no privilege
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.niceness)
-        except OSError as exc:
-            log.warning("decode threads keep the process priority: %s", exc)
-
-    async def decode_all(self, blobs: Sequence[bytes]) -> list[torch.Tensor]:
-        """``ImageDecoder.decode_all`` on one of the pool's threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.decoder.decode_all, blobs)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _has_trailing_archive(data: bytes) -> bool:

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lpt.host_memory import RETAIN_BYTES
 from lpt.prompt_set import MAX_PROMPT_BYTES, ValidationLimits
+from prompts_store import Quotas, check_spec
 from service.auth import KEY_VARIABLES, InvalidKeys, check_api_keys, merge_keys, parse_keys, read_keys_file, secrets_of
 
 ENV_PREFIX = "LPT_"
@@ -47,7 +48,10 @@ class ServiceConfig:
     backbone_weights: str = setting("hub", "'hub', a weights file path, or 'random:SEED'")
     img_size: int | None = setting(None, "input size, when not the model's default", unset="the model's own")
     store: str | None = setting(
-        None, "redis://... or rediss://... URL, or a path for the embedded store", unset="DATA_DIR/store"
+        None,
+        "a Redis URL (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://, rediss+...; docs/store.md) "
+        "or a path for the embedded store",
+        unset="DATA_DIR/store",
     )
     data_dir: Path = setting(Path("data"), "directory for the embedded store and the demo files")  # noqa: RUF009
     device: str | None = setting(None, "cuda, cuda:N or cpu", unset="cuda when available, else cpu")
@@ -70,6 +74,9 @@ class ServiceConfig:
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image in bytes")
     max_image_pixels: int = setting(40_000_000, "largest width*height of an image")
     decode_threads: int | None = setting(None, "threads decoding request images", unset="one per CPU core")
+    decode_tenant_pixels: int = setting(
+        160_000_000, "image pixels one tenant may have waiting or decoding at once; past it 429 (default 4 x 40 MP)"
+    )
     decode_niceness: int = setting(
         5, "how far below the batch loop's CPU priority the decode threads run (Linux; 0: the same)"
     )
@@ -92,6 +99,17 @@ class ServiceConfig:
     log_level: str = setting("info", "debug, info, warning or error")
     store_timeout: float = setting(0.5, "seconds a store call may take before the store counts as unavailable")
     reconcile_s: float = setting(2.0, "seconds between re-reads of the store's state (recovers missed notices)")
+    max_tasks_per_tenant: int | None = setting(
+        None, "tasks one tenant may hold; an upload creating one more answers 403", unset="no limit"
+    )
+    max_bytes_per_tenant: int | None = setting(
+        None, "bytes of prompt sets one tenant may store, every version kept included; past it 403", unset="no limit"
+    )
+    keep_inactive_versions: int | None = setting(
+        None,
+        "inactive versions a task keeps; an upload deletes older ones (never the one active before it)",
+        unset="all",
+    )
     unready_after_failures: int = setting(
         3, "failed batches in a row after which /readyz answers 503 (traffic moves to other replicas; 0: never)"
     )
@@ -112,11 +130,18 @@ class ServiceConfig:
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, "api_keys", secrets_of(self.api_keys))  # one secret per tenant reads as a tuple
+        check_spec(self.store)  # an unknown store scheme stops the start here, before anything is created
+        self.quotas  # noqa: B018 (checks the three quota settings)
         if self.cache_bytes < self.max_prompt_bytes:
             raise ValueError(
                 f"--cache-bytes ({self.cache_bytes}) is smaller than --max-prompt-bytes ({self.max_prompt_bytes}): "
                 "a set that may be uploaded could never stay resident; raise the one or lower the other"
             )
+
+    @property
+    def quotas(self) -> Quotas:
+        """The store's per-tenant limits and retention."""
+        return Quotas(self.max_tasks_per_tenant, self.max_bytes_per_tenant, self.keep_inactive_versions)
 
     @property
     def single_tenant(self) -> bool:

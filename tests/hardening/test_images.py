@@ -250,7 +250,7 @@ def test_concurrent_decodes_leave_the_warning_filters_alone(served):
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
 def test_images_decode_on_the_bounded_pool_below_the_process_priority(served):
     pool = served.state.classifier.decode_pool
-    assert pool._pool._max_workers == served.state.config.decode_threads >= 1
+    assert len(pool.threads) == 2 * served.state.config.decode_threads >= 2
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen = []
     decode_all = pool.decoder.decode_all
