@@ -1,4 +1,5 @@
-"""``lpt store``: list, inspect, export and import a prompt store (backups; embedded <-> Redis migration).
+"""``lpt store``: list, inspect, export and import a prompt store (backups; embedded <-> Redis migration), show a
+tenant's usage and apply retention (``gc``).
 
 Registered through the ``lpt.commands`` entry point, so ``lpt`` never imports this package itself.
 
@@ -17,6 +18,7 @@ fresh revision from the target's clock, above any revision the tasks had before 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,7 +31,7 @@ from typing import Any
 
 from lpt.errors import LptError, NotFound
 from lpt.ids import check_task_id, check_tenant_id
-from prompts_store.base import DEFAULT_MAX_BYTES, PromptStore, SupportsRestore, VersionConflict
+from prompts_store.base import DEFAULT_MAX_BYTES, PromptStore, SupportsMaintenance, SupportsRestore, VersionConflict
 from prompts_store.factory import open_store
 
 FORMAT = "lpt-store-export/1"
@@ -42,12 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     Args:
         subparsers: the ``lpt`` parser's sub-parsers; each leaf sets ``func(args) -> int``.
     """
-    store = subparsers.add_parser("store", help="list, inspect, export and import a prompt store")
+    store = subparsers.add_parser("store", help="list, inspect, export, import and gc a prompt store")
     sub = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
 
     def leaf(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--store", required=True, help="redis://... or rediss://... URL, or embedded store path")
+        p.add_argument("--store", required=True, help="a Redis URL (docs/store.md), or an embedded store path")
         p.add_argument("--timeout", type=float, default=5.0, help="Redis socket timeout in seconds (default 5)")
         p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest prompt set accepted")
         return p
@@ -80,11 +82,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="verify the archive and the target, write nothing")
     p.set_defaults(func=cmd_import)
 
+    p = leaf("usage", "show what each tenant stores, as the quotas count it")
+    p.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_usage)
+
+    p = leaf("gc", "apply retention: delete all inactive versions of every task but the newest N")
+    p.add_argument(
+        "--keep-inactive-versions",
+        type=int,
+        required=True,
+        metavar="N",
+        help="inactive versions each task keeps; the active version and the one active before it are never deleted",
+    )
+    p.set_defaults(func=cmd_gc)
+
 
 def _run(args: argparse.Namespace, body: Any) -> int:
     try:
         store = open_store(args.store, max_bytes=args.max_bytes, timeout_s=args.timeout)
-    except LptError as e:
+    except (LptError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
@@ -259,6 +276,40 @@ def cmd_import(args: argparse.Namespace) -> int:
                     store.restore_version(t["tenant"], t["task"], v["version"], data, v["created"], v["meta"])
                 store.activate(t["tenant"], t["task"], t["active"])
         print(f"imported {len(tasks)} tasks, {n} versions from {args.archive}")
+        return 0
+
+    return _run(args, body)
+
+
+def _maintenance(store: PromptStore) -> SupportsMaintenance:
+    if not isinstance(store, SupportsMaintenance):
+        raise LptError("unsupported", f"{store!r} has no usage counters or retention")
+    return store
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    def body(store: PromptStore) -> int:
+        tenants = [check_tenant_id(t) for t in args.tenant] if args.tenant else store.list_tenants()
+        rows = [{"tenant": t} | dataclasses.asdict(_maintenance(store).usage(t)) for t in tenants]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['tenant']}\t{r['tasks']} tasks\t{r['bytes']} bytes")
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    def body(store: PromptStore) -> int:
+        if args.keep_inactive_versions < 0:
+            raise LptError("invalid_argument", "--keep-inactive-versions must be >= 0")
+        report = _maintenance(store).gc(args.keep_inactive_versions)
+        print(
+            f"deleted {report.versions_deleted} versions of {report.tasks_pruned} tasks, "
+            f"{report.bytes_freed} bytes freed (kept {args.keep_inactive_versions} inactive versions per task)"
+        )
         return 0
 
     return _run(args, body)

@@ -19,17 +19,29 @@ holds no old keys, so later opens read one key. Stop every writer of the old lay
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
-
-if TYPE_CHECKING:
-    from prompts_store.redis_store import RedisPromptStore
 
 LAYOUT = b"hash-tags/1"
 
 
-def migrate_legacy_layout(store: RedisPromptStore, client: redis.Redis) -> None:
+class Layout(Protocol):
+    """The key names of the current layout (the Redis store), and its recount of a tenant's counters."""
+
+    prefix: str
+    tenants_key: str
+
+    def task_key(self, tenant: str, task: str) -> str: ...
+
+    def blob_key(self, tenant: str, task: str, sha: str) -> str: ...
+
+    def tasks_key(self, tenant: str) -> str: ...
+
+    def _recount_tenant(self, tenant: str) -> Any: ...
+
+
+def migrate_legacy_layout(store: Layout, client: redis.Redis) -> None:
     """Move every task of the old layout (if any) into the current one and count the tenants' usage.
 
     Args:
@@ -55,7 +67,7 @@ def migrate_legacy_layout(store: RedisPromptStore, client: redis.Redis) -> None:
     client.set(marker, LAYOUT)
 
 
-def _move_task(store: RedisPromptStore, client: redis.Redis, tenant: str, task: str) -> None:
+def _move_task(store: Layout, client: redis.Redis, tenant: str, task: str) -> None:
     p = store.prefix
     old_task, old_seq, old_blobs, states = (
         f"{p}task:{tenant}:{task}",

@@ -6,6 +6,7 @@ Blobs are random bytes: the store does not validate the format, the service does
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from lpt.errors import InvalidId, InvalidVersion, NotFound, StoreUnavailable, To
 from prompts_store import ChangeEvent, PromptStore, TaskState, open_store
 from prompts_store.cli import main as lpt_main
 from prompts_store.redis_store import RedisPromptStore
+from prompts_store.sqlite_store import DEFAULT_POOL_SIZE, SqlitePromptStore
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -708,6 +710,36 @@ def test_sqlite_writer_kill_9_loses_no_acknowledged_version(tmp_path):
         assert versions[int(version)] == sha
         assert store.get("acme", "birds", int(version)).info.sha256 == sha
     store.close()
+
+
+def _open_handles(path: Path) -> int:
+    """File descriptors of this process open on ``path`` (one per SQLite connection)."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(fd) == str(path)
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts handles in /proc/self/fd (Linux)")
+def test_sqlite_connections_stay_bounded_across_thread_turnover(tmp_path):
+    """Bursts of reads from threads that are started for each burst and then end (as a server's worker threads
+    are retired and replaced): the open handles stay at the pool's size, and are returned at close."""
+    store = open_store(str(tmp_path / "store"))
+    assert isinstance(store, SqlitePromptStore)
+    path = store.path.resolve()
+    store.put("acme", "birds", blob())
+    seen = []
+    for _burst in range(4):
+        with ThreadPoolExecutor(30) as pool:  # 30 fresh threads per burst
+            list(pool.map(lambda _: (store.get("acme", "birds"), store.state("acme", "birds")), range(120)))
+        seen.append(_open_handles(path))
+    assert max(seen) <= DEFAULT_POOL_SIZE and store.open_connections <= DEFAULT_POOL_SIZE, seen
+    store.close()
+    assert _open_handles(path) == 0 and store.open_connections == 0
+    with pytest.raises(StoreUnavailable):
+        store.get("acme", "birds")
 
 
 FAULTS = {
