@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lpt.errors import InvalidId, LptError, NotFound, PromptSetInvalid, StoreCorrupt, StoreUnavailable, TooLarge
+from lpt.errors import (
+    InvalidId,
+    LptError,
+    NotFound,
+    PromptSetInvalid,
+    QuotaExceeded,
+    StoreCorrupt,
+    StoreUnavailable,
+    TooLarge,
+)
 
 
 class ServiceError(LptError):
@@ -121,6 +130,7 @@ CORE_STATUS: dict[type[LptError], int] = {
     TooLarge: 413,
     InvalidId: 422,
     PromptSetInvalid: 422,
+    QuotaExceeded: 403,  # the tenant's quota: retrying cannot help until it deletes something (no Retry-After)
     StoreCorrupt: 500,  # a damaged blob stays damaged: a server error, not a retryable 503
     StoreUnavailable: 503,
 }
