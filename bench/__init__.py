@@ -21,5 +21,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bench.fairness",
         "a quiet tenant's latency while another keeps large PNGs in flight (decode fairness)",
     ),
+    "slow-clients": ("bench.slow_clients", "idle, slow-header and slow-body connections: when they are closed"),
     "overload": ("bench.overload", "lpt-serve at 2x/5x capacity: 429 latency, accepted p99, tenant fairness, soak"),
 }

@@ -417,6 +417,7 @@ class ServeOptions:
     request_timeout: float = 30.0
     threads: int | None = None  # OMP/torch threads of the server process; None: torch's default
     grpc: bool = False  # serve the Open Inference Protocol over gRPC too (on a free port, ``LptServe.grpc_port``)
+    extra_args: tuple[str, ...] = ()  # further lpt-serve flags, as given
 
 
 class LptServe:
@@ -451,7 +452,7 @@ class LptServe:
         cmd += ["--log-level", "warning"]
         if o.img_size:
             cmd += ["--img-size", str(o.img_size)]
-        return cmd
+        return [*cmd, *o.extra_args]
 
     def start(self) -> LptServe:
         env = dict(os.environ)

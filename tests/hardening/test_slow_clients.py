@@ -6,15 +6,14 @@ be within the 30 s the service promises."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from bench.slow_clients import Trickle, open_for
 from service.settings import ServiceConfig
 from tests.support.images import image_bytes
 from tests.support.lpt_serve import TEST_BACKBONE_ARGS, LptServe
@@ -37,30 +36,15 @@ def server(tmp_path_factory) -> Iterator[LptServe]:
         yield s
 
 
+def closed_after(server: LptServe, first: bytes = b"", trickle: bytes = b"") -> dict:
+    """How the server ends a connection that sends ``first``, then ``trickle`` a byte every 0.5 s."""
+    return open_for(server.host, server.port, first, trickle, every_s=0.5, limit_s=30.0)
+
+
 def connect(server: LptServe) -> socket.socket:
     sock = socket.create_connection((server.host, server.port), timeout=30)
     sock.settimeout(30)
     return sock
-
-
-def closed_after(sock: socket.socket, trickle: bytes = b"", every_s: float = 0.5, limit_s: float = 30.0) -> float:
-    """Seconds until the server closes ``sock`` while it sends ``trickle`` a byte per ``every_s`` (or nothing)."""
-    started = time.monotonic()
-    sock.settimeout(every_s)
-    for i in range(10_000):
-        if time.monotonic() - started > limit_s:
-            raise AssertionError(f"still open after {limit_s} s")
-        try:
-            if trickle:
-                sock.send(trickle[i % len(trickle) : i % len(trickle) + 1])
-            data = sock.recv(4096)
-            if not data or data.startswith(b"HTTP/1.1 408"):
-                return time.monotonic() - started
-        except TimeoutError:
-            continue
-        except (ConnectionResetError, BrokenPipeError):
-            return time.monotonic() - started
-    raise AssertionError("unreachable")
 
 
 def test_the_default_deadlines_are_within_thirty_seconds() -> None:
@@ -68,47 +52,26 @@ def test_the_default_deadlines_are_within_thirty_seconds() -> None:
 
 
 def test_an_idle_connection_is_closed_at_the_header_deadline(server) -> None:
-    with connect(server) as sock:
-        assert closed_after(sock) < HEADER_S + 2
+    assert closed_after(server)["closed_after_s"] < HEADER_S + 2
 
 
 def test_headers_sent_a_byte_at_a_time_are_cut_at_the_header_deadline(server) -> None:
-    with connect(server) as sock:
-        assert closed_after(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200) < HEADER_S + 2
+    ended = closed_after(server, trickle=b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200)
+    assert ended["closed_after_s"] < HEADER_S + 2
 
 
 def test_a_body_sent_a_byte_at_a_time_answers_408_at_the_body_deadline(server) -> None:
-    with connect(server) as sock:
-        sock.sendall(b"POST /v1/classify?task=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
-        sock.sendall(b"Content-Length: 5000\r\n\r\n")
-        took = closed_after(sock, b"\x89PNG" * 100)
-        assert BODY_S - 0.5 < took < BODY_S + 3
+    head = b"POST /v1/classify?task=t HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+    ended = closed_after(server, head, b"\x89PNG" * 100)
+    assert ended["answer"].startswith("HTTP/1.1 408") and BODY_S - 0.5 < ended["closed_after_s"] < BODY_S + 3
 
 
 def test_two_hundred_slow_connections_do_not_keep_a_normal_client_out(server, backbone) -> None:
-    socks = [connect(server) for _ in range(200)]
-    stop = threading.Event()
-
-    def trickle() -> None:
-        while not stop.is_set():
-            for sock in socks:
-                with contextlib.suppress(OSError):  # the server closed it: the point of the exercise
-                    sock.send(b"G")
-            stop.wait(0.5)
-
-    feeder = threading.Thread(target=trickle, daemon=True)
-    feeder.start()
-    try:
-        with httpx.Client(base_url=server.url, timeout=10) as http:
-            assert http.post("/v1/prompts?task=t", content=prompt_bytes(backbone.info)).status_code in (200, 201)
-            for i in range(5):
-                r = http.post("/v1/classify?task=t&top_k=1", content=image_bytes(i))
-                assert r.status_code == 200, r.text
-    finally:
-        stop.set()
-        feeder.join(5)
-        for sock in socks:
-            sock.close()
+    with Trickle(server.host, server.port, 200, every_s=0.5), httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.post("/v1/prompts?task=t", content=prompt_bytes(backbone.info)).status_code in (200, 201)
+        for i in range(5):
+            r = http.post("/v1/classify?task=t&top_k=1", content=image_bytes(i))
+            assert r.status_code == 200, r.text
 
 
 def test_uploads_beyond_the_concurrent_limit_answer_429_before_their_body_is_read(server) -> None:
