@@ -68,7 +68,7 @@ class ServiceConfig:
     )
     request_timeout: float = setting(10.0, "seconds before a classify answers 504")
     header_timeout: float = setting(10.0, "seconds a connection may take to send a request's headers (then closed)")
-    body_timeout: float = setting(30.0, "seconds a request may take to send its body (then 408)")
+    body_timeout: float = setting(20.0, "seconds a request may take to send its body (then 408)")
     max_connections: int = setting(1024, "open connections at most; past it new requests answer 503")
     max_concurrent_uploads: int = setting(4, "prompt-set uploads read at once at most; past it 429")
     max_image_bytes: int = setting(10 * 1024 * 1024, "largest encoded image in bytes")
