@@ -38,7 +38,7 @@ GRAFANA_DIR = REPO / "docker" / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "lpt-serve.json"
 ENV_EXAMPLE = REPO / "docker" / "env.example"
 
-# Secrets: never a default in the repository; empty means generated on first start (docker/lpt_secrets.py).
+# Secret variables: compose reads none; a secret is a docker/secrets/ file or generated (docker/lpt_secrets.py).
 SECRET_VARIABLES = ("REDIS_PASSWORD", "LPT_API_KEYS", "LPT_API_KEY", "GRAFANA_ADMIN_PASSWORD")
 
 # The compose job that scrapes lpt-serve replicas, and the nginx environment the template needs.

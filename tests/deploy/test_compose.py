@@ -21,6 +21,10 @@ ALL_SERVICES = {"secrets", "redis", "service", "prometheus", "grafana", "trainer
 # The two documented commands: `docker compose up` (the override is read automatically) and the CPU one.
 STACKS = {"gpu": [], "cpu": ["-f", "docker-compose.yml"]}
 GPU_SERVICES = ("service", "service-2", "trainer")
+# The secrets volumes, one per consumer (docker/lpt_secrets.py writes a folder in each).
+SECRET_FOLDERS = ("lpt", "trainer", "redis", "grafana")
+
+secrets_mod = cfg.lpt_secrets()
 
 
 def _compose_config(tmp_path: Path, files: list[str], env_file: Path | None = None, fmt: str = "") -> dict:
@@ -98,15 +102,74 @@ def test_compose_files_match_compose_spec_schema(tmp_path):
     assert list(validator.iter_errors(broken))
 
 
-def test_no_secret_has_a_default_in_the_repository():
+def test_no_secret_is_a_variable_or_in_the_repository():
+    """Compose reads no secret variable (a container's environment shows in `docker inspect`); the user's
+    secrets are files in docker/secrets/, which git and the Docker build context leave out."""
     text = cfg.COMPOSE_FILE.read_text() + cfg.COMPOSE_GPU_FILE.read_text()
-    for name in cfg.SECRET_VARIABLES:
-        uses = re.findall(r"\$\{" + name + r"(?![A-Z0-9_])([^}]*)\}", text)
-        assert uses and all(u in ("", ":-") for u in uses), f"{name} has a default or is required: {uses}"
-    example = dict(re.findall(r"^([A-Z0-9_]+)=(.*)$", cfg.ENV_EXAMPLE.read_text(), flags=re.M))
-    assert all(example[name] == "" for name in cfg.SECRET_VARIABLES), "env.example must not ship a secret"
+    assert not cfg.compose_variables() & set(cfg.SECRET_VARIABLES)
+    assert not re.search(r"^(" + "|".join(cfg.SECRET_VARIABLES) + r")=", cfg.ENV_EXAMPLE.read_text(), flags=re.M)
     assert "--requirepass" not in text, "a password on a command line is visible in ps and docker inspect"
     assert "/.env" in (cfg.REPO / ".gitignore").read_text().split()
+    git = cfg.require_binary("git")
+    if cfg.run([git, "rev-parse", "--is-inside-work-tree"]).returncode != 0:
+        pytest.skip("not a git checkout: what git ignores cannot be checked")
+    chosen = cfg.REPO / secrets_mod.CHOSEN_DIR
+    names = ["api-keys", "redis-password", "grafana-admin-password", "anything"]
+    ignored = cfg.run([git, "check-ignore", "--no-index", *(f"{secrets_mod.CHOSEN_DIR}/{n}" for n in names)])
+    assert ignored.stdout.split() == [f"{secrets_mod.CHOSEN_DIR}/{n}" for n in names], ignored.stderr
+    kept = cfg.run([git, "check-ignore", "--no-index", f"{secrets_mod.CHOSEN_DIR}/README.md"])
+    assert kept.returncode == 1, "docker/secrets/README.md is tracked"
+    assert (chosen / "README.md").is_file() and (chosen / ".gitignore").is_file()
+    assert secrets_mod.CHOSEN_DIR in cfg.DOCKERIGNORE.read_text().split()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_no_secret_travels_in_an_environment_even_when_dot_env_sets_one(tmp_path, stack):
+    """The rendered stack with every secret variable set in .env: none reaches a container, by name or value."""
+    values = {name: f"{name.lower()}-0123456789abcdef" for name in cfg.SECRET_VARIABLES}
+    env_file = tmp_path / "secrets.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    doc = _compose_config(tmp_path, STACKS[stack], env_file=env_file)
+    for name, svc in doc["services"].items():
+        assert not set(cfg.env_dict(svc)) & set(values), f"{name} gets a secret variable"
+    rendered = yaml.safe_dump(doc)
+    assert not [v for v in values.values() if v in rendered]
+    assert "environment" not in doc["services"]["secrets"]
+
+
+def test_each_container_mounts_only_the_secrets_it_reads(tmp_path):
+    """The generated secrets, seen through each service's mounts: the replicas get the Redis password and the keys
+    file (no admin key), the trainer the admin key, Redis its config, Grafana its password. Only the secrets
+    service mounts the project directory (for docker/secrets/), read-only."""
+    root = tmp_path / "run"
+    secrets_mod.init(root, tmp_path / "nothing-chosen")
+    reads = {
+        "service": {"lpt/api-keys", "lpt/redis-password"},
+        "trainer": {"trainer/admin-key"},
+        "redis": {"redis/redis.conf", "redis/password"},
+        "grafana": {"grafana/admin-password"},
+    }
+    reads["service-2"] = reads["service"]
+    services = cfg.compose()["services"]
+    for name, svc in services.items():
+        if name == "secrets":
+            continue
+        seen = set()
+        for volume in svc.get("volumes", []):
+            source, target, *mode = volume.split(":")
+            if not target.startswith(secrets_mod.DEFAULT_DIR + "/"):
+                continue
+            folder = target.removeprefix(secrets_mod.DEFAULT_DIR + "/")
+            assert mode == ["ro"] and source == f"{folder}-secrets", f"{name}: {volume}"
+            seen |= {f"{folder}/{p.name}" for p in (root / folder).iterdir()}
+        assert seen == reads.get(name, set()), name
+    secrets = services["secrets"]
+    project = [v for svc in services.values() for v in svc.get("volumes", []) if v.split(":")[0] in (".", "./")]
+    assert project == [f".:{secrets_mod.DEFAULT_PROJECT_DIR}:ro"] and project[0] in secrets["volumes"]
+    folders = {p.name for p in root.iterdir()}
+    assert {v for v in secrets["volumes"] if v != project[0]} == {
+        f"{f}-secrets:{secrets_mod.DEFAULT_DIR}/{f}" for f in folders
+    }, "the secrets service writes every secrets volume"
 
 
 def test_env_example_lists_exactly_the_variables_compose_reads():
@@ -126,12 +189,14 @@ def test_compose_topology():
     assert services["nginx"]["profiles"] == ["scale"]
     assert services["service-2"]["profiles"] == ["scale"]
 
-    # Secrets: one-shot, no network, every consumer waits for it and mounts only its own volume, read-only.
+    # Secrets: one-shot, no network, no environment; every consumer waits for it and mounts only its own
+    # volume, read-only (test_each_container_mounts_only_the_secrets_it_reads).
     secrets = services["secrets"]
     assert secrets["network_mode"] == "none" and secrets["restart"] == "no" and secrets["command"] == ["init"]
     assert secrets["entrypoint"] == ["python", "/usr/local/lib/lpt-secrets.py"]
+    assert "environment" not in secrets and "env_file" not in secrets
     mounts = {v.split(":")[0]: v.split(":")[1] for v in secrets["volumes"]}
-    assert mounts == {f"{k}-secrets": f"/run/lpt-secrets/{k}" for k in ("lpt", "redis", "grafana")}
+    assert mounts == {".": "/run/lpt-project"} | {f"{k}-secrets": f"/run/lpt-secrets/{k}" for k in SECRET_FOLDERS}
     for name in ("redis", "grafana"):
         assert services[name]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
         assert f"{name}-secrets:/run/lpt-secrets/{name}:ro" in services[name]["volumes"]
@@ -179,6 +244,7 @@ def test_compose_topology():
 
     # Trainer: one-shot, same image, pushes with the admin key (entrypoint) once the service is healthy.
     trainer = services["trainer"]
+    assert "trainer-secrets:/run/lpt-secrets/trainer:ro" in trainer["volumes"]
     cmd = trainer["command"]
     assert cmd[0] == "lpt-train" and trainer["restart"] == "no"
     assert trainer["entrypoint"] == services["service"]["entrypoint"]

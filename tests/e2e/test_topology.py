@@ -102,9 +102,12 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
     try:
         redis.start()
         doc = cfg.compose()
-        # The secrets service's files, from the .env values a user would set.
-        secrets_dir = root / "secrets"
-        cfg.lpt_secrets().init(secrets_dir, {"LPT_API_KEYS": f"{TENANT}:{SECRET}", "REDIS_PASSWORD": REDIS_PASSWORD})
+        # The secrets service's files, from the docker/secrets/ files a user would write.
+        secrets_dir, chosen = root / "secrets", root / "chosen"
+        chosen.mkdir()
+        (chosen / "api-keys").write_text(f"{TENANT}:{SECRET}\n")
+        (chosen / "redis-password").write_text(REDIS_PASSWORD)
+        cfg.lpt_secrets().init(secrets_dir, chosen)
         names = cfg.lpt_replicas(doc)
         assert names == ["service", "service-2"], names
         replicas = {n: f"127.0.0.1:{free_port()}" for n in names}
