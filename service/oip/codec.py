@@ -166,11 +166,19 @@ def base64_elements(data: Any, count: int) -> list[bytes]:
 
 
 def _flatten(data: Any) -> list:
+    """Nested lists in row-major order, without recursion (the nesting is the client's to choose)."""
     if not isinstance(data, list):
         raise bad_tensor(f"input {INPUT_NAME}: data must be a list, not {type(data).__name__}")
     flat: list = []
-    for item in data:
-        flat.extend(_flatten(item) if isinstance(item, list) else [item])
+    stack = [iter(data)]
+    while stack:
+        item = next(stack[-1], stack)
+        if item is stack:  # this list is done
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            flat.append(item)
     return flat
 
 

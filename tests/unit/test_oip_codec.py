@@ -296,3 +296,13 @@ def test_a_grpc_response_carries_raw_outputs():
         InferAnswer("pets", 2, "ab", "", output_tensors(PROBS, NAMES, [RequestedOutput(True, 1)]))
     ).raw_output_contents
     assert split_bytes_elements(classes, 2) == [b"0.600000:1:dog", b"0.500000:0:cat"]
+
+
+@pytest.mark.parametrize("depth", [900, 5000])
+def test_deeply_nested_data_is_read_or_refused_never_a_server_error(depth):
+    data = "[" * depth + '"aGk="' + "]" * depth
+    body = ('{"inputs":[{"name":"IMAGE","datatype":"BYTES","shape":[1],"data":' + data + "}]}").encode()
+    try:
+        assert parse_rest_request(body, None).images == [b"hi"]
+    except BadRequest as exc:
+        assert exc.status == 400
