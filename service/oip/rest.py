@@ -167,7 +167,7 @@ async def json_body(request: Request) -> dict:
         return {}
     try:
         parsed = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise BadRequest(f"the body is not JSON: {str(exc)[:200]}", "body") from exc
     if not isinstance(parsed, dict) or not isinstance(parsed.get("parameters", {}), dict):
         raise BadRequest("the body must be a JSON object (with an object of parameters)", "body")
