@@ -74,6 +74,7 @@ class Topology:
                 sentinel_kwargs={
                     "socket_timeout": timeout_s,
                     "socket_connect_timeout": timeout_s,
+                    "retry": common["retry"],  # redis-py's default backs off for seconds per sentinel
                     "username": url.sentinel_username,
                     "password": url.sentinel_password,
                     **_tls_kwargs(url),
@@ -96,14 +97,11 @@ class Topology:
     def _cluster_client(self) -> RedisCluster:
         with self._lock:
             if self._cluster is None:
-                kw = dict(self._common)
-                kw.pop("retry")  # the cluster client retries through its own slot-map refresh
                 self._cluster = RedisCluster(
                     startup_nodes=[ClusterNode(host, port) for host, port in self.url.hosts],
                     username=self.url.username,
                     password=self.url.password,
-                    cluster_error_retry_attempts=1,
-                    **kw,
+                    **self._common,
                     **_tls_kwargs(self.url),
                 )
             return self._cluster
