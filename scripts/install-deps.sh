@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a fresh Debian machine: system binaries the tests start as real
-# processes (redis-server, nginx, prometheus/promtool) and the Python package with its dev extra.
+# processes (redis-server, redis-sentinel, nginx, prometheus/promtool) and the Python package with its dev extra.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# The Sentinel tests start real sentinels (tests/support/redis_server.py); Debian ships the binary apart.
+command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # docker-compose 1.29 validates docker-compose.yml and ships the compose-spec schema (no Docker engine needed).
@@ -25,7 +27,7 @@ if ((${#need[@]})); then
   fi
   rm -f "$log"
   # Debian starts packaged daemons on install; the tests start their own on free ports.
-  for svc in redis-server nginx prometheus; do $sudo_cmd service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in redis-server redis-sentinel nginx prometheus; do $sudo_cmd service "$svc" stop >/dev/null 2>&1 || true; done
 fi
 
 PY=${PY:-python3}

@@ -4,20 +4,25 @@ gc`` on an existing store, and an upload over quota through the real app (403 na
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from lpt.errors import QuotaExceeded
+from lpt.errors import QuotaExceeded, StoreUnavailable
 from prompts_store import PromptStore, Quotas, TenantUsage, open_store
 from prompts_store.cli import main as lpt_main
 from prompts_store.redis_store import RedisPromptStore
+from service.settings import ServiceConfig
 from tests.support.prompt_sets import prompt_bytes
 from tests.support.redis_server import RedisServer
 from tests.support.service_app import make_config, serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -216,3 +221,46 @@ def test_an_upload_over_quota_answers_403_naming_the_limit_and_the_use(backbone,
         assert error["code"] == "quota_exceeded" and error["field"] == "max_tasks_per_tenant"
         assert (error["limit"], error["used"], error["requested"]) == (1, 1, 1)
         assert s.get("/v1/prompts/b").status_code == 404
+
+
+# -- sizing Redis -------------------------------------------------------------------------------------------------
+REDIS_OVERHEAD = 1.25  # docs/deploy.md, "Quotas, retention and sizing Redis"
+MiB = 1 << 20
+
+
+def _bytes(size: str) -> int:
+    """A Redis memory size (``4gb``, ``512mb``) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]b)", size.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}[unit]
+
+
+def test_compose_sizes_redis_by_the_documented_rule():
+    """Compose's maxmemory holds the two tenants and two replicas it documents, each tenant at its full quota."""
+    compose = (ROOT / "docker-compose.yml").read_text()
+    default = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", compose))
+    assert re.search(r"--maxmemory\n\s+- \$\{REDIS_MAXMEMORY:-", compose) and "noeviction" in compose
+    tenants, replicas = 2, 2
+    uploads = ServiceConfig().max_concurrent_uploads * ServiceConfig().max_prompt_bytes
+    need = REDIS_OVERHEAD * (tenants * int(default["LPT_MAX_BYTES_PER_TENANT"]) + replicas * uploads) + 64 * MiB
+    assert need <= _bytes(default["REDIS_MAXMEMORY"]) < 2 * need
+
+
+@pytest.mark.redis
+def test_redis_holds_prompt_sets_within_the_sizing_factor_and_refuses_uploads_when_full(tmp_path):
+    with RedisServer(tmp_path / "redis", appendfsync="no") as srv, srv.client() as admin:
+        store = open_store(srv.url, max_bytes=8 * MiB, timeout_s=2.0)
+        before = admin.info("memory")["used_memory"]
+        for i, size in enumerate([300_000] * 10 + [3 * MiB] * 4 + [5 * MiB + 12_345] * 2):
+            store.put("acme", f"t{i}", os.urandom(size))
+        used = admin.info("memory")["used_memory"] - before
+        stored = store.usage("acme").bytes
+        assert stored <= used <= REDIS_OVERHEAD * stored, used / stored
+
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"] + 2 * MiB)
+        admin.config_set("maxmemory-policy", "noeviction")
+        with pytest.raises(StoreUnavailable):  # full: the upload fails (503), nothing is evicted
+            store.put("acme", "big", os.urandom(4 * MiB))
+        assert store.usage("acme").bytes == stored and store.state("acme", "big").active is None
+        assert len(store.get("acme", "t0").data) == 300_000  # reads go on
+        store.delete("acme", "t1")  # and deletes, which free room
+        store.close()
