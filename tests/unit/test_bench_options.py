@@ -18,7 +18,7 @@ import pytest
 from bench import COMMANDS
 from bench.common import REPO, add_dataclass_args, config_parser, from_args, option, to_argv
 
-COMMAND_IN_DOCS = re.compile(r"python -m bench ([a-z_]+)([^`\"\n#|)]*)")
+COMMAND_IN_DOCS = re.compile(r"python -m bench ([a-z_-]+)([^`\"\n#|)]*)")
 
 
 def documented_commands() -> list[tuple[str, str]]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, flag_name, load_config
 from service.auth import merge_keys, read_keys_file
+from service.cli import build_parser, flag_name, load_config
 from service.settings import DEMO_BACKBONE, ServiceConfig, ServiceSettings, env_name
 
 FIELDS = list(ServiceSettings.model_fields)
