@@ -11,10 +11,8 @@ SUPPORT = TESTS / "support"
 # Helpers tests/support provides; a module-level or nested function of these names (leading underscores aside) is
 # a copy of one of them.
 SHARED_NAMES = {"free_port", "wait_until", "wait_for", "make_set", "parse_metrics", "metric", "metric_value"}
-# Modules of other owners that still define a copy, by (path under tests/, function name). Remove an entry once its
-# module imports the helper from tests/support:
-#   unit/test_trainer_loop.py: _free_port (tests.support.ports.free_port)
-ALLOWED = {("unit/test_trainer_loop.py", "_free_port")}
+# Modules that may define a copy, by (path under tests/, function name): none.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _functions(tree: ast.AST) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:

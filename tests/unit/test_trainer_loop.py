@@ -14,6 +14,7 @@ import yaml
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.prompt_set import decode, validate
+from tests.support.ports import free_port
 from trainer import cli
 from trainer.config import TrainConfig
 from trainer.data import synthetic_long_tailed, write_image_folder
@@ -201,7 +202,7 @@ def test_torchrun_two_cpu_processes_write_a_valid_prompt_set(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "trainer.cli",
         "--train",
@@ -241,14 +242,6 @@ def test_torchrun_two_cpu_processes_write_a_valid_prompt_set(tmp_path):
     validate(ps, load_backbone("test_vit", "random:0", img_size=32).info)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["val"]["images"] == 24 and sum(r["test_count"] for r in report["per_class"]) == 24
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_data_prompt_init_starts_at_the_mean_patch_tokens(backbone, tmp_path):
