@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from lpt.errors import InvalidId, InvalidVersion, NotFound, StoreUnavailable, TooLarge
-from prompts_store import ChangeEvent, PromptStore, TaskState, open_store
+from prompts_store import ChangeEvent, PromptStore, TaskState, TenantUsage, open_store
+from prompts_store.base import GcReport
 from prompts_store.cli import main as lpt_main
 from prompts_store.redis_store import RedisPromptStore
 from prompts_store.sqlite_store import DEFAULT_POOL_SIZE, SqlitePromptStore
@@ -444,6 +445,60 @@ def test_store_written_before_revisions_reads_as_revision_0_until_its_next_write
     assert v3.version == 3 and v3.revision > 0 and store.state("acme", "birds").revision == v3.revision
     gone = reopened.put("acme", "gone", blob())
     assert gone.version == 5 and gone.revision > 0  # numbering continues after the old delete
+
+
+def _write_layout_before_hash_tags(c, versions: list[bytes], active: int, revision: int, gone: int) -> None:
+    """acme/birds (``versions``, ``active`` at ``revision``, plus an unreferenced blob) and acme/gone (a tombstone
+    at revision ``gone``) in the Redis layout written before hash tags, with revisions."""
+    with c.pipeline(transaction=True) as p:
+        for n, data in enumerate(versions, 1):
+            info = {"sha256": sha(data), "size": len(data), "created": 1000.0 + n, "meta": {"n": str(n)}}
+            p.hset("lpt:task:acme:birds", f"v:{n}", json.dumps(info, sort_keys=True))
+            p.set(f"lpt:blob:acme:birds:{sha(data)}", data)
+            p.sadd("lpt:blobs:acme:birds", sha(data))
+        p.set(f"lpt:blob:acme:birds:{'0' * 64}", b"left by a crashed writer")
+        p.sadd("lpt:blobs:acme:birds", "0" * 64)
+        p.hset("lpt:task:acme:birds", "active", active)
+        p.set("lpt:seq:acme:birds", len(versions))
+        p.set("lpt:seq:acme:gone", 3)
+        p.sadd("lpt:tasks:acme", "birds")
+        p.sadd("lpt:tenants", "acme")
+        live = {"revision": revision, "active": active, "sha256": sha(versions[active - 1])}
+        tombstone = {"revision": gone, "active": None, "sha256": None}
+        p.hset("lpt:active", mapping={"acme/birds": json.dumps(live), "acme/gone": json.dumps(tombstone)})
+        p.execute()
+
+
+def test_redis_layout_before_hash_tags_moves_in_place_once_keeping_revisions_and_tombstones(redis_server):
+    data = [blob(), blob(), blob()]
+    with redis_server.client() as c:
+        _write_layout_before_hash_tags(c, data, active=2, revision=5_000, gone=7_000)
+    opened = [open_store(redis_server.url, timeout_s=1.0) for _ in range(3)]
+    with ThreadPoolExecutor(3) as pool:  # replicas starting together move each task once
+        snapshots = list(pool.map(lambda store: store.snapshot(), opened))
+    want = {
+        ("acme", "birds"): TaskState("acme", "birds", 5_000, 2, sha(data[1])),
+        ("acme", "gone"): TaskState("acme", "gone", 7_000, None, None),
+    }
+    assert snapshots == [want] * 3
+    store = opened[0]
+    assert [(v.version, v.meta) for v in store.list_versions("acme", "birds")] == [
+        (n, {"n": str(n)}) for n in (1, 2, 3)
+    ]
+    assert [store.get("acme", "birds", n).data for n in (1, 2, 3)] == data
+    assert store.usage("acme") == TenantUsage(1, sum(map(len, data)))
+    with redis_server.client() as c:
+        assert sorted(k.decode() for k in c.keys("*") if not k.startswith(b"lpt:{")) == ["lpt:layout", "lpt:tenants"]
+        blobs = {k.decode().rsplit(":", 1)[1] for k in c.keys("lpt:{acme/birds}:blob:*")}
+        assert blobs == {sha(d) for d in data}  # renamed into place; the unreferenced one is gone
+    # Which version was active before v2 was not recorded: retention keeps the newest one below it instead.
+    assert store.gc(0) == GcReport(1, 1, len(data[2]))
+    assert [v.version for v in store.list_versions("acme", "birds")] == [1, 2]
+    v4 = store.put("acme", "birds", blob())
+    assert (v4.version, store.put("acme", "gone", blob()).version) == (4, 4)  # numbering goes on after both
+    assert v4.revision > 5_000 and store.state("acme", "gone").revision > 7_000
+    for s in opened:
+        s.close()
 
 
 # -- notifications -----------------------------------------------------------------------------------
