@@ -135,6 +135,7 @@ class Classifier:
         if self.draining.is_set():
             raise ShuttingDown("the service is shutting down")
         self.queue.check_room(tenant)
+        self.decode_pool.check_room(tenant)
 
 
 async def _results(items: list[WorkItem], deadline: float) -> list[RowResult]:

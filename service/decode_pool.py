@@ -94,6 +94,14 @@ class DecodePool:
         finally:
             job.future.cancel()  # still waiting: it is skipped; already decoding or done: nothing happens
 
+    def check_room(self, tenant: str) -> None:
+        """Raise QueueFull now when ``tenant``'s pixel budget is already spent: such a request is refused before
+        its body is read (a flooding tenant's rejected requests then cost next to nothing)."""
+        with self._cond:
+            held = self._pixels.get(tenant, 0)
+            if held >= self.tenant_pixels:
+                raise QueueFull(f"{held} pixels of your images are waiting to be decoded; retry shortly")
+
     def _submit(self, job: _Job) -> None:
         with self._cond:
             if self._closed:

@@ -85,6 +85,9 @@ def test_a_tenant_past_its_pixel_budget_is_refused_at_once_and_others_are_not(de
     wait_until(lambda: decoder.running == 1, 10, "tenant a's first decode to run")
     with pytest.raises(QueueFull, match="limit"):
         submit(loop, pool, "a", HELD).result(10)
+    with pytest.raises(QueueFull):
+        pool.check_room("a")  # spent: the next request is refused before its body is read
+    pool.check_room("b")
     assert submit(loop, pool, "b", SMALL).result(10)
     decoder.gate.set()
     for f in held:
