@@ -161,7 +161,8 @@ class Subscription(Protocol):
 
 @runtime_checkable
 class PromptStore(Protocol):
-    """What the service and the CLI need from a store. Raises NotFound, TooLarge, InvalidId, StoreUnavailable."""
+    """What the service and the CLI need from a store. Raises NotFound, TooLarge, InvalidId, QuotaExceeded (``put``),
+    StoreUnavailable."""
 
     max_bytes: int
 

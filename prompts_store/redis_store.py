@@ -281,9 +281,7 @@ class RedisPromptStore:
             self._ensure_layout()
             yield
         except (redis.RedisError, OSError, *CLUSTER_ERRORS) as e:
-            if isinstance(e, redis.ConnectionError | redis.ResponseError | OSError):
-                with suppress(Exception):
-                    self._topology.refresh()  # a Cluster node may be gone or a slot moved
+            self._topology.refresh()  # in a Cluster, a node may be gone or a slot moved
             raise StoreUnavailable(
                 "store_unavailable", f"redis {what} failed ({self.url}): {type(e).__name__}: {e}"
             ) from e
@@ -369,8 +367,11 @@ class RedisPromptStore:
                 if checked:
                     s("WATCH", key)
                     check_quotas(self.quotas, tenant, self._read_usage(s, tenant), tasks, nbytes, freed)
-                done = s.execute([("HINCRBY", key, "tasks", tasks), ("HINCRBY", key, "bytes", nbytes)])
-                return _RETRY if done is None else True
+                if s.execute([("HINCRBY", key, "tasks", tasks), ("HINCRBY", key, "bytes", nbytes)]) is None:
+                    return _RETRY
+                if tasks > 0 or nbytes > 0:  # a lost increment would let a tenant past its quota after a failover
+                    self._replicate(s)
+                return True
 
         self._optimistic(f"usage of {tenant}", attempt)
 

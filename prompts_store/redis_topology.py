@@ -55,6 +55,7 @@ class Topology:
         self._cluster: RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._sentinel_view = (0.0, 0)
+        self._stale = False
         common: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
@@ -111,12 +112,15 @@ class Topology:
         if self._server is not None:
             return self._server
         cluster = self._cluster_client()
+        if self._stale:
+            self._stale = False
+            cluster.nodes_manager.initialize()
         return cluster.get_redis_connection(cluster.get_node_from_key(key))
 
     def refresh(self) -> None:
-        """Re-read a Cluster's slot map (after MOVED, ASK or a lost node); nothing to do elsewhere."""
-        if self._cluster is not None:
-            self._cluster.nodes_manager.initialize()
+        """Note that a Cluster's slot map may be out of date (MOVED, ASK, a lost node): the next ``node`` reads it
+        again, so a failing call is not slowed down by it. Nothing to do outside a Cluster."""
+        self._stale = self._cluster is not None
 
     # -- replication --------------------------------------------------------------------------------
     def replicas_to_wait(self, role: list[Any] | None) -> int:
