@@ -24,7 +24,7 @@ from service.images import check_content_type
 
 router = APIRouter()
 
-ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+ERRORS = {code: {"model": schemas.ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 415, 422, 429, 503, 504)}
 
 
 def error_response(exc: LptError) -> JSONResponse:
