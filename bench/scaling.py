@@ -99,7 +99,7 @@ def build_cache(store, backbone: Backbone, sets: list[PromptSet], device, dtype)
     """A cache with every set resident, as after uploads (the store is not read on hits)."""
     cache = PromptCache(store, backbone.info, device, dtype, 1 << 50, ServiceMetrics(), model=backbone.model)
     for i, ps in enumerate(sets):
-        cache.install(installed(TENANT, f"t{i:05d}"), ps)
+        cache.install(installed(TENANT, f"t{i:05d}"), cache.prepare(ps))
     return cache
 
 
