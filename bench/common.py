@@ -322,6 +322,22 @@ def write_json(path: Path | None, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2, default=str))
 
 
+@dataclass
+class SetShape:
+    """The shape of the prompt sets a benchmark makes (its options, shared by the benchmarks that make sets)."""
+
+    shape_backbone: str = option("vit_base_patch16_224", help="sets are shaped for this backbone")
+    classes: int = option(100)
+    prompt_length: int = option(10, help="L, prompt tokens per block")
+    pool_size: int = option(20, help="P, group prompts")
+    share_blocks: int = option(6, help="S, blocks with the shared prompt only")
+    top_k: int = option(2, help="k, group prompts averaged per image")
+
+    def make_set(self, info: BackboneInfo, seed: int = 0) -> PromptSet:
+        """A set of this shape for ``info``."""
+        return make_set(info, self.classes, self.prompt_length, self.pool_size, self.share_blocks, self.top_k, seed)
+
+
 def make_set(
     info: BackboneInfo,
     classes: int,

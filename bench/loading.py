@@ -29,6 +29,7 @@ from bench.common import (
     CheckFailed,
     LptServe,
     ServeOptions,
+    SetShape,
     cifar_jpegs,
     default_weights,
     latency_summary,
@@ -60,15 +61,9 @@ STORES = ("redis", "embedded")
 
 
 @dataclass
-class LoadingConfig:
+class LoadingConfig(SetShape):
     """Defaults: ViT-B-shaped sets (about 4.4 MB) on the CPU; part 2 serves DeiT-Tiny."""
 
-    shape_backbone: str = option("vit_base_patch16_224", help="sets are shaped for this backbone")
-    classes: int = option(100)
-    prompt_length: int = option(10, help="L, prompt tokens per block")
-    pool_size: int = option(20, help="P, group prompts")
-    share_blocks: int = option(6, help="S, blocks with the shared prompt only")
-    top_k: int = option(2, help="k, group prompts averaged per image")
     sets: int = option(16, help="distinct sets in each store")
     loads: int = option(200, help="timed cache-miss loads per store")
     device: str = option("cpu")
@@ -129,10 +124,7 @@ def same_set(got: PromptSet, want: PromptSet, dtype: torch.dtype) -> bool:
 
 def cache_miss_loads(cfg: LoadingConfig, info: BackboneInfo, stores: Stores, log=print) -> dict[str, Any]:
     device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
-    sets = [
-        make_set(info, cfg.classes, cfg.prompt_length, cfg.pool_size, cfg.share_blocks, cfg.top_k, seed=i)
-        for i in range(cfg.sets)
-    ]
+    sets = [cfg.make_set(info, seed=i) for i in range(cfg.sets)]
     blobs = [encode(ps) for ps in sets]
     tasks = [f"set{i:03d}" for i in range(cfg.sets)]
     opened: dict[str, PromptStore] = {k: open_store(spec, timeout_s=5.0) for k, spec in stores.specs.items()}

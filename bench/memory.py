@@ -28,7 +28,16 @@ from typing import Any
 
 import torch
 
-from bench.common import CheckFailed, make_set, option, parse_benchmark_args, run_cli, run_metadata, set_key, sync
+from bench.common import (
+    CheckFailed,
+    SetShape,
+    option,
+    parse_benchmark_args,
+    run_cli,
+    run_metadata,
+    set_key,
+    sync,
+)
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import encode
@@ -43,15 +52,9 @@ GIB = 1024**3
 
 
 @dataclass
-class MemoryConfig:
+class MemoryConfig(SetShape):
     """Defaults: 32 ViT-B-shaped sets resident on the CPU in float32."""
 
-    shape_backbone: str = option("vit_base_patch16_224", help="sets are shaped for this backbone")
-    classes: int = option(100)
-    prompt_length: int = option(10, help="L, prompt tokens per block")
-    pool_size: int = option(20, help="P, group prompts")
-    share_blocks: int = option(6, help="S, blocks with the shared prompt only")
-    top_k: int = option(2, help="k, group prompts averaged per image")
     sets: int = option(32, help="resident sets measured (>= 2)")
     device: str = option("cpu")
     dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
@@ -104,10 +107,7 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
     device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     backbone = load_backbone(cfg.shape_backbone, "random:0").to(device)  # resident sets carry keys/values for it
     info, model = backbone.info, backbone.model
-    sets = [
-        make_set(info, cfg.classes, cfg.prompt_length, cfg.pool_size, cfg.share_blocks, cfg.top_k, seed=i)
-        for i in range(cfg.sets)
-    ]
+    sets = [cfg.make_set(info, seed=i) for i in range(cfg.sets)]
     tasks = [f"m{i:03d}" for i in range(cfg.sets)]
     report: dict[str, Any] = {
         "benchmark": "memory",
