@@ -540,6 +540,11 @@ def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
+def checklist(checks: dict[str, bool]) -> list[str]:
+    """A report's checks as Markdown task-list lines (``- [x] met``, ``- [ ] missed``)."""
+    return [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
+
+
 def run_cli(
     name: str,
     argv: list[str] | None,

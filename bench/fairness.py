@@ -23,7 +23,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import LptServe, ServeOptions, option, parse_benchmark_args, percentile, run_cli, run_metadata
+from bench.common import (
+    LptServe,
+    ServeOptions,
+    checklist,
+    option,
+    parse_benchmark_args,
+    percentile,
+    run_cli,
+    run_metadata,
+)
 from bench.loadgen import LoadProcess, LoadSpec, Target
 from lpt.backbone import load_backbone
 from lpt.init import init_prompt_set
@@ -128,7 +137,7 @@ def markdown(report: dict[str, Any]) -> str:
         times = f"{r['ok_p50_ms']:.1f} | {r['ok_p99_ms']:.1f} | {r['ok_rps']:.1f}"
         rows.append(f"| {name} | {r['requests']} | {statuses} | {times} |")
     rows += ["", f"beta p50 ratio (flood / alone): {report['p50_ratio']:.2f}", ""]
-    rows += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    rows += checklist(report["checks"])
     return "\n".join(rows)
 
 

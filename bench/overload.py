@@ -36,6 +36,7 @@ from PIL import Image
 from bench.common import (
     LptServe,
     ServeOptions,
+    checklist,
     option,
     parse_benchmark_args,
     percentile,
@@ -295,7 +296,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{soak['rss_last_fifth_mib']:.0f} MiB (max {soak['rss_max_mib']:.0f}, {soak['rss_growth_pct']:+.1f} %)"
     )
     rows.append("")
-    rows += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    rows += checklist(report["checks"])
     return "\n".join(rows)
 
 

@@ -19,7 +19,16 @@ from typing import Any
 import httpx
 import torch
 
-from bench.common import LptServe, ServeOptions, option, parse_benchmark_args, percentile, run_cli, run_metadata
+from bench.common import (
+    LptServe,
+    ServeOptions,
+    checklist,
+    option,
+    parse_benchmark_args,
+    percentile,
+    run_cli,
+    run_metadata,
+)
 from bench.fairness import small_photo
 from lpt.backbone import load_backbone
 from lpt.init import init_prompt_set
@@ -160,7 +169,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['config']['slow_connections']} trickling connections (statuses {sorted(set(trickle['statuses']))})",
         "",
     ]
-    rows += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
+    rows += checklist(report["checks"])
     return "\n".join(rows)
 
 
