@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import redis
@@ -366,7 +366,27 @@ def sentinel_command(config: Path) -> list[str]:
     return ["redis-server", str(config), "--sentinel"]
 
 
-class SentinelGroup:
+class _Group:
+    """A context manager over ``start`` and ``cleanup``: cleaned up also when starting fails half way."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+class SentinelGroup(_Group):
     """A Sentinel deployment on loopback: one primary, ``replicas`` replicas and ``sentinels`` sentinels.
 
     Sentinels decide fast (``down_after_ms``), so a killed primary is replaced within a few seconds. The servers
@@ -509,18 +529,8 @@ class SentinelGroup:
         for server in self.servers.values():
             server.cleanup()
 
-    def __enter__(self) -> SentinelGroup:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
-
-
-class ClusterGroup:
+class ClusterGroup(_Group):
     """A Redis Cluster of ``primaries`` primaries (no replicas) on loopback, joined by ``redis-cli --cluster create``.
 
     Args:
@@ -568,13 +578,3 @@ class ClusterGroup:
     def cleanup(self) -> None:
         for node in self.nodes:
             node.cleanup()
-
-    def __enter__(self) -> ClusterGroup:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
