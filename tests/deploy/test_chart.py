@@ -162,9 +162,22 @@ def test_validation_refuses_broken_objects():
         ({"auth": {"keys": {"acme": "short"}}}, "at '/auth/keys/acme'"),
         ({"env": {"LPT_MAX_BATCH_SIZE": 64}}, "at '/env/LPT_MAX_BATCH_SIZE': got number, want string"),
         ({"env": {"LPT_STORE": "redis://:pw@redis:6379/0"}}, "invalid propertyName 'LPT_STORE'"),
+        ({"env": {"LPT_GRPC_PORT": "9001"}}, "invalid propertyName 'LPT_GRPC_PORT'"),
+        ({"grpc": {"port": 0}}, "at '/grpc/port'"),
         ({"monitoring": {"prometheusRule": {"errorRatio": {"for": "five minutes"}}}}, "errorRatio/for"),
     ],
-    ids=["int", "bool", "unknown-key", "enum", "short-key", "env-type", "env-reserved", "duration"],
+    ids=[
+        "int",
+        "bool",
+        "unknown-key",
+        "enum",
+        "short-key",
+        "env-type",
+        "env-reserved",
+        "env-grpc-port",
+        "grpc-port-range",
+        "duration",
+    ],
 )
 def test_schema_refuses_wrong_values_with_a_clear_message(values, message):
     helm = ch.require_module("helm_python")
@@ -209,8 +222,7 @@ def _dockerfile_uid() -> int:
 def test_server_probes_use_the_documented_paths(variant):
     values, objects = variant
     server = _server_container(objects)
-    (port,) = server["ports"]
-    assert port["name"] == "http" and port["containerPort"] == values["port"]
+    assert _container_ports(server)["http"] == values["port"]
     assert ch.env_of(server)["LPT_PORT"]["value"] == str(values["port"])
     expected = {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
     for probe, path in expected.items():
@@ -285,6 +297,7 @@ def test_every_lpt_variable_is_a_service_setting_with_the_chart_defaults(variant
     assert DEFAULTS["model"]["backbone"] == settings["LPT_BACKBONE"].default
     assert DEFAULTS["model"]["backboneWeights"] == settings["LPT_BACKBONE_WEIGHTS"].default
     assert DEFAULTS["port"] == settings["LPT_PORT"].default
+    assert DEFAULTS["grpc"]["port"] == settings["LPT_GRPC_PORT"].default
     assert DEFAULTS["shutdownTimeoutSeconds"] == settings["LPT_SHUTDOWN_TIMEOUT"].default
 
 
@@ -313,12 +326,66 @@ def test_default_image_is_what_the_dockerfile_builds():
     assert "-t lpt-serve:cpu" in cfg.DOCKERFILE.read_text()
     gpu = ch.load_values(ch.CHART_DIR / "ci" / "gpu-autoscaling-monitoring-values.yaml")
     assert gpu["image"]["tag"] == "cuda" and "-t lpt-serve:cuda" in cfg.DOCKERFILE.read_text()
-    (exposed,) = re.findall(r"^EXPOSE\s+(\d+)", cfg.DOCKERFILE.read_text(), flags=re.M)
-    assert DEFAULTS["port"] == int(exposed)
+    # The image exposes the two ports it listens on (its ENV), and they are the chart's defaults.
+    (exposed,) = re.findall(r"^EXPOSE\s+(.+)$", cfg.DOCKERFILE.read_text(), flags=re.M)
+    image_env = _dockerfile_env()
+    listening = [int(image_env["LPT_PORT"]), int(image_env["LPT_GRPC_PORT"])]
+    assert sorted(int(port) for port in exposed.split()) == sorted(listening)
+    assert listening == [DEFAULTS["port"], DEFAULTS["grpc"]["port"]]
     chart_meta = yaml.safe_load((ch.CHART_DIR / "Chart.yaml").read_text())
     version = re.search(r'^version\s*=\s*"([^"]+)"', (cfg.REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
     assert chart_meta["apiVersion"] == "v2" and chart_meta["appVersion"] == version
     assert chart_meta["kubeVersion"] == f">={ch.OLDEST_KUBERNETES}.0-0", "the oldest Kubernetes the tests validate"
+
+
+def _container_ports(c: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in c["ports"]}
+
+
+def _service_ports(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in service["spec"]["ports"]}
+
+
+def test_grpc_port_follows_its_value(variant):
+    """gRPC on: LPT_GRPC_PORT, the container port and the Service port agree; off: port 0 and no grpc port."""
+    values, objects = variant
+    server = _server_container(objects)
+    service = _service_ports(ch.one(objects, "Service", FULLNAME))
+    grpc_env = ch.env_of(server)["LPT_GRPC_PORT"]["value"]
+    if values["grpc"]["enabled"]:
+        assert grpc_env == str(values["grpc"]["port"])
+        assert _container_ports(server)["grpc"] == values["grpc"]["port"]
+        assert service["grpc"] == {
+            "name": "grpc",
+            "port": values["grpc"]["port"],
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        }
+    else:
+        assert grpc_env == "0"
+        assert "grpc" not in _container_ports(server) and "grpc" not in service
+    assert _container_ports(server)["http"] == values["port"] and service["http"]["targetPort"] == "http"
+
+
+@pytest.mark.parametrize(
+    "grpc,env_value,ports",
+    [
+        ({}, "8001", {"http": 8000, "grpc": 8001}),
+        ({"port": 9001}, "9001", {"http": 8000, "grpc": 9001}),
+        ({"enabled": False}, "0", {"http": 8000}),
+    ],
+    ids=["default", "other-port", "disabled"],
+)
+def test_grpc_toggle(grpc, env_value, ports):
+    objects = ch.render({"grpc": grpc})
+    server = _server_container(objects)
+    assert ch.env_of(server)["LPT_GRPC_PORT"]["value"] == env_value
+    assert _container_ports(server) == ports
+    service = ch.one(objects, "Service", FULLNAME)
+    assert {name: p["port"] for name, p in _service_ports(service).items()} == ports
+    for obj in objects:
+        ch.validate(obj, ch.OLDEST_KUBERNETES)
 
 
 # -- GPUs --------------------------------------------------------------------------------------------

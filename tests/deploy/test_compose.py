@@ -235,6 +235,17 @@ def test_compose_topology():
         assert _seconds(svc["stop_grace_period"]) > float(env["LPT_SHUTDOWN_TIMEOUT"])
     assert len(ids) == len(replicas), "each replica needs its own LPT_REPLICA_ID"
 
+    # The first replica publishes the ports it listens on, HTTP and gRPC, on one bind address; service-2 is reached
+    # through nginx (HTTP only).
+    service_env = cfg.env_dict(services["service"])
+    published = [str(p).split(":") for p in services["service"]["ports"]]
+    assert {container: host for _, host, container in published} == {
+        service_env["LPT_PORT"]: "8000",
+        service_env["LPT_GRPC_PORT"]: "8001",
+    }
+    assert len({bind for bind, _, _ in published}) == 1
+    assert "ports" not in services["service-2"]
+
     # Published on loopback only, by default; /metrics never leaves the host.
     for name, svc in services.items():
         assert all(str(p).startswith("127.0.0.1:") for p in svc.get("ports", [])), name
