@@ -33,36 +33,47 @@ TENANT = "default"
 EVENT_TIMEOUT_S = 15.0
 
 
+class Gate:
+    """Holds the next call that passes it, once armed: ``reached`` says the call is inside, ``opened`` lets it go."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def arm(self) -> None:
+        self.armed.set()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def pass_through(self) -> None:
+        if self.armed.is_set():
+            self.armed.clear()
+            self.reached.set()
+            assert self.opened.wait(30)
+
+
 class GatedStore:
-    """A real store whose ``get`` and ``put`` can be held at a gate, whose change events are recorded after the
-    replica handled them, and whose reads can be made to fail."""
+    """A real store whose ``get`` and ``put`` can be held at a gate (after the store answered), whose change events
+    are recorded after the replica handled them, and whose reads can be made to fail."""
 
     def __init__(self, inner: PromptStore):
         self.inner = inner
-        self.hold_get = threading.Event()  # set: the next get waits at ``get_gate`` after reading
-        self.get_reached = threading.Event()
-        self.get_gate = threading.Event()
-        self.hold_put = threading.Event()  # set: the next put waits at ``put_gate`` once written
-        self.put_reached = threading.Event()
-        self.put_gate = threading.Event()
+        self.get_gate = Gate()
+        self.put_gate = Gate()
         self.reads_fail = False
         self.handled: list[Any] = []  # every change event, appended once the replica's callback returned
         self._lock = threading.Lock()
 
     def get(self, *args: Any) -> Any:
         blob = self.inner.get(*args)
-        if self.hold_get.is_set():
-            self.hold_get.clear()
-            self.get_reached.set()
-            assert self.get_gate.wait(30)
+        self.get_gate.pass_through()
         return blob
 
     def put(self, *args: Any) -> Any:
         stored = self.inner.put(*args)
-        if self.hold_put.is_set():
-            self.hold_put.clear()
-            self.put_reached.set()
-            assert self.put_gate.wait(30)
+        self.put_gate.pass_through()
         return stored
 
     def active_version(self, *args: Any) -> Any:
@@ -155,12 +166,12 @@ def in_background(fn: Callable[[], Any]) -> Future:
 def test_upload_during_a_cold_load_is_served_after_it(served: Served, gated: GatedStore, other, backbone) -> None:
     other.put(TENANT, "a", classes_of(backbone, "one"))
     gated.wait_handled("a", 1)
-    gated.hold_get.set()
+    gated.get_gate.arm()
     first = in_background(lambda: classify(served))
-    assert gated.get_reached.wait(30)  # the replica is loading v1
+    assert gated.get_gate.reached.wait(30)  # the replica is loading v1
     other.put(TENANT, "a", classes_of(backbone, "two"))
     gated.wait_handled("a", 2)
-    gated.get_gate.set()
+    gated.get_gate.open()
     assert first.result(30)[0] == 200  # it asked before the upload: either answer is right
     assert [classify(served) for _ in range(3)] == [(200, "two")] * 3
 
@@ -170,12 +181,12 @@ def test_delete_during_a_cold_load_does_not_bring_the_task_back(
 ) -> None:
     other.put(TENANT, "a", classes_of(backbone, "one"))
     gated.wait_handled("a", 1)
-    gated.hold_get.set()
+    gated.get_gate.arm()
     first = in_background(lambda: classify(served))
-    assert gated.get_reached.wait(30)
+    assert gated.get_gate.reached.wait(30)
     other.delete(TENANT, "a")
     gated.wait_handled("a", None)
-    gated.get_gate.set()
+    gated.get_gate.open()
     first.result(30)
     assert classify(served) == (404, "")
     assert not [k for k in served.state.prompt_sets.cache.table.in_lru_order() if k.task == "a"]
@@ -185,12 +196,12 @@ def test_rollback_between_an_upload_and_its_install_wins(served: Served, gated: 
     other.put(TENANT, "a", classes_of(backbone, "one"))
     first = gated.wait_handled("a", 1)
     assert classify(served) == (200, "one")
-    gated.hold_put.set()
+    gated.put_gate.arm()
     upload = in_background(lambda: served.post("/v1/prompts?task=a", content=classes_of(backbone, "two")))
-    assert gated.put_reached.wait(30)  # v2 is stored; this replica has not installed it yet
+    assert gated.put_gate.reached.wait(30)  # v2 is stored; this replica has not installed it yet
     other.activate(TENANT, "a", 1)
     wait_until(lambda: [e for e in rolled_back(gated) if e is not first], EVENT_TIMEOUT_S, "the rollback's event")
-    gated.put_gate.set()
+    gated.put_gate.open()
     assert upload.result(30).status_code == 201
     assert [classify(served) for _ in range(3)] == [(200, "one")] * 3
 
