@@ -9,6 +9,7 @@ and stay out of ``/openapi.json``, which describes ``/v1``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -146,17 +147,19 @@ async def repository_index(request: Request) -> JSONResponse:
 
 @router.post("/v2/repository/models/{task}/load")
 async def repository_load(request: Request, task: str) -> Response:
-    tenant = tenant_of(request)
-    parameters = (await json_body(request)).get("parameters", {})
-    await run_in_threadpool(oip_of(request).load, tenant, task, parameters)
-    return Response(status_code=200)
+    return await _repository_call(request, task, oip_of(request).load)
 
 
 @router.post("/v2/repository/models/{task}/unload")
 async def repository_unload(request: Request, task: str) -> Response:
+    return await _repository_call(request, task, oip_of(request).unload)
+
+
+async def _repository_call(request: Request, task: str, call: Callable[[str, str, dict], object]) -> Response:
+    """A repository ``load`` or ``unload``: the caller's tenant, the body's parameters, 200 with no body."""
     tenant = tenant_of(request)
     parameters = (await json_body(request)).get("parameters", {})
-    await run_in_threadpool(oip_of(request).unload, tenant, task, parameters)
+    await run_in_threadpool(call, tenant, task, parameters)
     return Response(status_code=200)
 
 
