@@ -86,6 +86,7 @@ def _replica_env(name: str, port: int, store: str, data_dir: Path, secrets_dir: 
         LPT_DEVICE="cpu",
         LPT_DATA_DIR=str(data_dir),
         LPT_CACHE_BYTES=str(64 * 1024**2),
+        LPT_GRPC_PORT=str(free_port()),  # each container has its own 8001; on one host each replica needs its own
         HF_HUB_OFFLINE="1",
     )
     return {**env, "OMP_NUM_THREADS": "1"}
