@@ -215,7 +215,15 @@ def test_a_killed_primary_loses_no_acknowledged_upload_and_classify_keeps_answer
         sets = [prompt_bytes(backbone.info, classes=3, seed=s) for s in range(40)]
         with serve_in_thread(config, backbone) as s:
             hot = prompt_bytes(backbone.info, classes=4, seed=99)
-            assert s.post("/v1/prompts", params={"task": "hot"}, content=hot, headers=OCTETS).status_code == 201
+            # The first write waits for the replica the sentinels report; right after the group starts that
+            # report can still be settling (503, retryable): what is tested starts with the kill below.
+            wait_until(
+                lambda: (
+                    s.post("/v1/prompts", params={"task": "hot"}, content=hot, headers=OCTETS).status_code in (200, 201)
+                ),
+                20,
+                "the first upload to be acknowledged",
+            )
             with Traffic(s, image_bytes(7), sets) as traffic:
                 wait_until(lambda: traffic.acked_after(0) >= 3 or traffic.failed, 20, "uploads before the kill")
                 killed_at = time.monotonic()
