@@ -20,13 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import timm
@@ -35,6 +34,7 @@ import torch
 from bench.real_data import CIFAR_ZIP, DEIT_WEIGHTS
 from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
+from lpt.options import field_default, scalar_kind, without_none
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
 
@@ -198,25 +198,14 @@ def option_kind(annotation: Any) -> dict[str, Any]:
     Raises:
         TypeError: for any other annotation.
     """
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(rest) != 1:
-            raise TypeError(f"no option type for the union {annotation!r}")
-        annotation = rest[0]
+    annotation, _ = without_none(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is Literal:
-        return {"choices": args, "type": type(args[0])}
     if origin in (list, tuple) and args[0] in (int, float, str) and (origin is list or args[1:] == (Ellipsis,)):
         return {"type": comma_separated(args[0], origin), "metavar": f"{args[0].__name__.upper()},..."}
-    if annotation in (int, float, str, Path):
-        return {"type": annotation}
-    raise TypeError(f"no option type for the annotation {annotation!r}")
-
-
-def field_default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kind = scalar_kind(annotation)
+    if kind is None:
+        raise TypeError(f"no option type for the annotation {annotation!r}")
+    return kind
 
 
 def _help(f: dataclasses.Field, default: Any) -> str | None:

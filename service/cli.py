@@ -8,9 +8,6 @@ import logging
 import signal
 import socket
 import sys
-import types
-import typing
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -20,6 +17,7 @@ from pydantic.fields import FieldInfo
 
 import lpt
 from lpt.host_memory import retain_freed_memory
+from lpt.options import scalar_kind
 from service.http_protocol import http_protocol
 from service.images import guard_pillow_pixels
 from service.settings import ServiceConfig, ServiceSettings, env_name
@@ -59,16 +57,11 @@ def _help(name: str, info: FieldInfo) -> str:
 
 
 def _argparse_kind(annotation: Any) -> dict[str, Any]:
-    """argparse's type/choices/action for a field's annotation (``X | None`` is treated as ``X``)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(annotation) is typing.Literal:
-        return {"choices": list(typing.get_args(annotation))}
-    if annotation in (int, float, str, Path):
-        return {"type": annotation}
-    raise TypeError(f"no flag type for setting annotation {annotation!r}")
+    """argparse's type/choices/action for a setting's annotation (``X | None`` is treated as ``X``)."""
+    kind = scalar_kind(annotation)
+    if kind is None:
+        raise TypeError(f"no flag type for setting annotation {annotation!r}")
+    return kind
 
 
 def load_settings(argv: list[str] | None = None) -> ServiceSettings:

@@ -14,7 +14,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from trainer import cli
+from lpt.options import without_none
+from trainer import cli, options
 from trainer.config import TrainConfig
 from trainer.evaluate import plot_report
 
@@ -54,7 +55,7 @@ def flag_argv(name: str, value: object) -> list[str]:
 
 def other_value(f: dataclasses.Field) -> object:
     """A valid value of the field that differs from its default."""
-    kind, _ = cli._without_none(cli.FIELD_TYPES[f.name])
+    kind, _ = without_none(options.FIELD_TYPES[f.name])
     default = f.default
     if kind is bool:
         return not default
@@ -157,17 +158,17 @@ def test_help_shows_every_fields_help_and_default(capsys, monkeypatch):
 
 
 def test_annotation_kinds():
-    assert cli.argparse_kind(int | None) == {"type": int}
-    assert cli.argparse_kind(Literal["a", "b"]) == {"choices": ("a", "b"), "type": str}
-    assert cli.argparse_kind(tuple[float, ...]) == {"nargs": "+", "type": float}
-    assert cli.argparse_kind(tuple[int, int]) == {"nargs": 2, "type": int}
-    assert cli.argparse_kind(list[Path]) == {"nargs": "+", "type": Path}
-    assert cli.coerce(tuple[int, ...], [1, "2"]) == (1, 2)
-    assert cli.coerce(Path | None, "a/b") == Path("a/b")
+    assert options.argparse_kind(int | None) == {"type": int}
+    assert options.argparse_kind(Literal["a", "b"]) == {"choices": ("a", "b"), "type": str}
+    assert options.argparse_kind(tuple[float, ...]) == {"nargs": "+", "type": float}
+    assert options.argparse_kind(tuple[int, int]) == {"nargs": 2, "type": int}
+    assert options.argparse_kind(list[Path]) == {"nargs": "+", "type": Path}
+    assert options.coerce(tuple[int, ...], [1, "2"]) == (1, 2)
+    assert options.coerce(Path | None, "a/b") == Path("a/b")
     with pytest.raises(ValueError, match="a list of 2 values"):
-        cli.coerce(tuple[int, int], [1, 2, 3])
+        options.coerce(tuple[int, int], [1, 2, 3])
     with pytest.raises(TypeError):
-        cli.argparse_kind(dict[str, int])
+        options.argparse_kind(dict[str, int])
 
 
 def test_field_without_help_is_refused(monkeypatch):
@@ -175,7 +176,7 @@ def test_field_without_help_is_refused(monkeypatch):
     class Undocumented:
         epochs1: int = 1
 
-    monkeypatch.setattr(cli, "TrainConfig", Undocumented)
+    monkeypatch.setattr(options, "TrainConfig", Undocumented)
     with pytest.raises(TypeError, match="epochs1 has no help"):
         cli.build_parser()
 
