@@ -221,7 +221,7 @@ class PromptCache:
             TooLarge: the set would take more device bytes than the whole cache budget (it could never stay
                 resident: every request would load it again).
         """
-        entry = make_resident(_PROVISIONAL, ps, self.device, self.dtype, self.model)
+        entry = self._make_entry(_PROVISIONAL, ps)
         if entry.nbytes > self.table.budget_bytes:
             raise TooLarge(
                 message=f"the prompt set takes {entry.nbytes} bytes on the device; the cache budget is "

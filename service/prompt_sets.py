@@ -163,7 +163,7 @@ class PromptSets:
                 info = self._store(self.store.active_version, tenant, task)
             except NotFound:  # deleted between list and read
                 continue
-            out.append(TaskSummary(task, info.version, _int_or_none(info.meta.get("num_classes"))))
+            out.append(TaskSummary(task, info.version, meta_int(info, "num_classes")))
         return out
 
     def show(self, tenant: str, task: str) -> TaskDetail:
@@ -310,8 +310,10 @@ def _missing(task: str) -> NoReturn:
     raise NotFound(message=f"task {task!r} has no prompt set", field="task")
 
 
-def _int_or_none(value: str | None) -> int | None:
+def meta_int(info: StoredVersion, name: str) -> int | None:
+    """An integer the upload recorded in a version's metadata (``num_classes``, ``num_params``); None when absent
+    or not an integer (a store written by another tool)."""
     try:
-        return int(value) if value is not None else None
+        return int(info.meta[name]) if name in info.meta else None
     except ValueError:
         return None

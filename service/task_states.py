@@ -89,6 +89,3 @@ class TaskStates:
             found = self._tasks.get((tenant, task))
             if found is not None and found.state.revision == revision:
                 found.versions.update(versions)
-
-    def __len__(self) -> int:
-        return len(self._tasks)

@@ -21,6 +21,7 @@ from service.application import Service
 from service.classifier import Classification
 from service.errors import RETRY_AFTER_S, http_status
 from service.images import check_content_type
+from service.prompt_sets import meta_int
 
 router = APIRouter()
 
@@ -190,8 +191,8 @@ def _version_info(info: StoredVersion, active: bool) -> dict:
         "size": info.size,
         "created": info.created,
         "active": active,
-        "num_classes": _int_or_none(info.meta.get("num_classes")),
-        "num_params": _int_or_none(info.meta.get("num_params")),
+        "num_classes": meta_int(info, "num_classes"),
+        "num_params": meta_int(info, "num_params"),
     }
 
 
@@ -238,10 +239,3 @@ def _classification(result: Classification, multipart: bool) -> dict:
     if multipart:
         return {**out, "results": [{"predictions": p} for p in preds]}
     return {**out, "predictions": preds[0]}
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
