@@ -58,8 +58,7 @@ from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import encode
 from service.engine import Engine
 from service.images import ImageDecoder
-from service.oip.proto import open_inference_pb2 as oip_pb
-from service.oip.proto import open_inference_pb2_grpc as oip_grpc
+from service.oip import proto as oip_pb
 from service.resident import ResidentSet
 
 TARGET_RATIO = 0.75
@@ -215,7 +214,7 @@ def check_oip_responses(
     """
     diffs: dict[str, float] = {}
     channel = grpc.insecure_channel(f"127.0.0.1:{serve.grpc_port}") if "oip-grpc" in protocols else None
-    stub = oip_grpc.GRPCInferenceServiceStub(channel) if channel is not None else None
+    stub = oip_pb.client(channel) if channel is not None else None
     try:
         for key, sc in scenarios.items():
             picks = [

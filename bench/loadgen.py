@@ -169,7 +169,7 @@ class _Stream:
     async def _grpc(self, target: Target, index: int) -> int:
         import grpc
 
-        from service.oip.proto import open_inference_pb2 as pb
+        from service.oip import proto as pb
 
         request = pb.ModelInferRequest(model_name=target.task)
         request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
@@ -241,14 +241,14 @@ def _grpc_stub(target: str) -> tuple[Any, Any]:
     """One channel per gRPC server for every stream of a run (as the HTTP streams share one client)."""
     import grpc
 
-    from service.oip.proto import open_inference_pb2_grpc as pb_grpc
+    from service.oip import proto as pb
 
     options = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ]
     channel = grpc.aio.insecure_channel(target, options=options)
-    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+    return channel, pb.client(channel)
 
 
 def _summarise(records: list[tuple[float, float, int]], w0: float, w1: float, sent: int) -> dict[str, Any]:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from lpt.errors import LptError
 from service.errors import http_status
+from service.oip import proto as pb
 from service.oip.codec import (
     ONE_OUTPUT,
     InferRequest,
@@ -32,11 +33,9 @@ from service.oip.codec import (
     split_bytes_elements,
 )
 from service.oip.frontend import InferAnswer, OpenInference, request_limit
-from service.oip.proto import open_inference_pb2 as pb
-from service.oip.proto import open_inference_pb2_grpc as pb_grpc
+from service.oip.proto import SERVICE
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 GRPC_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -97,87 +96,90 @@ def encode_infer_response(answer: InferAnswer) -> pb.ModelInferResponse:
     return response
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` on ``OpenInference``.
+class InferenceServicer:
+    """``inference.GRPCInferenceService`` on ``OpenInference``: one method per RPC of ``SERVICE``, by its name.
+
+    Each takes the request (after the caller's tenant, unless the call is in ``OPEN``) and returns the response;
+    ``method_handlers`` adds what every call shares: the tenant from the metadata, typed errors as status codes.
 
     Args:
         oip: the protocol's operations.
     """
 
+    OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
+    """The calls answered without a key, as the REST health and server metadata paths."""
+
     def __init__(self, oip: OpenInference):
         self.oip = oip
 
-    async def _answer(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call()
-        except LptError as exc:
-            await context.abort(grpc_status(exc), str(exc))
-            raise  # abort raises; this keeps type checkers informed
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """A handler for every method that ``SERVICE`` declares, by name (a call it does not answers UNIMPLEMENTED)."""
+        return {
+            m.name: grpc.unary_unary_rpc_method_handler(
+                self._rpc(m.name),
+                request_deserializer=pb.message_class(m.input_type).FromString,
+                response_serializer=pb.message_class(m.output_type).SerializeToString,
+            )
+            for m in SERVICE.methods
+        }
+
+    def _rpc(self, name: str) -> Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]:
+        method = getattr(self, name)  # a method the proto declares and this class lacks fails here, at start
+        keyed = name not in self.OPEN
+
+        async def rpc(request: Message, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                return await (method(self._tenant(context), request) if keyed else method(request))
+            except LptError as exc:
+                await context.abort(grpc_status(exc), str(exc))
+                raise  # abort raises; this keeps type checkers informed
+
+        return rpc
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
         authorization = metadata.get("authorization")
         return self.oip.tenant(authorization if isinstance(authorization, str) else None)
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.oip.live)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=await asyncio.to_thread(self.oip.ready))
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(**self.oip.server_metadata())
 
-    async def ModelReady(self, request, context):
-        async def call() -> pb.ModelReadyResponse:
-            tenant = self._tenant(context)
-            ready = await asyncio.to_thread(self.oip.model_ready, tenant, request.name, request.version)
-            return pb.ModelReadyResponse(ready=ready)
+    async def ModelReady(self, tenant: str, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        ready = await asyncio.to_thread(self.oip.model_ready, tenant, request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
 
-        return await self._answer(context, call)
+    async def ModelMetadata(self, tenant: str, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        metadata = await asyncio.to_thread(self.oip.model_metadata, tenant, request.name, request.version)
+        return pb.ModelMetadataResponse(**metadata.to_dict())
 
-    async def ModelMetadata(self, request, context):
-        async def call() -> pb.ModelMetadataResponse:
-            tenant = self._tenant(context)
-            metadata = await asyncio.to_thread(self.oip.model_metadata, tenant, request.name, request.version)
-            return pb.ModelMetadataResponse(**metadata.to_dict())
+    async def ModelInfer(self, tenant: str, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        async def read_request() -> InferRequest:
+            return decode_infer_request(request)
 
-        return await self._answer(context, call)
+        answer = await self.oip.infer(tenant, request.model_name, request.model_version, read_request)
+        return encode_infer_response(answer)
 
-    async def ModelInfer(self, request, context):
-        async def call() -> pb.ModelInferResponse:
-            tenant = self._tenant(context)
+    async def RepositoryIndex(self, tenant: str, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
+        entries = await asyncio.to_thread(self.oip.index, tenant)
+        return pb.RepositoryIndexResponse(models=[vars(e) for e in entries])
 
-            async def read_request() -> InferRequest:
-                return decode_infer_request(request)
+    async def RepositoryModelLoad(
+        self, tenant: str, request: pb.RepositoryModelLoadRequest
+    ) -> pb.RepositoryModelLoadResponse:
+        await asyncio.to_thread(self.oip.load, tenant, request.model_name, dict(request.parameters))
+        return pb.RepositoryModelLoadResponse()
 
-            answer = await self.oip.infer(tenant, request.model_name, request.model_version, read_request)
-            return encode_infer_response(answer)
-
-        return await self._answer(context, call)
-
-    async def RepositoryIndex(self, request, context):
-        async def call() -> pb.RepositoryIndexResponse:
-            entries = await asyncio.to_thread(self.oip.index, self._tenant(context))
-            return pb.RepositoryIndexResponse(models=[vars(e) for e in entries])
-
-        return await self._answer(context, call)
-
-    async def RepositoryModelLoad(self, request, context):
-        async def call() -> pb.RepositoryModelLoadResponse:
-            tenant = self._tenant(context)
-            await asyncio.to_thread(self.oip.load, tenant, request.model_name, dict(request.parameters))
-            return pb.RepositoryModelLoadResponse()
-
-        return await self._answer(context, call)
-
-    async def RepositoryModelUnload(self, request, context):
-        async def call() -> pb.RepositoryModelUnloadResponse:
-            tenant = self._tenant(context)
-            await asyncio.to_thread(self.oip.unload, tenant, request.model_name, dict(request.parameters))
-            return pb.RepositoryModelUnloadResponse()
-
-        return await self._answer(context, call)
+    async def RepositoryModelUnload(
+        self, tenant: str, request: pb.RepositoryModelUnloadRequest
+    ) -> pb.RepositoryModelUnloadResponse:
+        await asyncio.to_thread(self.oip.unload, tenant, request.model_name, dict(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
 
 def listen_address(host: str, port: int) -> str:
@@ -193,7 +195,9 @@ async def start_grpc_server(oip: OpenInference, host: str, port: int) -> grpc.ai
         ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing its traffic
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(oip), server)
+    handlers = InferenceServicer(oip).method_handlers()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # as protoc's stubs do: no per-call lookup
     address = listen_address(host, port)
     try:
         bound = server.add_insecure_port(address)

@@ -124,6 +124,12 @@ def test_health_and_server_metadata_over_both_protocols(served):
         assert {"binary_tensor_data", "classification", "model_repository"} <= set(metadata["extensions"])
 
 
+def test_calls_the_proto_does_not_declare_answer_unimplemented(served):
+    unimplemented = "StatusCode.UNIMPLEMENTED"
+    assert status_of(lambda: served.grpc.get_model_config("cats", headers=grpc_auth("acme"))) == unimplemented
+    assert status_of(lambda: served.grpc.get_inference_statistics(headers=grpc_auth("acme"))) == unimplemented
+
+
 # -- models ---------------------------------------------------------------------------------------------------------
 def test_model_metadata_names_the_tensors_and_the_versions(served):
     for version, classes in (("", CATS_V2), ("1", CATS_V1), ("2", CATS_V2)):

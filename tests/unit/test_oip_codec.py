@@ -15,6 +15,7 @@ import pytest
 import tritonclient.http as triton_http
 
 from service.errors import BadRequest
+from service.oip import proto as pb
 from service.oip.codec import (
     MAX_IMAGES,
     OutputTensor,
@@ -28,7 +29,6 @@ from service.oip.codec import (
 )
 from service.oip.frontend import InferAnswer
 from service.oip.grpc_server import decode_infer_request, encode_infer_response
-from service.oip.proto import open_inference_pb2 as pb
 
 IMAGES = [b"\x89PNG first", b"", b"\xff\xd8 third image bytes"]
 
