@@ -115,3 +115,9 @@ class QuotaExceeded(LptError):
 
     def to_dict(self) -> dict[str, str | int]:
         return super().to_dict() | {"limit": self.allowed, "used": self.used, "requested": self.requested}
+
+
+class VersionConflict(LptError):
+    """A restored version number already exists with different bytes (import into a non-empty store)."""
+
+    code = "version_conflict"

@@ -26,13 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from lpt.errors import LptError, NotFound, QuotaExceeded, StoreCorrupt, StoreUnavailable, TooLarge
-from lpt.prompt_set import MAX_PROMPT_BYTES
-
-DEFAULT_MAX_BYTES = MAX_PROMPT_BYTES
+from lpt.errors import NotFound, QuotaExceeded, StoreCorrupt, StoreUnavailable, TooLarge, VersionConflict
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
     "ChangeEvent",
     "GcReport",
     "NotFound",
@@ -215,12 +211,6 @@ class PromptStore(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-class VersionConflict(LptError):
-    """A restored version number already exists with different bytes (import into a non-empty store)."""
-
-    code = "version_conflict"
 
 
 @runtime_checkable

@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lpt.errors import LptError, NotFound
+from lpt.errors import LptError, NotFound, VersionConflict
 from lpt.ids import check_task_id, check_tenant_id
-from prompts_store.base import DEFAULT_MAX_BYTES, PromptStore, SupportsMaintenance, SupportsRestore, VersionConflict
+from lpt.prompt_set import MAX_PROMPT_BYTES
+from prompts_store.base import PromptStore, SupportsMaintenance, SupportsRestore
 from prompts_store.factory import open_store
 
 FORMAT = "lpt-store-export/1"
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--store", required=True, help="a Redis URL (docs/store.md), or an embedded store path")
         p.add_argument("--timeout", type=float, default=5.0, help="Redis socket timeout in seconds (default 5)")
-        p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest prompt set accepted")
+        p.add_argument("--max-bytes", type=int, default=MAX_PROMPT_BYTES, help="largest prompt set accepted")
         return p
 
     p = leaf("list", "list tenants and tasks with their active versions")
@@ -126,14 +127,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             for t in tenants
             for k in store.list_tasks(t)
         ]
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                print(f"{r['tenant']}\t{r['task']}\tv{r['active']}")
-        return 0
+        return _print_rows(args, rows, "{tenant}\t{task}\tv{active}")
 
     return _run(args, body)
+
+
+def _print_rows(args: argparse.Namespace, rows: list[dict[str, Any]], line: str) -> int:
+    """Print ``rows`` as JSON with ``--json``, else one ``line.format(**row)`` each; the command's exit status."""
+    for text in [json.dumps(rows, indent=2)] if args.json else [line.format(**r) for r in rows]:
+        print(text)
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -291,12 +294,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     def body(store: PromptStore) -> int:
         tenants = [check_tenant_id(t) for t in args.tenant] if args.tenant else store.list_tenants()
         rows = [{"tenant": t} | dataclasses.asdict(_maintenance(store).usage(t)) for t in tenants]
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            for r in rows:
-                print(f"{r['tenant']}\t{r['tasks']} tasks\t{r['bytes']} bytes")
-        return 0
+        return _print_rows(args, rows, "{tenant}\t{tasks} tasks\t{bytes} bytes")
 
     return _run(args, body)
 

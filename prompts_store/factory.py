@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prompts_store.base import DEFAULT_MAX_BYTES, PromptStore, Quotas
+from lpt.prompt_set import MAX_PROMPT_BYTES
+from prompts_store.base import PromptStore, Quotas
 from prompts_store.redis_urls import REDIS_SCHEMES, accepted_schemes, parse_redis_url, redact_url, scheme_of
 
 SQLITE_SUFFIXES = (".sqlite", ".db", ".sqlite3")
@@ -35,7 +36,7 @@ def check_spec(spec: str | Path) -> str:
 
 
 def open_store(
-    spec: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = 0.5, quotas: Quotas | None = None
+    spec: str | Path, max_bytes: int = MAX_PROMPT_BYTES, timeout_s: float = 0.5, quotas: Quotas | None = None
 ) -> PromptStore:
     """Open a store.
 

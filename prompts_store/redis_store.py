@@ -45,8 +45,9 @@ from typing import Any, TypeVar
 
 import redis
 
-from lpt.errors import NotFound, StoreUnavailable
+from lpt.errors import NotFound, StoreUnavailable, VersionConflict
 from lpt.ids import check_tenant_id
+from lpt.prompt_set import MAX_PROMPT_BYTES
 from prompts_store._common import (
     PutPlan,
     Snapshot,
@@ -64,17 +65,7 @@ from prompts_store._common import (
     verify_blob,
     versions_to_prune,
 )
-from prompts_store.base import (
-    DEFAULT_MAX_BYTES,
-    ChangeEvent,
-    GcReport,
-    Quotas,
-    StoredBlob,
-    StoredVersion,
-    TaskState,
-    TenantUsage,
-    VersionConflict,
-)
+from prompts_store.base import ChangeEvent, GcReport, Quotas, StoredBlob, StoredVersion, TaskState, TenantUsage
 from prompts_store.redis_legacy import migrate_legacy_layout
 from prompts_store.redis_topology import CLUSTER_ERRORS, Topology
 from prompts_store.redis_urls import parse_redis_url, redact_url
@@ -229,7 +220,7 @@ class RedisPromptStore:
     def __init__(
         self,
         url: str,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int = MAX_PROMPT_BYTES,
         timeout_s: float = 0.5,
         prefix: str = "lpt:",
         health_check_interval: int = 10,
@@ -316,6 +307,15 @@ class RedisPromptStore:
 
     def _read_task(self, s: _Session, tenant: str, task: str) -> _TaskRecord:
         return _TaskRecord.parse(tenant, task, s("HGETALL", self.task_key(tenant, task)) or {})
+
+    @contextmanager
+    def _watching(self, tenant: str, task: str, *also: str) -> Iterator[tuple[_Session, _TaskRecord]]:
+        """A session on the task's primary that WATCHes its hash (and the keys ``also``), with the task as read
+        after the WATCH: what one optimistic attempt at writing the task decides from."""
+        tk = self.task_key(tenant, task)
+        with self._session(tk) as s:
+            s("WATCH", tk, *also)
+            yield s, self._read_task(s, tenant, task)
 
     def _replicate(self, s: _Session) -> None:
         """``WAIT`` until the replicas known to be up hold this connection's writes; raise when they do not."""
@@ -421,15 +421,12 @@ class RedisPromptStore:
         meta = check_put(data, meta, self.max_bytes)
         data = bytes(data)
         sha = sha256_hex(data)
-        tk = self.task_key(tenant, task)
         upload: list[str] = []  # the temporary key holding the bytes, once sent
         reserved = [0, 0]  # (tasks, bytes) added to the counters for this put and not yet committed
         unknown = [False]  # an EXEC was sent and its outcome is not known: keep the reservation
 
         def attempt(_n: int) -> Any:
-            with self._session(tk) as s:
-                s("WATCH", tk, *upload)
-                rec = self._read_task(s, tenant, task)
+            with self._watching(tenant, task, *upload) as (s, rec):
                 if rec.active is not None and rec.sha256 == sha:
                     return self._confirm(s, rec, rec.info(rec.active))
                 plan = plan_put(rec.blobs(), rec.active, rec.last, sha, len(data), self.quotas.keep_inactive_versions)
@@ -503,9 +500,7 @@ class RedisPromptStore:
         tk = self.task_key(tenant, task)
 
         def attempt(_n: int) -> Any:
-            with self._session(tk) as s:
-                s("WATCH", tk)
-                rec = self._read_task(s, tenant, task)
+            with self._watching(tenant, task) as (s, rec):
                 if version not in rec.versions or rec.active is None:
                     raise NotFound("not_found", f"task {task!r} has no version {version}", "version")
                 if rec.active == version:
@@ -531,9 +526,7 @@ class RedisPromptStore:
         tk = self.task_key(tenant, task)
 
         def attempt(_n: int) -> Any:
-            with self._session(tk) as s:
-                s("WATCH", tk)
-                rec = self._read_task(s, tenant, task)
+            with self._watching(tenant, task) as (s, rec):
                 if rec.active is None:
                     raise NotFound("not_found", f"task {task!r} does not exist", "task")
                 blobs = dict(rec.blobs().values())
@@ -570,9 +563,7 @@ class RedisPromptStore:
         unknown = [False]
 
         def attempt(_n: int) -> Any:
-            with self._session(tk) as s:
-                s("WATCH", tk, *upload)
-                rec = self._read_task(s, tenant, task)
+            with self._watching(tenant, task, *upload) as (s, rec):
                 if version in rec.versions:
                     info = rec.info(version)
                     if info.sha256 != sha:
@@ -652,9 +643,7 @@ class RedisPromptStore:
         tk = self.task_key(tenant, task)
 
         def attempt(_n: int) -> Any:
-            with self._session(tk) as s:
-                s("WATCH", tk)
-                rec = self._read_task(s, tenant, task)
+            with self._watching(tenant, task) as (s, rec):
                 if rec.active is None:
                     return (0, 0)
                 previous = rec.previous

@@ -36,8 +36,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from lpt.errors import NotFound, StoreUnavailable
+from lpt.errors import NotFound, StoreUnavailable, VersionConflict
 from lpt.ids import check_tenant_id
+from lpt.prompt_set import MAX_PROMPT_BYTES
 from prompts_store._common import (
     Snapshot,
     Watcher,
@@ -52,17 +53,7 @@ from prompts_store._common import (
     verify_blob,
     versions_to_prune,
 )
-from prompts_store.base import (
-    DEFAULT_MAX_BYTES,
-    ChangeEvent,
-    GcReport,
-    Quotas,
-    StoredBlob,
-    StoredVersion,
-    TaskState,
-    TenantUsage,
-    VersionConflict,
-)
+from prompts_store.base import ChangeEvent, GcReport, Quotas, StoredBlob, StoredVersion, TaskState, TenantUsage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -146,7 +137,7 @@ class SqlitePromptStore:
     def __init__(
         self,
         path: str | Path,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_bytes: int = MAX_PROMPT_BYTES,
         busy_timeout_s: float = 10.0,
         quotas: Quotas | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
