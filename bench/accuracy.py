@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from bench.alternatives import evaluate_logits, fine_tune, served_scores, serving_throughput, steps_per_epoch
-from bench.common import config_parser, cpu_model, option, parse_config
+from bench.common import cpu_model
+from bench.options import config_parser, fields_from, option, parse_config
 from bench.real_data import CIFAR_ZIP, DEIT_TINY, DEIT_WEIGHTS, missing
 from lpt.backbone import load_backbone
 from lpt.prompt_set import encode
@@ -189,23 +190,7 @@ def run(cfg: AccuracyConfig) -> dict[str, Any]:
     if cfg.la_scales:
         return {"la_scales": _la_scales(cfg.la_scales, feats, targets, val_feats, val_targets, counts, names)}
 
-    train_cfg = TrainConfig(
-        epochs1=cfg.epochs1,
-        epochs2=cfg.epochs2,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        prompt_length=cfg.prompt_length,
-        pool_size=cfg.pool_size,
-        top_k=cfg.top_k,
-        share_blocks=cfg.share_blocks,
-        min_crop_scale=cfg.min_crop_scale,
-        prompt_init=cfg.prompt_init,
-        head_init=cfg.head_init,
-        head_dropout=cfg.head_dropout,
-        seed=cfg.seed,
-        workers=cfg.workers,
-        progress=False,
-    )
+    train_cfg = fields_from(TrainConfig, cfg, progress=False)
     t0 = time.perf_counter()
     trainer = Trainer(
         backbone, train, val, train_cfg, DistContext(device=torch.device(cfg.device)), log=_log,

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from bench.common import REPO, config_parser, default_weights, option, parse_config, to_argv
+from bench.common import REPO, default_weights
 from bench.engine import CLOCKS, EngineConfig, make_registry, precompute_kvs, without_pool
+from bench.options import config_parser, option, parse_config, to_argv
 from lpt.backbone import load_backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.host_memory import RETAIN_BYTES, retain_freed_memory

@@ -1,40 +1,37 @@
-"""Helpers every benchmark shares. Bench modules import this one; it imports no bench module but the leaf
-``bench.real_data`` (where the data files are), so the dependencies point one way.
+"""Helpers every benchmark shares. Bench modules import this one; it imports no benchmark, only the leaf helpers
+``bench.options`` (command-line options) and ``bench.real_data`` (where the data files are), so the dependencies
+point one way.
 
 Correctness-check failures, default weights, percentiles and latency summaries, run metadata (machine, versions,
-load average), command-line options generated from a benchmark's config dataclass, prompt sets of a given
-shape, resident entries built the way the service builds them, and a real ``lpt-serve`` subprocess.
+load average), a benchmark's command (parse, run, print, write JSON), prompt sets of a given shape and resident
+entries built the way the service builds them. ``bench.server`` runs a real ``lpt-serve``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import datetime as dt
+import io
 import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
+import numpy as np
 import timm
 import torch
+from PIL import Image
 
+from bench.options import config_parser, option, parse_config
 from bench.real_data import CIFAR_ZIP, DEIT_WEIGHTS
 from lpt.backbone import BackboneInfo
 from lpt.init import init_prompt_set
-from lpt.options import field_default, scalar_kind, without_none
 from lpt.prompt_set import PromptSet
 from prompts_store.base import StoredVersion
 
@@ -42,7 +39,6 @@ if TYPE_CHECKING:
     from service.resident import ResidentSet, SetKey
 
 T = TypeVar("T")
-Config = TypeVar("Config")  # a benchmark's config dataclass
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -149,155 +145,6 @@ def git_state() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": [line[3:] for line in dirty]}
 
 
-# ------------------------------------------------------------------------------------------------ command line
-def option(
-    default: Any = dataclasses.MISSING,
-    *,
-    help: str | None = None,
-    flag: str | None = None,
-    choices: Sequence[Any] | None = None,
-    default_factory: Callable[[], Any] | None = None,
-) -> Any:
-    """A config dataclass field together with its command-line option (see ``add_dataclass_args``).
-
-    Args:
-        default: the field's default (sequences as tuples: a config holds no mutable defaults).
-        help: the option's help (its default is appended).
-        flag: the option string when it is not the field's name as ``--kebab-case``.
-        choices: the allowed values (a ``Literal`` annotation gives them too).
-        default_factory: computes the default instead (one that depends on the machine).
-    """
-    metadata = {"help": help, "flag": flag, "choices": choices}
-    if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    """The option string of a config field: ``batch_sizes`` -> ``--batch-sizes`` unless ``option(flag=...)``."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def comma_separated(item: Callable[[str], Any], container: type = list) -> Callable[[str], Any]:
-    """An argparse type reading ``8,16,32`` as a list (or tuple) of ``item``; blanks and spaces are ignored."""
-
-    def parse(text: str) -> Any:
-        return container(item(v.strip()) for v in text.split(",") if v.strip())
-
-    parse.__name__ = f"comma-separated {getattr(item, '__name__', 'value')}"  # argparse names it in errors
-    return parse
-
-
-def option_kind(annotation: Any) -> dict[str, Any]:
-    """argparse's ``type``, ``action`` or ``choices`` for a field annotation (``X | None`` reads as ``X``).
-
-    Args:
-        annotation: a resolved annotation: bool, int, float, str, Path, a ``Literal``, or a ``tuple[X, ...]``
-            or ``list[X]`` of int, float or str (written ``8,16,32`` on the command line).
-
-    Raises:
-        TypeError: for any other annotation.
-    """
-    annotation, _ = without_none(annotation)
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (list, tuple) and args[0] in (int, float, str) and (origin is list or args[1:] == (Ellipsis,)):
-        return {"type": comma_separated(args[0], origin), "metavar": f"{args[0].__name__.upper()},..."}
-    kind = scalar_kind(annotation)
-    if kind is None:
-        raise TypeError(f"no option type for the annotation {annotation!r}")
-    return kind
-
-
-def _help(f: dataclasses.Field, default: Any) -> str | None:
-    text = f.metadata.get("help")
-    if isinstance(default, bool) or default is None:
-        return text
-    shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
-    # argparse reads '%' in help as a format directive.
-    return f"{text + ' ' if text else ''}(default: {shown})".replace("%", "%%")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field of the config dataclass ``cls``: flag and help from ``option``, type from the annotation.
-
-    A bool field gets ``--name`` and ``--no-name``; tuples are comma-separated (``--batch-sizes 8,16,32``);
-    ``Literal`` annotations and ``option(choices=...)`` limit the values. The parsed value lands in ``dest`` = the
-    field's name, so ``from_args`` builds the config from the namespace.
-
-    Args:
-        parser: the parser to extend.
-        cls: a dataclass whose fields all have defaults.
-    """
-    hints = typing.get_type_hints(cls)
-    defaults = {}
-    for f in dataclasses.fields(cls):
-        kind = option_kind(hints[f.name])
-        if f.metadata.get("choices") is not None:
-            kind["choices"] = f.metadata["choices"]
-        if "type" in kind and "choices" not in kind:
-            kind.setdefault("metavar", flag_of(f)[2:].upper().replace("-", "_"))  # the flag's name, not the field's
-        defaults[f.name] = field_default(f)
-        parser.add_argument(flag_of(f), dest=f.name, help=_help(f, defaults[f.name]), **kind)
-    # Defaults go through set_defaults: BooleanOptionalAction appends its own "(default: ...)" to the help otherwise.
-    parser.set_defaults(**defaults)
-
-
-def from_args(cls: type[Config], namespace: argparse.Namespace) -> Config:
-    """The config dataclass ``cls`` built from a namespace parsed with ``add_dataclass_args``."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
-
-
-def to_argv(cfg: Any) -> list[str]:
-    """The options that ``config_parser`` parses back into ``cfg`` (fields left at None are left out)."""
-    argv = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, bool):
-            argv.append(flag_of(f) if value else "--no-" + flag_of(f)[2:])
-        elif value is not None:
-            argv += [flag_of(f), ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)]
-    return argv
-
-
-def config_parser(cls: type, prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A benchmark's parser: one option per field of ``cls`` and ``--json`` (the report's path).
-
-    Args:
-        cls: the benchmark's config dataclass.
-        prog: ``python -m bench <command>``.
-        doc: the module docstring; its first paragraph is the description.
-    """
-    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
-    add_dataclass_args(parser, cls)
-    parser.add_argument("--json", type=Path, default=None, help="write the full report (raw numbers included) here")
-    return parser
-
-
-def parse_config(
-    parser: argparse.ArgumentParser, cls: type[Config], argv: list[str] | None
-) -> tuple[Config, argparse.Namespace]:
-    """Parse ``argv`` into (config, namespace); a config that rejects its values (``ValueError``) is a usage error.
-
-    Args:
-        parser: from ``config_parser`` (plus any options of the benchmark's own).
-        cls: the config dataclass.
-        argv: the options (``sys.argv[1:]`` when None).
-    """
-    namespace = parser.parse_args(argv)
-    try:
-        return from_args(cls, namespace), namespace
-    except ValueError as exc:
-        parser.error(str(exc))
-
-
-def parse_benchmark_args(
-    cls: type[Config], argv: list[str] | None, prog: str, doc: str | None
-) -> tuple[Config, Path | None]:
-    """A benchmark's (config, JSON path or None) from ``argv``: ``config_parser`` then ``parse_config``."""
-    cfg, namespace = parse_config(config_parser(cls, prog, doc), cls, argv)
-    return cfg, namespace.json
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -388,6 +235,15 @@ def cifar_jpegs(count: int) -> list[bytes]:
     return out
 
 
+def noise_jpeg(height: int, width: int, quality: int) -> bytes:
+    """A JPEG of seeded uniform noise (nothing for the encoder to compress away: the decoder's worst case)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=quality
+    )
+    return buf.getvalue()
+
+
 def on_engine_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn`` in a fresh dedicated thread and return its result, as the service runs every forward.
 
@@ -399,164 +255,45 @@ def on_engine_thread(fn: Callable[..., T], *args: Any) -> T:
         return pool.submit(fn, *args).result()
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServeOptions:
-    """The ``lpt-serve`` flags a benchmark sets (everything else stays the service default)."""
-
-    backbone: str = "deit_tiny_patch16_224"
-    weights: str = "random:0"
-    img_size: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    store: str | None = None  # None: an embedded store in the server's temp dir
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    queue_size: int = 1024
-    request_timeout: float = 30.0
-    threads: int | None = None  # OMP/torch threads of the server process; None: torch's default
-    grpc: bool = False  # serve the Open Inference Protocol over gRPC too (on a free port, ``LptServe.grpc_port``)
-    extra_args: tuple[str, ...] = ()  # further lpt-serve flags, as given
-
-
-class LptServe:
-    """A real ``lpt-serve`` subprocess on a free loopback port, with API keys, stopped on exit.
-
-    Args:
-        opts: the flags.
-        keys: tenant -> secret (sent as ``LPT_API_KEYS``).
-        ready_timeout: seconds to wait for ``/readyz``.
-        repo: the checkout whose code the server runs (another one: a before/after comparison in one run).
-    """
-
-    def __init__(self, opts: ServeOptions, keys: dict[str, str], ready_timeout: float = 300.0, repo: Path = REPO):
-        self.repo = Path(repo)
-        self.opts = opts
-        self.keys = keys
-        self.ready_timeout = ready_timeout
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.grpc_port = free_port() if opts.grpc else 0
-        self._tmp = tempfile.TemporaryDirectory(prefix="lpt-bench-serve-")
-        self.log_path = Path(self._tmp.name) / "server.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        o = self.opts
-        cmd = [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backbone", o.backbone, "--backbone-weights", o.weights, "--device", o.device, "--dtype", o.dtype]
-        cmd += ["--store", o.store or str(Path(self._tmp.name) / "store"), "--data-dir", self._tmp.name]
-        cmd += ["--max-batch-size", str(o.max_batch_size), "--max-wait-ms", str(o.max_wait_ms)]
-        cmd += ["--queue-size", str(o.queue_size), "--request-timeout", str(o.request_timeout)]
-        cmd += ["--log-level", "warning"]
-        if o.img_size:
-            cmd += ["--img-size", str(o.img_size)]
-        return [*cmd, *o.extra_args]
-
-    def start(self) -> LptServe:
-        env = dict(os.environ)
-        env["LPT_API_KEYS"] = ",".join(f"{t}:{s}" for t, s in self.keys.items())
-        env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
-        env["LPT_GRPC_PORT"] = str(self.grpc_port)  # a variable: checkouts without the setting ignore it
-        if self.repo != REPO:
-            env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the other checkout as it is
-        if self.opts.threads:
-            env["OMP_NUM_THREADS"] = str(self.opts.threads)
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.command(), cwd=self.repo, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.ready_timeout
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"lpt-serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    if client.get(f"{self.url}/readyz").status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"lpt-serve not ready within {self.ready_timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def headers(self, tenant: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[tenant]}"}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        self._tmp.cleanup()
-
-    def __enter__(self) -> LptServe:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def scrape(client: httpx.Client, url: str) -> dict[str, float]:
-    """The server's Prometheus counters and histogram sums/counts, as ``name{labels} -> value``."""
-    out: dict[str, float] = {}
-    for line in client.get(f"{url}/metrics").text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            continue
-    return out
-
-
-def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0.0) - before.get(name, 0.0)
-
-
 def checklist(checks: dict[str, bool]) -> list[str]:
     """A report's checks as Markdown task-list lines (``- [x] met``, ``- [ ] missed``)."""
     return [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
 
 
-def run_cli(
-    name: str,
-    argv: list[str] | None,
-    parse_args: Callable[[list[str]], tuple[Any, str | None]],
-    run: Callable[..., dict],
-    markdown: Callable[[dict], str],
-) -> int:
-    """The shared ``main`` of the service benchmarks: parse, run (correctness checked first), print, write JSON.
+@dataclass(frozen=True)
+class BenchmarkCommand:
+    """A service benchmark's command line, ``python -m bench <name>``: options generated from its config dataclass,
+    then run (correctness checked first), print the Markdown table and write the JSON report.
 
     Args:
-        name: benchmark name for messages.
-        argv: command-line arguments (``sys.argv[1:]`` when None).
-        parse_args: argv -> (config, JSON path or None).
-        run: ``run(config, argv, log=...)`` -> report; raises CheckFailed before timing anything wrong.
+        name: the command's name (``python -m bench <name>``).
+        config: the config dataclass; one option per field, plus ``--json``.
+        run: ``run(config, argv, log=...)`` -> report; raises ``CheckFailed`` before timing anything wrong.
         markdown: report -> table text.
+        doc: the module docstring; its first paragraph is the ``--help`` description.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, json_path = parse_args(argv)
-    try:
-        report = run(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except CheckFailed as exc:
-        print(f"{name} benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
-        return 1
-    print(markdown(report))
-    write_json(json_path, report)
-    return 0
+
+    name: str
+    config: type
+    run: Callable[..., dict[str, Any]]
+    markdown: Callable[[dict[str, Any]], str]
+    doc: str | None = None
+
+    def parse_args(self, argv: list[str] | None) -> tuple[Any, Path | None]:
+        """Command-line options -> (config, JSON output path or None)."""
+        parser = config_parser(self.config, f"python -m bench {self.name}", self.doc)
+        cfg, namespace = parse_config(parser, self.config, argv)
+        return cfg, namespace.json
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Run the benchmark on ``argv`` (``sys.argv[1:]`` when None); 1 when a correctness check failed."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        cfg, json_path = self.parse_args(argv)
+        try:
+            report = self.run(cfg, argv, log=lambda m: print(m, file=sys.stderr, flush=True))
+        except CheckFailed as exc:
+            print(f"{self.name} benchmark: CORRECTNESS CHECK FAILED, nothing timed: {exc}", file=sys.stderr)
+            return 1
+        print(self.markdown(report))
+        write_json(json_path, report)
+        return 0

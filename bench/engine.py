@@ -30,13 +30,13 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import CheckFailed, default_weights, machine_info, option, parse_benchmark_args, run_cli
+from bench.common import BenchmarkCommand, CheckFailed, default_weights, machine_info
 from bench.engine_report import markdown, summarise
+from bench.options import option
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import (
     COMPUTE_DTYPES,
@@ -406,11 +406,6 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     return report
 
 
-def parse_args(argv: list[str] | None) -> tuple[EngineConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(EngineConfig, argv, "python -m bench engine", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench engine``: check, time, print the markdown tables, optionally write JSON."""
-    return run_cli("engine", argv, parse_args, lambda cfg, _argv, log: run_engine(cfg, log), markdown)
+COMMAND = BenchmarkCommand("engine", EngineConfig, lambda cfg, _argv, log: run_engine(cfg, log), markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

@@ -1,6 +1,6 @@
 """Decode fairness: a quiet tenant's latency while another tenant keeps large PNGs in flight.
 
-A real ``lpt-serve`` (``bench.common.LptServe``) on loopback, the load from ``bench.loadgen`` in its own process:
+A real ``lpt-serve`` (``bench.server.LptServe``) on loopback, the load from ``bench.loadgen`` in its own process:
 
 1. ``beta alone``: tenant ``beta``, one closed-loop client sending a small image.
 2. ``beta while alpha floods``: the same, while tenant ``alpha`` keeps ``--flood-clients`` requests in flight,
@@ -15,28 +15,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import (
-    LptServe,
-    ServeOptions,
-    checklist,
-    option,
-    parse_benchmark_args,
-    percentile,
-    run_cli,
-    run_metadata,
-)
+from bench.common import BenchmarkCommand, checklist, noise_jpeg, percentile, run_metadata
 from bench.loadgen import LoadProcess, LoadSpec, Target
-from lpt.backbone import load_backbone
-from lpt.init import init_prompt_set
-from lpt.prompt_set import encode
+from bench.options import ServedBackbone, fields_from, option
+from bench.server import LptServe, ServeOptions
 
 TENANTS = {"alpha": "alpha-fairness-key-0123", "beta": "beta-fairness-key-45678"}
 TASK = "demo"
@@ -44,11 +31,9 @@ TARGET_RATIO = 3.0
 
 
 @dataclass
-class FairnessConfig:
+class FairnessConfig(ServedBackbone):
     """Defaults: DeiT-Tiny (random weights) on the CPU, alpha keeping 12 PNGs of 6000 x 6600 pixels in flight."""
 
-    backbone: str = option("deit_tiny_patch16_224")
-    weights: str = option("random:0")
     phase_s: float = option(20.0, help="measured seconds per phase")
     flood_clients: int = option(12, help="alpha's requests in flight")
     large_side: tuple[int, ...] = option((6000, 6600), help="width,height of alpha's PNG")
@@ -58,13 +43,6 @@ class FairnessConfig:
 def png(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def small_photo() -> bytes:
-    rgb = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -93,7 +71,7 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_fairness(cfg: FairnessConfig, argv: list[str], log=print) -> dict[str, Any]:
-    opts = ServeOptions(backbone=cfg.backbone, weights=cfg.weights, threads=cfg.threads)
+    opts = fields_from(ServeOptions, cfg)
     large = png((cfg.large_side[0], cfg.large_side[1]), (90, 140, 200))
     report: dict[str, Any] = {
         "benchmark": "fairness",
@@ -103,15 +81,8 @@ def run_fairness(cfg: FairnessConfig, argv: list[str], log=print) -> dict[str, A
         "phases": {},
     }
     with LoadProcess() as load, LptServe(opts, TENANTS) as serve:
-        info = load_backbone(cfg.backbone, cfg.weights).info
-        data = encode(init_prompt_set(info, [f"c{i}" for i in range(10)], prompt_length=10, pool_size=8, seed=0))
-        with httpx.Client(timeout=60) as http:
-            for tenant in TENANTS:
-                r = http.post(
-                    f"{serve.url}/v1/prompts", params={"task": TASK}, content=data, headers=serve.headers(tenant)
-                )
-                r.raise_for_status()
-        quiet = small_photo()
+        serve.upload_demo_set(TASK)
+        quiet = noise_jpeg(240, 320, quality=90)
         (alone,) = load.run_together([spec(serve.url, "beta", quiet, 1, cfg.phase_s)])
         report["phases"]["beta_alone"] = row(alone)
         log(f"[fairness] beta alone: p50 {report['phases']['beta_alone']['ok_p50_ms']:.1f} ms")
@@ -141,10 +112,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None) -> tuple[FairnessConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(FairnessConfig, argv, "python -m bench fairness", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("fairness", argv, parse_args, run_fairness, markdown)
+COMMAND = BenchmarkCommand("fairness", FairnessConfig, run_fairness, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

@@ -35,24 +35,20 @@ import numpy as np
 import torch
 
 from bench.common import (
+    BenchmarkCommand,
     CheckFailed,
-    LptServe,
-    ServeOptions,
     cifar_jpegs,
     default_weights,
     latency_summary,
     make_set,
-    metric_delta,
     on_engine_thread,
-    option,
-    parse_benchmark_args,
     resident,
-    run_cli,
     run_metadata,
-    scrape,
     sync,
 )
 from bench.loadgen import PROTOCOLS, LoadProcess, LoadSpec, Target, oip_rest_body, zipf_weights
+from bench.options import option
+from bench.server import LptServe, ServeOptions, metric_delta, scrape
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import encode
@@ -153,14 +149,34 @@ def upload_scenarios(serve: LptServe, client: httpx.Client, cfg: HttpConfig, bac
     return out
 
 
-def check_responses(
-    serve: LptServe,
-    scenarios: dict[str, Scenario],
-    engine: Engine,
-    images: list[bytes],
-    tensors: list[torch.Tensor],
-    atol: float,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class Expected:
+    """What served answers must equal: the engine's probabilities for the same image and set, within ``atol``.
+
+    Args:
+        engine: the engine the answers are compared with (same backbone and dtype as the server's).
+        images: the JPEG bytes as sent.
+        tensors: the same images decoded as the service decodes them.
+        atol: the largest difference of a probability.
+    """
+
+    engine: Engine
+    images: list[bytes]
+    tensors: list[torch.Tensor]
+    atol: float
+
+    def picks(self, sc: Scenario, count: int) -> list[tuple[int, int]]:
+        """Up to ``count`` (image, target) index pairs, spread over the scenario's images and targets."""
+        n = min(count, len(self.images) * len(sc.targets))
+        return [(i % len(self.images), (i * 37) % len(sc.targets)) for i in range(n)]
+
+    def probabilities(self, sc: Scenario, picks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The engine's probabilities of each picked image under its target's set, in one mixed batch."""
+        batch = torch.stack([self.tensors[i] for i, _ in picks])
+        return on_engine_thread(_infer, self.engine, batch, [sc.entries[t] for _, t in picks])
+
+
+def check_responses(serve: LptServe, scenarios: dict[str, Scenario], expected: Expected) -> dict[str, float]:
     """Every checked response's full score vector must equal the engine's for the same image and set.
 
     The requests go out concurrently so the server batches them (mixed-task batches for the Zipf tasks).
@@ -170,7 +186,7 @@ def check_responses(
     """
     diffs: dict[str, float] = {}
     for key, sc in scenarios.items():
-        picks = [(i % len(images), (i * 37) % len(sc.targets)) for i in range(min(16, len(images) * len(sc.targets)))]
+        picks = expected.picks(sc, 16)
 
         def ask(pick: tuple[int, int], sc: Scenario = sc, key: str = key) -> dict:
             img, t = pick
@@ -179,7 +195,7 @@ def check_responses(
                 resp = c.post(
                     f"{serve.url}/v1/classify",
                     params={"task": target.task, "top_k": entry.prompt_set.num_classes},
-                    content=images[img],
+                    content=expected.images[img],
                     headers={"Authorization": f"Bearer {target.secret}", "Content-Type": "image/jpeg"},
                 )
             if resp.status_code != 200:
@@ -188,24 +204,15 @@ def check_responses(
 
         with ThreadPoolExecutor(max_workers=len(picks)) as pool:
             answers = list(pool.map(ask, picks))
-        expected = on_engine_thread(
-            _infer, engine, torch.stack([tensors[i] for i, _ in picks]), [sc.entries[t] for _, t in picks]
-        )
         worst = 0.0
-        for (img, t), answer, probs in zip(picks, answers, expected, strict=True):
-            worst = max(worst, compare_answer(answer, sc.entries[t], probs, atol, f"{key} image {img}"))
+        for (img, t), answer, probs in zip(picks, answers, expected.probabilities(sc, picks), strict=True):
+            worst = max(worst, compare_answer(answer, sc.entries[t], probs, expected.atol, f"{key} image {img}"))
         diffs[key] = worst
     return diffs
 
 
 def check_oip_responses(
-    serve: LptServe,
-    scenarios: dict[str, Scenario],
-    engine: Engine,
-    images: list[bytes],
-    tensors: list[torch.Tensor],
-    atol: float,
-    protocols: tuple[str, ...],
+    serve: LptServe, scenarios: dict[str, Scenario], expected: Expected, protocols: tuple[str, ...]
 ) -> dict[str, float]:
     """Every OIP response's probabilities (REST binary, gRPC) must equal the engine's for the same image and set.
 
@@ -217,20 +224,16 @@ def check_oip_responses(
     stub = oip_pb.client(channel) if channel is not None else None
     try:
         for key, sc in scenarios.items():
-            picks = [
-                (i % len(images), (i * 37) % len(sc.targets)) for i in range(min(4, len(images) * len(sc.targets)))
-            ]
-            expected = on_engine_thread(
-                _infer, engine, torch.stack([tensors[i] for i, _ in picks]), [sc.entries[t] for _, t in picks]
-            )
+            picks = expected.picks(sc, 4)
+            probabilities = expected.probabilities(sc, picks)
             for protocol in (p for p in protocols if p != "v1"):
                 worst = 0.0
-                for (img, t), probs in zip(picks, expected, strict=True):
+                for (img, t), probs in zip(picks, probabilities, strict=True):
                     target = sc.targets[t]
                     ask = oip_rest_probabilities if protocol == "oip-rest" else oip_grpc_probabilities
-                    got = ask(serve, stub, target, images[img])
+                    got = ask(serve, stub, target, expected.images[img])
                     diff = float(np.abs(got - probs.float().numpy()).max()) if got.shape == probs.shape else 1.0
-                    if not diff <= atol:
+                    if not diff <= expected.atol:
                         raise CheckFailed(f"{protocol} {key} image {img} task {target.task}: differs by {diff:.3g}")
                     worst = max(worst, diff)
                 diffs[f"{key} {protocol}"] = worst
@@ -411,8 +414,9 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
             raise CheckFailed(f"server runs backbone {served[:16]}, benchmark {backbone.info.fingerprint[:16]}")
         scenarios = upload_scenarios(serve, client, cfg, backbone, device, cfg.dtype)
         atol = cfg.atol if cfg.atol is not None else (1e-4 if cfg.dtype == "float32" else 2e-2)
-        report["checks"] = check_responses(serve, scenarios, engine, images, tensors, atol)
-        report["checks"] |= check_oip_responses(serve, scenarios, engine, images, tensors, atol, cfg.protocols)
+        expected = Expected(engine, images, tensors, atol)
+        report["checks"] = check_responses(serve, scenarios, expected)
+        report["checks"] |= check_oip_responses(serve, scenarios, expected, cfg.protocols)
         log(f"  checks passed: max |HTTP - engine| {report['checks']}")
 
         runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
@@ -593,10 +597,6 @@ def oip_markdown(sweep: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def parse_args(argv: list[str] | None) -> tuple[HttpConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(HttpConfig, argv, "python -m bench http", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("http", argv, parse_args, run_http, markdown)
+COMMAND = BenchmarkCommand("http", HttpConfig, run_http, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

@@ -26,24 +26,22 @@ import httpx
 import torch
 
 from bench.common import (
+    BenchmarkCommand,
     CheckFailed,
-    LptServe,
-    ServeOptions,
     SetShape,
     cifar_jpegs,
     default_weights,
     latency_summary,
     make_set,
     on_engine_thread,
-    option,
-    parse_benchmark_args,
     resident,
-    run_cli,
     run_metadata,
     set_key,
     sync,
 )
+from bench.options import option
 from bench.redis_server import BenchRedis
+from bench.server import LptServe, ServeOptions
 from lpt.backbone import BackboneInfo, load_backbone
 from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import PromptSet, encode, load_and_validate
@@ -338,10 +336,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> tuple[LoadingConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(LoadingConfig, argv, "python -m bench loading", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("loading", argv, parse_args, run_loading, markdown)
+COMMAND = BenchmarkCommand("loading", LoadingConfig, run_loading, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

@@ -28,16 +28,8 @@ from typing import Any
 
 import torch
 
-from bench.common import (
-    CheckFailed,
-    SetShape,
-    option,
-    parse_benchmark_args,
-    run_cli,
-    run_metadata,
-    set_key,
-    sync,
-)
+from bench.common import BenchmarkCommand, CheckFailed, SetShape, run_metadata, set_key, sync
+from bench.options import option
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import encode
@@ -221,10 +213,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> tuple[MemoryConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(MemoryConfig, argv, "python -m bench memory", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("memory", argv, parse_args, run_memory, markdown)
+COMMAND = BenchmarkCommand("memory", MemoryConfig, run_memory, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

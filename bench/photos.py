@@ -34,20 +34,11 @@ import torch
 from PIL import Image
 
 from bench import photos_agreement
-from bench.common import (
-    CheckFailed,
-    LptServe,
-    ServeOptions,
-    default_weights,
-    latency_summary,
-    parse_benchmark_args,
-    run_cli,
-    run_metadata,
-    scrape,
-)
-from bench.http_e2e import HttpConfig, batch_stats, check_responses, upload_scenarios
+from bench.common import BenchmarkCommand, CheckFailed, default_weights, latency_summary, run_metadata
+from bench.http_e2e import Expected, HttpConfig, batch_stats, check_responses, upload_scenarios
 from bench.loadgen import LoadProcess, LoadSpec
 from bench.photos_shared import KINDS, PhotosConfig, base_images, decoders, make_kind, target_mark
+from bench.server import LptServe, ServeOptions, scrape
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES
 from service.engine import Engine
@@ -137,7 +128,7 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
                 atol = 1e-4 if cfg.dtype == "float32" else 2e-2
                 for k in kinds:  # the server must answer what the shared decoder + engine give, for every kind
                     tensors = [reduced(d) for d in images[k.name]]
-                    diff = check_responses(srv, scenarios, engine, images[k.name], tensors, atol)["1task"]
+                    diff = check_responses(srv, scenarios, Expected(engine, images[k.name], tensors, atol))["1task"]
                     report["kinds"][k.name]["check_max_diff"] = diff
                 log("  checks passed: HTTP answers equal the engine on the shared decoder for every kind")
         for rep in range(cfg.repeats):
@@ -215,10 +206,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> tuple[PhotosConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(PhotosConfig, argv, "python -m bench photos", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("photos", argv, parse_args, run_photos, markdown)
+COMMAND = BenchmarkCommand("photos", PhotosConfig, run_photos, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import option
+from bench.options import option
 from bench.real_data import CIFAR_ZIP
 from lpt.backbone import Backbone
 from lpt.forward import COMPUTE_DTYPES

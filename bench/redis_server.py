@@ -9,11 +9,34 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import redis
 
-from bench.common import free_port
+from bench.server import free_port
+
+
+def await_ping(proc: subprocess.Popen[bytes], connect: Callable[[], redis.Redis], timeout: float) -> str | None:
+    """Wait until the starting ``redis-server`` ``proc`` answers PING (its data loaded): None once it does, else
+    why not (its stderr when it exited, or the timeout).
+
+    Args:
+        proc: the process, started with ``stderr=PIPE``.
+        connect: a new client of it (a short socket timeout: each try must end before the deadline).
+        timeout: seconds to wait.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            return f"redis-server exited on start: {err}"
+        with suppress(redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError), connect() as client:
+            if client.ping():
+                return None
+        time.sleep(0.02)
+    return f"redis-server did not answer PING within {timeout}s"
 
 
 class BenchRedis:
@@ -63,21 +86,10 @@ class BenchRedis:
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self._reap()
-                raise RuntimeError(f"redis-server exited on start (port {self.port}): {err}")
-            try:
-                with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5) as client:
-                    if client.ping():
-                        return
-            except (redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError):
-                pass
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer PING within {timeout}s")
+        why = await_ping(self.proc, lambda: redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5), timeout)
+        if why is not None:
+            self.stop()
+            raise RuntimeError(f"{why} (port {self.port})")
 
     def stop(self) -> None:
         """Kill the process (the benchmark keeps nothing in it) and wait for it."""

@@ -28,17 +28,16 @@ from typing import Any
 import torch
 
 from bench.common import (
+    BenchmarkCommand,
     CheckFailed,
     default_weights,
     make_set,
     on_engine_thread,
-    option,
-    parse_benchmark_args,
-    run_cli,
     run_metadata,
     set_key,
     sync,
 )
+from bench.options import option
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import PromptSet
@@ -310,10 +309,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def parse_args(argv: list[str] | None) -> tuple[ScalingConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(ScalingConfig, argv, "python -m bench scaling", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("scaling", argv, parse_args, run_scaling, markdown)
+COMMAND = BenchmarkCommand("scaling", ScalingConfig, run_scaling, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

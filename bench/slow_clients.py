@@ -13,26 +13,14 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
-from bench.common import (
-    LptServe,
-    ServeOptions,
-    checklist,
-    option,
-    parse_benchmark_args,
-    percentile,
-    run_cli,
-    run_metadata,
-)
-from bench.fairness import small_photo
-from lpt.backbone import load_backbone
-from lpt.init import init_prompt_set
-from lpt.prompt_set import encode
+from bench.common import BenchmarkCommand, checklist, noise_jpeg, percentile, run_metadata
+from bench.options import ServedBackbone, option
+from bench.server import LptServe, ServeOptions
 
 TENANTS = {"alpha": "alpha-slowclient-key-0123"}
 TASK = "demo"
@@ -40,11 +28,9 @@ PROMISE_S = 30.0
 
 
 @dataclass
-class SlowClientsConfig:
+class SlowClientsConfig(ServedBackbone):
     """Defaults: the service's own deadlines, a byte every 2 s, 200 trickling connections."""
 
-    backbone: str = option("deit_tiny_patch16_224")
-    weights: str = option("random:0")
     header_timeout: float | None = option(None, help="the server's --header-timeout (default: the service's)")
     body_timeout: float | None = option(None, help="the server's --body-timeout (default: the service's)")
     every_s: float = option(2.0, help="seconds between the bytes a slow client sends")
@@ -103,7 +89,7 @@ class Trickle:
 
 
 def normal_client(url: str, requests: int) -> dict[str, Any]:
-    image, latencies, statuses = small_photo(), [], []
+    image, latencies, statuses = noise_jpeg(240, 320, quality=90), [], []
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {TENANTS['alpha']}"}) as http:
         for _ in range(requests):
             started = time.perf_counter()
@@ -125,10 +111,7 @@ def run_slow_clients(cfg: SlowClientsConfig, argv: list[str], log=print) -> dict
     }
     opts = ServeOptions(backbone=cfg.backbone, weights=cfg.weights, extra_args=tuple(extra))
     with LptServe(opts, TENANTS) as serve:
-        info = load_backbone(cfg.backbone, cfg.weights).info
-        data = encode(init_prompt_set(info, [f"c{i}" for i in range(10)], prompt_length=10, pool_size=8, seed=0))
-        headers = serve.headers("alpha")
-        httpx.post(f"{serve.url}/v1/prompts", params={"task": TASK}, content=data, headers=headers, timeout=60)
+        serve.upload_demo_set(TASK)
         host, port = "127.0.0.1", int(serve.url.rsplit(":", 1)[1])
         limit = PROMISE_S + 10
         key = f"Authorization: Bearer {TENANTS['alpha']}\r\n".encode()
@@ -173,10 +156,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None) -> tuple[SlowClientsConfig, Path | None]:
-    """Command-line options -> (config, JSON output path)."""
-    return parse_benchmark_args(SlowClientsConfig, argv, "python -m bench slow-clients", __doc__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("slow-clients", argv, parse_args, run_slow_clients, markdown)
+COMMAND = BenchmarkCommand("slow-clients", SlowClientsConfig, run_slow_clients, markdown, __doc__)
+parse_args = COMMAND.parse_args
+main = COMMAND.main

@@ -39,6 +39,7 @@ from typing import Any, Self
 import pytest
 import redis
 
+from bench.redis_server import await_ping
 from tests.support.ports import free_port
 
 NO_REDIS = "redis-server is not installed (apt-get install redis-server); CI installs it"
@@ -226,21 +227,10 @@ class RedisServer:
         args += list(self.extra_args)
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._paused = False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.proc = None
-                raise RuntimeError(f"redis-server exited on start (port {self.port}): {err}{self._log_tail()}")
-            try:
-                with self.client(timeout=0.5) as c:
-                    if c.ping():
-                        return
-            except (redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError):
-                pass
-            time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"redis-server did not answer PING within {timeout}s{self._log_tail()}")
+        why = await_ping(self.proc, lambda: self.client(timeout=0.5), timeout)
+        if why is not None:
+            self.kill()
+            raise RuntimeError(f"{why} (port {self.port}){self._log_tail()}")
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):

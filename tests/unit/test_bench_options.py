@@ -16,7 +16,8 @@ from typing import Any, Literal
 import pytest
 
 from bench import COMMANDS
-from bench.common import REPO, add_dataclass_args, config_parser, from_args, option, to_argv
+from bench.common import REPO
+from bench.options import add_dataclass_args, config_parser, from_args, option, to_argv
 
 COMMAND_IN_DOCS = re.compile(r"python -m bench ([a-z_-]+)([^`\"\n#|)]*)")
 

@@ -1,7 +1,7 @@
 """The project's layering, read from the source: imports point one way and no module imports itself back.
 
 ``service -> prompts_store -> lpt`` and ``trainer -> lpt``; only ``service`` imports the web framework; ``bench``
-may use every package but never the tests, and its shared module imports no other benchmark. Every import counts,
+may use every package but never the tests, and its shared modules import no benchmark. Every import counts,
 also one inside a function, since a late import is how a cycle hides.
 """
 
@@ -103,12 +103,15 @@ def test_imports_point_one_way() -> None:
     assert not wrong, "\n".join(sorted(wrong))
 
 
-def test_bench_common_depends_on_no_benchmark() -> None:
-    """The shared module may use leaf helpers of bench, never a benchmark command (``bench.COMMANDS``)."""
+def test_bench_helpers_depend_on_no_benchmark() -> None:
+    """The shared modules may use each other and the leaf helpers of bench, never a benchmark command
+    (``bench.COMMANDS``)."""
     from bench import COMMANDS
 
     commands = {module for module, _ in COMMANDS.values()}
-    assert not import_graph()["bench.common"] & commands
+    graph = import_graph()
+    for shared in ("bench.common", "bench.options", "bench.server"):
+        assert not graph[shared] & commands, shared
 
 
 def test_the_routes_hold_no_model_code() -> None:
