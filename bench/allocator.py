@@ -23,7 +23,7 @@ import torch
 
 from bench.common import REPO, default_weights
 from bench.engine import CLOCKS, EngineConfig, make_registry, precompute_kvs, without_pool
-from bench.options import config_parser, option, parse_config, to_argv
+from bench.options import BackboneOptions, config_parser, option, parse_config, to_argv
 from lpt.backbone import load_backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.host_memory import RETAIN_BYTES, retain_freed_memory
@@ -33,11 +33,9 @@ VARIANTS = ("plain", "lpt", "deep_vpt")
 
 
 @dataclass
-class AllocatorConfig:
+class AllocatorConfig(BackboneOptions):
     """Defaults: DeiT-Tiny, batch 16, one torch thread timed by process CPU time, five rounds."""
 
-    backbone: str = option("deit_tiny_patch16_224")
-    weights: str | None = option(None, help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file)")
     batch: int = option(16)
     threads: int = option(1, help="torch threads per worker")
     clock: str = option("cpu", choices=sorted(CLOCKS))

@@ -36,7 +36,7 @@ import torch
 
 from bench.common import BenchmarkCommand, CheckFailed, default_weights, machine_info
 from bench.engine_report import markdown, summarise
-from bench.options import option
+from bench.options import BackboneOptions, ComputeOptions, option
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import (
     COMPUTE_DTYPES,
@@ -64,14 +64,10 @@ KVs = dict[int, SharedKV]  # id(prompt set) -> its precomputed shared keys/value
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(ComputeOptions, BackboneOptions):
     """What to run. Defaults are the issue's CPU setting (DeiT-Tiny, 224 px, float32)."""
 
-    backbone: str = option("deit_tiny_patch16_224", help="timm ViT name")
-    weights: str | None = option(None, help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file if present)")
     img_size: int | None = option(None, help="build the backbone for this input size")
-    device: str = option("cpu")
-    dtype: str = option("float32", choices=tuple(COMPUTE_DTYPES), help="non-float32: autocast")
     batch_sizes: tuple[int, ...] = option((1, 8, 32, 64), help="batch sizes to time")
     repeats: int = option(15, help="timed rounds per batch size (median reported)")
     warmup: int = option(1, help="untimed rounds per batch size")

@@ -47,7 +47,7 @@ from bench.common import (
     sync,
 )
 from bench.loadgen import PROTOCOLS, LoadProcess, LoadSpec, Target, oip_rest_body, zipf_weights
-from bench.options import option
+from bench.options import BackboneOptions, ComputeOptions, option
 from bench.server import LptServe, ServeOptions, metric_delta, scrape
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES
@@ -63,14 +63,10 @@ SCENARIOS = ("1task", "zipf")
 
 
 @dataclass
-class HttpConfig:
+class HttpConfig(ComputeOptions, BackboneOptions):
     """Defaults: the issue's CPU setting (DeiT-Tiny 224 px, float32) with the service's batching defaults."""
 
-    backbone: str = option("deit_tiny_patch16_224")
-    weights: str | None = option(None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
     img_size: int | None = option(None)
-    device: str = option("cpu")
-    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
     max_batch_size: int = option(32)
     max_wait_ms: float = option(5.0)
     queue_size: int = option(1024)
@@ -413,7 +409,7 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
         if served != backbone.info.fingerprint:
             raise CheckFailed(f"server runs backbone {served[:16]}, benchmark {backbone.info.fingerprint[:16]}")
         scenarios = upload_scenarios(serve, client, cfg, backbone, device, cfg.dtype)
-        atol = cfg.atol if cfg.atol is not None else (1e-4 if cfg.dtype == "float32" else 2e-2)
+        atol = cfg.probability_atol(cfg.atol)
         expected = Expected(engine, images, tensors, atol)
         report["checks"] = check_responses(serve, scenarios, expected)
         report["checks"] |= check_oip_responses(serve, scenarios, expected, cfg.protocols)

@@ -39,7 +39,7 @@ from bench.common import (
     set_key,
     sync,
 )
-from bench.options import option
+from bench.options import ComputeOptions, option
 from bench.redis_server import BenchRedis
 from bench.server import LptServe, ServeOptions
 from lpt.backbone import BackboneInfo, load_backbone
@@ -59,13 +59,11 @@ STORES = ("redis", "embedded")
 
 
 @dataclass
-class LoadingConfig(SetShape):
+class LoadingConfig(ComputeOptions, SetShape):
     """Defaults: ViT-B-shaped sets (about 4.4 MB) on the CPU; part 2 serves DeiT-Tiny."""
 
     sets: int = option(16, help="distinct sets in each store")
     loads: int = option(200, help="timed cache-miss loads per store")
-    device: str = option("cpu")
-    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
     stores: tuple[str, ...] = option(STORES, help="redis, embedded or both")
     http: bool = option(True, help="the upload-to-first-served part (--no-http: skip it)")
     serve_backbone: str = option("deit_tiny_patch16_224", help="backbone of the lpt-serve for part 2")
@@ -236,8 +234,7 @@ def upload_to_served(cfg: LoadingConfig, stores: Stores, log=print) -> dict[str,
                 got = torch.zeros(ps.num_classes)
                 for p in answer["predictions"]:
                     got[p["index"]] = p["score"]
-                atol = 1e-4 if cfg.dtype == "float32" else 2e-2  # reduced precision: batch-dependent rounding
-                if not float((got - want.float()).abs().max()) <= atol:
+                if not float((got - want.float()).abs().max()) <= cfg.probability_atol():
                     raise CheckFailed(f"{kind} {what}: scores differ from the engine's for the uploaded set")
 
             for u in range(cfg.uploads + 1):  # the first round warms the connection and code paths, unmeasured

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bench.common import BenchmarkCommand, CheckFailed, SetShape, run_metadata, set_key, sync
-from bench.options import option
+from bench.options import ComputeOptions, option
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import encode
@@ -44,12 +44,10 @@ GIB = 1024**3
 
 
 @dataclass
-class MemoryConfig(SetShape):
+class MemoryConfig(ComputeOptions, SetShape):
     """Defaults: 32 ViT-B-shaped sets resident on the CPU in float32."""
 
     sets: int = option(32, help="resident sets measured (>= 2)")
-    device: str = option("cpu")
-    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
     budgets_gib: tuple[float, ...] = option((1.0, 2.0, 8.0, 40.0), flag="--budgets", help="GiB, comma-separated")
     mixed_tasks: tuple[int, ...] = option((8, 64, 256), help="distinct tasks of the mixed-batch banks")
 

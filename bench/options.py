@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lpt.forward import COMPUTE_DTYPES
 from lpt.options import field_default, scalar_kind, without_none
 
 T = TypeVar("T")
@@ -178,3 +179,24 @@ class ServedBackbone:
 
     backbone: str = option("deit_tiny_patch16_224")
     weights: str = option("random:0")
+
+
+@dataclass
+class BackboneOptions:
+    """The backbone a benchmark loads in its own process (its options, shared by those benchmarks)."""
+
+    backbone: str = option("deit_tiny_patch16_224", help="timm ViT name")
+    weights: str | None = option(None, help="hub | PATH | random:SEED (default: the shared DeiT-Tiny file if present)")
+
+
+@dataclass
+class ComputeOptions:
+    """Where and in which dtype a benchmark computes (its options, shared by those benchmarks)."""
+
+    device: str = option("cpu")
+    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES), help="non-float32: autocast")
+
+    def probability_atol(self, given: float | None = None) -> float:
+        """How far a probability computed twice may differ: ``given``, else 1e-4 in float32 and 2e-2 in a reduced
+        precision (where the batch a row shares changes the rounding)."""
+        return given if given is not None else (1e-4 if self.dtype == "float32" else 2e-2)

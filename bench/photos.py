@@ -125,7 +125,7 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
             scenarios = upload_scenarios(srv, client, http_cfg, backbone, device, cfg.dtype)
             targets[name] = scenarios["1task"].targets
             if name == "this":
-                atol = 1e-4 if cfg.dtype == "float32" else 2e-2
+                atol = cfg.probability_atol()
                 for k in kinds:  # the server must answer what the shared decoder + engine give, for every kind
                     tensors = [reduced(d) for d in images[k.name]]
                     diff = check_responses(srv, scenarios, Expected(engine, images[k.name], tensors, atol))["1task"]

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.options import option
+from bench.options import BackboneOptions, ComputeOptions, option
 from bench.real_data import CIFAR_ZIP
 from lpt.backbone import Backbone
-from lpt.forward import COMPUTE_DTYPES
 from service.images import ImageDecoder
 
 MAX_BYTES, MAX_PIXELS = 10 * 1024 * 1024, 40_000_000  # the service's defaults
@@ -44,13 +43,9 @@ AGREEMENT_SIZES = [(640, 480), (1632, 1224), (4000, 3000)]
 
 
 @dataclass
-class PhotosConfig:
+class PhotosConfig(ComputeOptions, BackboneOptions):
     """Defaults: DeiT-Tiny 224 px on the CPU, the service's batching defaults, 16 closed-loop clients."""
 
-    backbone: str = option("deit_tiny_patch16_224")
-    weights: str | None = option(None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
-    device: str = option("cpu")
-    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
     cifar_zip: Path = option(CIFAR_ZIP, help="CIFAR-10 JPEG zip the photos start from")  # noqa: RUF009 (a Path)
     per_kind: int = option(8, help="distinct images of each kind")
     concurrency: int = option(16, help="closed-loop clients")

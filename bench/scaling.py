@@ -37,7 +37,7 @@ from bench.common import (
     set_key,
     sync,
 )
-from bench.options import option
+from bench.options import BackboneOptions, ComputeOptions, option
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import COMPUTE_DTYPES, PromptBank
 from lpt.prompt_set import PromptSet
@@ -53,14 +53,10 @@ PARTS = ("tasks_per_batch", "registered")
 
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(ComputeOptions, BackboneOptions):
     """Defaults: DeiT-Tiny on the CPU; part A batches of 256, part B up to 10,000 registered tasks."""
 
-    backbone: str = option("deit_tiny_patch16_224")
-    weights: str | None = option(None, help="hub | PATH | random:SEED (default: shared DeiT-Tiny if present)")
     img_size: int | None = option(None)
-    device: str = option("cpu")
-    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES))
     batch: int = option(256, help="rows per batch in part A")
     tasks_per_batch: tuple[int, ...] = option((1, 8, 64, 256), help="distinct tasks per batch in part A")
     tasks: int = option(1000, help="registered tasks in part A")
@@ -200,7 +196,7 @@ def run_scaling(cfg: ScalingConfig, argv: list[str], log=print) -> dict[str, Any
     device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     backbone = load_backbone(cfg.backbone, cfg.weights or default_weights(cfg.backbone), cfg.img_size).to(device)
     engine = Engine(backbone, device, dtype)
-    atol = cfg.atol if cfg.atol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    atol = cfg.probability_atol(cfg.atol)
     gen = torch.Generator().manual_seed(cfg.seed)
     report: dict[str, Any] = {
         "benchmark": "scaling",
