@@ -146,6 +146,14 @@ class GcReport:
     versions_deleted: int = 0
     bytes_freed: int = 0
 
+    def __add__(self, other: GcReport) -> GcReport:
+        """Both reports together (a store's ``gc`` sums its tasks' reports)."""
+        return GcReport(
+            self.tasks_pruned + other.tasks_pruned,
+            self.versions_deleted + other.versions_deleted,
+            self.bytes_freed + other.bytes_freed,
+        )
+
 
 # Change events are states ("task X is now at state S"), so a consumer can compare revisions.
 ChangeEvent = TaskState

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import redis
@@ -61,12 +61,12 @@ from prompts_store._common import (
     next_revision,
     plan_put,
     sha256_hex,
-    unknown_state,
     verify_blob,
     versions_to_prune,
 )
 from prompts_store.base import ChangeEvent, GcReport, Quotas, StoredBlob, StoredVersion, TaskState, TenantUsage
 from prompts_store.redis_legacy import migrate_legacy_layout
+from prompts_store.redis_session import Session, TaskRecord, decode_state, encode_state
 from prompts_store.redis_topology import CLUSTER_ERRORS, Topology
 from prompts_store.redis_urls import parse_redis_url, redact_url
 from prompts_store.redis_watcher import RedisWatcher
@@ -81,122 +81,6 @@ _MAX_ATTEMPTS = 500
 _CHUNK = 1 << 20
 _UPLOAD_TTL_S = 3600
 _RETRY: Any = object()  # what a transaction attempt returns when a watched key changed
-
-
-@dataclass
-class _TaskRecord:
-    """A task's hash as read under WATCH: its state and its versions' raw metadata."""
-
-    tenant: str
-    task: str
-    revision: int = 0
-    active: int | None = None
-    sha256: str | None = None
-    previous: int | None = None
-    last: int = 0
-    raw_state: bytes | None = None
-    versions: dict[int, bytes] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, tenant: str, task: str, fields: dict[bytes, bytes]) -> _TaskRecord:
-        rec = cls(tenant, task, versions={int(k[2:]): v for k, v in fields.items() if k.startswith(b"v:")})
-        raw = fields.get(b"state")
-        if raw is not None:
-            d = json.loads(raw)
-            rec.revision, rec.active, rec.sha256 = int(d["revision"]), d["active"], d["sha256"]
-            rec.previous, rec.last, rec.raw_state = d.get("previous"), int(d.get("last", 0)), raw
-        rec.last = max([rec.last, *rec.versions])
-        return rec
-
-    @property
-    def state(self) -> TaskState:
-        return TaskState(self.tenant, self.task, self.revision, self.active, self.sha256)
-
-    def info(self, version: int, revision: int | None = None) -> StoredVersion:
-        rev = self.revision if revision is None else revision
-        return decode_info(self.tenant, self.task, version, self.versions[version], rev)
-
-    def blobs(self) -> dict[int, tuple[str, int]]:
-        """version -> (sha256, size)."""
-        out = {}
-        for v, raw in self.versions.items():
-            d = json.loads(raw)
-            out[v] = (d["sha256"], int(d["size"]))
-        return out
-
-
-def _encode_state(revision: int, active: int | None, sha: str | None, previous: int | None, last: int) -> str:
-    return json.dumps({"revision": revision, "active": active, "sha256": sha, "previous": previous, "last": last})
-
-
-def _decode_state(tenant: str, task: str, raw: bytes | None) -> TaskState:
-    if raw is None:
-        return unknown_state(tenant, task)
-    d = json.loads(raw)
-    return TaskState(tenant, task, int(d["revision"]), d["active"], d["sha256"])
-
-
-class _Session:
-    """One pooled connection held from WATCH to EXEC and the ``WAIT`` after it (``WAIT`` counts the replicas that
-    acknowledged this connection's writes). Replies are raw (no redis-py reply callbacks).
-
-    Args:
-        client: a client of the primary the transaction runs on.
-    """
-
-    def __init__(self, client: redis.Redis):
-        self._pool = client.connection_pool
-        self._conn: Any = None
-        self._watching = False
-
-    def __enter__(self) -> _Session:
-        self._conn = self._pool.get_connection()
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        conn, self._conn = self._conn, None
-        if isinstance(exc_type, type) and issubclass(exc_type, redis.RedisError | OSError):
-            conn.disconnect()  # the reply stream may be mid-way; a new connection also drops the WATCH
-        elif self._watching:
-            try:
-                conn.send_command("UNWATCH")
-                conn.read_response()
-            except (redis.RedisError, OSError):
-                conn.disconnect()
-        self._pool.release(conn)
-
-    def __call__(self, *args: Any) -> Any:
-        self._conn.send_command(*args)
-        reply = self._conn.read_response()
-        if args[0] == "WATCH":
-            self._watching = True
-        elif args[0] == "UNWATCH":
-            self._watching = False
-        return reply
-
-    def execute(self, commands: list[tuple[Any, ...]]) -> list[Any] | None:
-        """MULTI, the commands and EXEC in one send; None when a watched key changed (nothing was applied)."""
-        self._conn.send_packed_command(self._conn.pack_commands([("MULTI",), *commands, ("EXEC",)]))
-        queued: list[Exception] = []
-        reply: Any = None
-        for _ in range(len(commands) + 2):  # read every reply, so the connection stays in step
-            try:
-                reply = self._conn.read_response()
-            except redis.ResponseError as e:  # refused at queue time (ACL, MOVED); EXEC then aborts
-                queued.append(e)
-        self._watching = False
-        if queued:
-            raise queued[0]
-        if reply is None:
-            return None
-        failed = [r for r in reply if isinstance(r, Exception)]
-        if failed:
-            raise failed[0]
-        return reply
-
-    def time_us(self) -> int:
-        seconds, micros = self("TIME")
-        return int(seconds) * 1_000_000 + int(micros)
 
 
 class RedisPromptStore:
@@ -287,8 +171,8 @@ class RedisPromptStore:
                     migrate_legacy_layout(self, self._topology.client)
                 self._layout_checked = True
 
-    def _session(self, key: str) -> _Session:
-        return _Session(self._topology.node(key))
+    def _session(self, key: str) -> Session:
+        return Session(self._topology.node(key))
 
     def _optimistic(self, what: str, attempt: Callable[[int], T]) -> T:
         """Run ``attempt`` until it returns something else than ``_RETRY`` (a watched key changed, or a Cluster
@@ -305,11 +189,11 @@ class RedisPromptStore:
             time.sleep(random.uniform(0, min(0.02, 0.001 * (1 << min(n, 5)))))
         raise StoreUnavailable("store_contention", f"{what} lost {_MAX_ATTEMPTS} optimistic retries")
 
-    def _read_task(self, s: _Session, tenant: str, task: str) -> _TaskRecord:
-        return _TaskRecord.parse(tenant, task, s("HGETALL", self.task_key(tenant, task)) or {})
+    def _read_task(self, s: Session, tenant: str, task: str) -> TaskRecord:
+        return TaskRecord.parse(tenant, task, s("HGETALL", self.task_key(tenant, task)) or {})
 
     @contextmanager
-    def _watching(self, tenant: str, task: str, *also: str) -> Iterator[tuple[_Session, _TaskRecord]]:
+    def _watching(self, tenant: str, task: str, *also: str) -> Iterator[tuple[Session, TaskRecord]]:
         """A session on the task's primary that WATCHes its hash (and the keys ``also``), with the task as read
         after the WATCH: what one optimistic attempt at writing the task decides from."""
         tk = self.task_key(tenant, task)
@@ -317,7 +201,7 @@ class RedisPromptStore:
             s("WATCH", tk, *also)
             yield s, self._read_task(s, tenant, task)
 
-    def _replicate(self, s: _Session) -> None:
+    def _replicate(self, s: Session) -> None:
         """``WAIT`` until the replicas known to be up hold this connection's writes; raise when they do not."""
         needed = self._topology.replicas_to_wait(s("ROLE") if self._topology.asks_role else None)
         if needed == 0:
@@ -342,7 +226,7 @@ class RedisPromptStore:
             client.sadd(self.tenants_key, tenant)
         client.sadd(self.tasks_key(tenant), task)
 
-    def _read_usage(self, s: _Session | None, tenant: str) -> TenantUsage:
+    def _read_usage(self, s: Session | None, tenant: str) -> TenantUsage:
         """The tenant's counters, in the session (under its WATCH) or with the plain client."""
         key = self.usage_key(tenant)
         reply = (
@@ -395,7 +279,7 @@ class RedisPromptStore:
                 client.delete(tmp)
             raise
 
-    def _confirm(self, s: _Session, rec: _TaskRecord, result: T) -> T:
+    def _confirm(self, s: Session, rec: TaskRecord, result: T) -> T:
         """An answer that writes nothing (an idempotent put or activate) is still only given once the replicas
         hold the state it reports: rewrite the state unchanged, then ``WAIT``. Without replicas, nothing."""
         needed = self._topology.replicas_to_wait(s("ROLE") if self._topology.asks_role else None)
@@ -466,11 +350,11 @@ class RedisPromptStore:
             self._clean_up_put(tenant, upload, reserved, unknown[0])
 
     def _put_commands(
-        self, rec: _TaskRecord, plan: PutPlan, info: StoredVersion, uploaded: str | None
+        self, rec: TaskRecord, plan: PutPlan, info: StoredVersion, uploaded: str | None
     ) -> list[tuple[Any, ...]]:
         tenant, task = rec.tenant, rec.task
         tk, blob = self.task_key(tenant, task), self.blob_key(tenant, task, info.sha256)
-        state = _encode_state(info.revision, info.version, info.sha256, rec.active, info.version)
+        state = encode_state(info.revision, info.version, info.sha256, rec.active, info.version)
         commands: list[tuple[Any, ...]] = []
         if uploaded is not None:
             commands += [("RENAME", uploaded, blob), ("PERSIST", blob)]
@@ -506,7 +390,7 @@ class RedisPromptStore:
                 if rec.active == version:
                     return self._confirm(s, rec, rec.info(version))
                 info = rec.info(version, next_revision(rec.revision, s.time_us()))
-                state = _encode_state(info.revision, version, info.sha256, rec.active, rec.last)
+                state = encode_state(info.revision, version, info.sha256, rec.active, rec.last)
                 commands = [
                     ("HSET", tk, "state", state),
                     self._message(TaskState(tenant, task, info.revision, version, info.sha256)),
@@ -533,7 +417,7 @@ class RedisPromptStore:
                 revision = next_revision(rec.revision, s.time_us())
                 commands: list[tuple[Any, ...]] = [
                     ("HDEL", tk, *(f"v:{v}" for v in rec.versions)),
-                    ("HSET", tk, "state", _encode_state(revision, None, None, None, rec.last)),
+                    ("HSET", tk, "state", encode_state(revision, None, None, None, rec.last)),
                 ]
                 if blobs:
                     commands.append(("DEL", *(self.blob_key(tenant, task, sha) for sha in blobs)))
@@ -581,7 +465,7 @@ class RedisPromptStore:
                 revision = next_revision(rec.revision, s.time_us())
                 new_task = rec.active is None
                 active, active_sha = (version, sha) if new_task else (rec.active, rec.sha256)
-                state = _encode_state(revision, active, active_sha, rec.previous, max(rec.last, version))
+                state = encode_state(revision, active, active_sha, rec.previous, max(rec.last, version))
                 blob = self.blob_key(tenant, task, sha)
                 commands: list[tuple[Any, ...]] = (
                     [("RENAME", upload[0], blob), ("PERSIST", blob)] if not have_blob else []
@@ -624,12 +508,7 @@ class RedisPromptStore:
             for tenant, tasks in self._index().items():
                 for task in tasks:
                     if keep is not None:
-                        pruned = self._optimistic(f"gc of {tenant}/{task}", self._pruner(tenant, task, keep))
-                        report = GcReport(
-                            report.tasks_pruned + int(pruned[0] > 0),
-                            report.versions_deleted + pruned[0],
-                            report.bytes_freed + pruned[1],
-                        )
+                        report += self._optimistic(f"gc of {tenant}/{task}", self._pruner(tenant, task, keep))
                 self._recount_tenant(tenant, tasks)
         return report
 
@@ -639,19 +518,19 @@ class RedisPromptStore:
             tasks = sorted(t.decode() for t in self._topology.client.smembers(self.tasks_key(tenant)))
         return self._optimistic(f"recount of {tenant}", lambda _n: self._recount(tenant, tasks))
 
-    def _pruner(self, tenant: str, task: str, keep: int) -> Callable[[int], Any]:
+    def _pruner(self, tenant: str, task: str, keep: int) -> Callable[[int], GcReport]:
         tk = self.task_key(tenant, task)
 
         def attempt(_n: int) -> Any:
             with self._watching(tenant, task) as (s, rec):
                 if rec.active is None:
-                    return (0, 0)
+                    return GcReport()
                 previous = rec.previous
                 if previous is None:  # not recorded: the newest version below the active one
                     previous = max((v for v in rec.versions if v < rec.active), default=None)
                 pruned = versions_to_prune(rec.versions, rec.active, previous, keep)
                 if not pruned:
-                    return (0, 0)
+                    return GcReport()
                 blobs = rec.blobs()
                 kept = {blobs[v][0] for v in blobs if v not in pruned}
                 dropped = {blobs[v][0]: blobs[v][1] for v in pruned if blobs[v][0] not in kept}
@@ -661,7 +540,7 @@ class RedisPromptStore:
                 if s.execute(commands) is None:
                     return _RETRY
                 self._replicate(s)
-                return (len(pruned), sum(dropped.values()))
+                return GcReport(1, len(pruned), sum(dropped.values()))
 
         return attempt
 
@@ -672,7 +551,7 @@ class RedisPromptStore:
             s("WATCH", key)
             live, stored = 0, 0
             for task in tasks:
-                rec = _TaskRecord.parse(tenant, task, self._topology.client.hgetall(self.task_key(tenant, task)))
+                rec = TaskRecord.parse(tenant, task, self._topology.client.hgetall(self.task_key(tenant, task)))
                 if rec.active is not None:
                     live += 1
                     stored += sum(dict(rec.blobs().values()).values())
@@ -685,7 +564,7 @@ class RedisPromptStore:
         """The version's metadata at the task's revision; the state (revision and active pointer) is read first,
         and versions are immutable with numbers never reused, so the answer belongs to that state."""
         client, tk = self._topology.client, self.task_key(tenant, task)
-        state = _decode_state(tenant, task, client.hget(tk, "state"))
+        state = decode_state(tenant, task, client.hget(tk, "state"))
         if version is None:
             if state.active is None:
                 raise NotFound("not_found", f"task {task!r} does not exist", "task")
@@ -727,7 +606,7 @@ class RedisPromptStore:
     def list_versions(self, tenant: str, task: str) -> list[StoredVersion]:
         check_ids(tenant, task)
         with self._unavailable("list_versions"):
-            rec = _TaskRecord.parse(tenant, task, self._topology.client.hgetall(self.task_key(tenant, task)))
+            rec = TaskRecord.parse(tenant, task, self._topology.client.hgetall(self.task_key(tenant, task)))
         if rec.active is None:
             raise NotFound("not_found", f"task {task!r} does not exist", "task")
         return [rec.info(v) for v in sorted(rec.versions)]
@@ -736,7 +615,7 @@ class RedisPromptStore:
         """The task's revision, active version and its sha256 (one HGET); a tombstone once deleted."""
         check_ids(tenant, task)
         with self._unavailable("state"):
-            return _decode_state(tenant, task, self._topology.client.hget(self.task_key(tenant, task), "state"))
+            return decode_state(tenant, task, self._topology.client.hget(self.task_key(tenant, task), "state"))
 
     def _index(self) -> dict[str, list[str]]:
         """Every tenant of the registry -> every task of its index (live or deleted, sorted)."""
@@ -755,7 +634,7 @@ class RedisPromptStore:
             for tenant, task in keys:
                 p.hget(self.task_key(tenant, task), "state")
             raws = p.execute()
-        return {key: _decode_state(*key, raw) for key, raw in zip(keys, raws, strict=True) if raw is not None}
+        return {key: decode_state(*key, raw) for key, raw in zip(keys, raws, strict=True) if raw is not None}
 
     def snapshot(self) -> Snapshot:
         """Every task's state, tombstones included (a tombstone at revision 0 carries nothing and is left out)."""

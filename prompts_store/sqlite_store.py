@@ -427,7 +427,7 @@ class SqlitePromptStore:
             tasks = conn.execute("SELECT tenant, task FROM tasks ORDER BY tenant, task").fetchall()
             for tenant, task in tasks:
                 with self._write(conn):
-                    report = _add(report, self._prune(conn, tenant, task, keep))
+                    report += self._prune(conn, tenant, task, keep)
         return report
 
     def _prune(self, conn: sqlite3.Connection, tenant: str, task: str, keep: int) -> GcReport:
@@ -538,12 +538,6 @@ class SqlitePromptStore:
             except queue.Empty:
                 return
             self._discard(conn)
-
-
-def _add(a: GcReport, b: GcReport) -> GcReport:
-    return GcReport(
-        a.tasks_pruned + b.tasks_pruned, a.versions_deleted + b.versions_deleted, a.bytes_freed + b.bytes_freed
-    )
 
 
 class _SqliteWatcher(Watcher):
