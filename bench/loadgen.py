@@ -5,7 +5,7 @@ the Open Inference Protocol instead (``protocol``): REST with binary tensors (tr
 
 Runs in its own process (``LoadProcess``), so its CPU time and event loop never share an interpreter
 with the server or with the engine timings of the benchmark process. Imports only the standard library
-and httpx (no torch; grpc and the protocol's stubs for a gRPC stream): the child starts fast and small.
+and httpx (no torch; grpc and the protocol's messages for a gRPC stream): the child starts fast and small.
 Every run is bounded by a request count and a wall-clock deadline. The results carry raw latencies; the
 benchmarks turn them into percentiles with ``bench.common.percentile``.
 """

@@ -118,7 +118,7 @@ def from_args(cls: type[Config], namespace: argparse.Namespace) -> Config:
 
 
 def fields_from(cls: type[T], source: Any, **overrides: Any) -> T:
-    """The dataclass ``cls`` with each field that ``source`` has an attribute of the same name taken from it
+    """The dataclass ``cls`` with each field that the dataclass ``source`` has a field of the same name taken from it
     (``overrides`` win; the other fields keep their defaults): a benchmark's option feeds the setting it names.
 
     Args:
@@ -126,7 +126,8 @@ def fields_from(cls: type[T], source: Any, **overrides: Any) -> T:
         source: a benchmark's config.
         overrides: values that replace or add to what ``source`` gives.
     """
-    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if hasattr(source, f.name)}
+    given = {f.name for f in dataclasses.fields(source)}
+    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.name in given}
     return cls(**(values | overrides))
 
 
@@ -194,7 +195,9 @@ class ComputeOptions:
     """Where and in which dtype a benchmark computes (its options, shared by those benchmarks)."""
 
     device: str = option("cpu")
-    dtype: str = option("float32", choices=sorted(COMPUTE_DTYPES), help="non-float32: autocast")
+    dtype: str = option(
+        "float32", choices=sorted(COMPUTE_DTYPES), help="the dtype sets are kept in and forwards run in (autocast)"
+    )
 
     def probability_atol(self, given: float | None = None) -> float:
         """How far a probability computed twice may differ: ``given``, else 1e-4 in float32 and 2e-2 in a reduced

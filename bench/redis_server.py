@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from bench.server import free_port
+from bench.ports import free_port
 
 
 def await_ping(proc: subprocess.Popen[bytes], connect: Callable[[], redis.Redis], timeout: float) -> str | None:
@@ -31,12 +31,12 @@ def await_ping(proc: subprocess.Popen[bytes], connect: Callable[[], redis.Redis]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            return f"redis-server exited on start: {err}"
+            return f"exited on start: {err}"
         with suppress(redis.BusyLoadingError, redis.ConnectionError, redis.TimeoutError), connect() as client:
             if client.ping():
                 return None
         time.sleep(0.02)
-    return f"redis-server did not answer PING within {timeout}s"
+    return f"no answer to PING within {timeout}s"
 
 
 class BenchRedis:
@@ -89,7 +89,7 @@ class BenchRedis:
         why = await_ping(self.proc, lambda: redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5), timeout)
         if why is not None:
             self.stop()
-            raise RuntimeError(f"{why} (port {self.port})")
+            raise RuntimeError(f"redis-server on port {self.port}: {why}")
 
     def stop(self) -> None:
         """Kill the process (the benchmark keeps nothing in it) and wait for it."""

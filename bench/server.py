@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,24 +15,17 @@ from pathlib import Path
 import httpx
 
 from bench.common import REPO
+from bench.options import ServedBackbone
+from bench.ports import free_port
 from lpt.backbone import load_backbone
 from lpt.init import init_prompt_set
 from lpt.prompt_set import encode
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class ServeOptions:
+class ServeOptions(ServedBackbone):
     """The ``lpt-serve`` flags a benchmark sets (everything else stays the service default)."""
 
-    backbone: str = "deit_tiny_patch16_224"
-    weights: str = "random:0"
     img_size: int | None = None
     device: str = "cpu"
     dtype: str = "float32"

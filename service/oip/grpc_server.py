@@ -33,7 +33,6 @@ from service.oip.codec import (
     split_bytes_elements,
 )
 from service.oip.frontend import InferAnswer, OpenInference, request_limit
-from service.oip.proto import SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +112,21 @@ class InferenceServicer:
         self.oip = oip
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """A handler for every method that ``SERVICE`` declares, by name (a call it does not answers UNIMPLEMENTED)."""
+        """A handler for every method that ``SERVICE`` declares, by name (a call it does not answers UNIMPLEMENTED).
+
+        Raises:
+            TypeError: the service declares a streaming method (every handler here is unary-unary).
+        """
+        streaming = [m.name for m in pb.SERVICE.methods if m.client_streaming or m.server_streaming]
+        if streaming:
+            raise TypeError(f"streaming methods need streaming handlers: {streaming}")
         return {
             m.name: grpc.unary_unary_rpc_method_handler(
                 self._rpc(m.name),
                 request_deserializer=pb.message_class(m.input_type).FromString,
                 response_serializer=pb.message_class(m.output_type).SerializeToString,
             )
-            for m in SERVICE.methods
+            for m in pb.SERVICE.methods
         }
 
     def _rpc(self, name: str) -> Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]:
@@ -196,8 +202,8 @@ async def start_grpc_server(oip: OpenInference, host: str, port: int) -> grpc.ai
     ]
     server = grpc.aio.server(options=options)
     handlers = InferenceServicer(oip).method_handlers()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # as protoc's stubs do: no per-call lookup
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(pb.SERVICE.full_name, handlers)  # as protoc's stubs do: no per-call lookup
     address = listen_address(host, port)
     try:
         bound = server.add_insecure_port(address)

@@ -1,12 +1,7 @@
-"""Free TCP ports on loopback for the processes and servers the tests start."""
+"""Free TCP ports on loopback for the processes and servers the tests start: the benchmarks' own (one definition)."""
 
 from __future__ import annotations
 
-import socket
+from bench.ports import free_port
 
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the caller retries if it is taken meanwhile)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port"]

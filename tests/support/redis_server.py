@@ -230,7 +230,7 @@ class RedisServer:
         why = await_ping(self.proc, lambda: self.client(timeout=0.5), timeout)
         if why is not None:
             self.kill()
-            raise RuntimeError(f"{why} (port {self.port}){self._log_tail()}")
+            raise RuntimeError(f"redis-server on port {self.port}: {why}{self._log_tail()}")
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,3 +52,22 @@ def test_the_servicer_has_a_method_for_each_rpc_and_no_other():
     rpcs = {name for name in vars(InferenceServicer) if name[0].isupper() and name != "OPEN"}
     assert rpcs == {m.name for m in SERVICE.methods}
     assert rpcs > InferenceServicer.OPEN
+
+
+def test_a_streaming_method_is_refused_at_start(monkeypatch):
+    """Every handler is unary-unary: a streaming method added to the .proto must fail loudly, not be served wrong."""
+    from google.protobuf import descriptor_pool
+
+    from service.oip import grpc_server
+    from service.oip import proto as pb
+
+    file = descriptor_pb2.FileDescriptorProto(name="streaming.proto", package="inference", syntax="proto3")
+    file.message_type.add(name="Empty")
+    service = file.service.add(name="GRPCInferenceService")
+    service.method.add(name="ModelStreamInfer", input_type=".inference.Empty", output_type=".inference.Empty")
+    service.method[0].server_streaming = True
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    monkeypatch.setattr(pb, "SERVICE", pool.FindServiceByName("inference.GRPCInferenceService"))
+    with pytest.raises(TypeError, match="ModelStreamInfer"):
+        grpc_server.InferenceServicer(oip=None).method_handlers()  # type: ignore[arg-type]

@@ -35,7 +35,12 @@ def message_class(descriptor: Descriptor) -> type[Message]:
     return GetMessageClass(descriptor)
 
 
-globals().update({name: message_class(d) for name, d in FILE.message_types_by_name.items()})
+def __getattr__(name: str) -> type[Message]:
+    """The protocol's top-level messages as attributes of this module (``pb.ModelInferRequest``)."""
+    descriptor = FILE.message_types_by_name.get(name)
+    if descriptor is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return message_class(descriptor)
 
 
 def client(channel: grpc.Channel | grpc.aio.Channel) -> SimpleNamespace:
