@@ -85,7 +85,10 @@ def load_config(argv: list[str] | None = None) -> ServiceConfig:
 def bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket before anything slow starts, so a taken port fails at once and clearly."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections whose
+    # socket says TCP. With it on, a response's headers and body go out as two writes, the body waits for the
+    # client's delayed ACK, and every request after the first on a kept-alive connection takes 40 ms longer.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
