@@ -115,9 +115,9 @@ class LptServe:
         data = encode(init_prompt_set(info, [f"c{i}" for i in range(10)], prompt_length=10, pool_size=8, seed=0))
         with httpx.Client(base_url=self.url, timeout=60) as client:
             for tenant in self.keys:
-                client.post(
-                    "/v1/prompts", params={"task": task}, content=data, headers=self.headers(tenant)
-                ).raise_for_status()
+                r = client.post("/v1/prompts", params={"task": task}, content=data, headers=self.headers(tenant))
+                if r.status_code not in (200, 201):
+                    raise RuntimeError(f"uploading the demo set for {tenant} answered {r.status_code}: {r.text}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -112,6 +113,21 @@ def test_streams_run_together_are_summarised_apart() -> None:
     assert len(rejected["rejected_latencies_s"]) == rejected["requests"] > 5  # ~30 Poisson arrivals in 0.6 s
     with pytest.raises(ValueError, match="share"):
         loadgen.run_together([admitted, loadgen.LoadSpec(**{**window, "duration_s": 1.0}, targets=[])])
+
+
+def test_the_overload_witness_times_its_own_fresh_requests() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Admits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        witness = overload.Witness(f"http://127.0.0.1:{server.server_address[1]}", b"jpeg", every_s=0.05)
+        witness.start()
+        time.sleep(0.4)
+        summary = witness.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not witness.is_alive() and 4 <= summary["requests"] == len(witness.latencies_s)
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"] < 400
 
 
 def test_compare_answer_accepts_the_engine_scores(entry) -> None:
