@@ -6,6 +6,8 @@ the Open Inference Protocol instead (``protocol``): REST with binary tensors (tr
 Runs in its own process (``LoadProcess``), so its CPU time and event loop never share an interpreter
 with the server or with the engine timings of the benchmark process. Imports only the standard library
 and httpx (no torch; grpc and the protocol's messages for a gRPC stream): the child starts fast and small.
+Open-loop HTTP streams post through ``bench.raw_http`` (a free list of kept-alive connections), not httpx's
+pool, whose cost grows with the connections a flood of 429s opens.
 Every run is bounded by a request count and a wall-clock deadline. The results carry raw latencies; the
 benchmarks turn them into percentiles with ``bench.common.percentile``.
 """
@@ -22,8 +24,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
+
+from bench.raw_http import RawHttpClient
 
 
 @dataclass
@@ -115,12 +120,20 @@ class _Stream:
     Status 0 is a transport error or timeout; -1 an open-loop arrival never sent (the in-flight cap was hit).
     """
 
-    def __init__(self, spec: LoadSpec, client: httpx.AsyncClient, window_end: float, grpc_stub: Any = None):
+    def __init__(
+        self,
+        spec: LoadSpec,
+        client: httpx.AsyncClient,
+        window_end: float,
+        grpc_stub: Any = None,
+        raw: RawHttpClient | None = None,
+    ):
         if spec.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {spec.protocol!r}; choose from {', '.join(PROTOCOLS)}")
         self.spec = spec
         self.client = client
         self.grpc_stub = grpc_stub
+        self.raw = raw  # open-loop HTTP streams: see bench.raw_http for why not httpx
         self.window_end = window_end
         self.rest_bodies = [oip_rest_body(i) for i in spec.images] if spec.protocol == "oip-rest" else []
         self.rng = random.Random(spec.seed)
@@ -145,6 +158,8 @@ class _Stream:
     async def _http(self, target: Target, index: int) -> int:
         spec = self.spec
         auth = {"Authorization": f"Bearer {target.secret}"}
+        if self.raw is not None:
+            return await self._raw_http(target, index, auth)
         try:
             if spec.protocol == "oip-rest":
                 body, header_length = self.rest_bodies[index]
@@ -164,6 +179,21 @@ class _Stream:
                 )
             return resp.status_code
         except httpx.HTTPError:
+            return 0
+
+    async def _raw_http(self, target: Target, index: int, auth: dict[str, str]) -> int:
+        spec = self.spec
+        if spec.protocol == "oip-rest":
+            body, header_length = self.rest_bodies[index]
+            path = f"/v2/models/{target.task}/infer"
+            headers = {**auth, "Inference-Header-Content-Length": header_length}
+        else:
+            body = spec.images[index]
+            path = "/v1/classify?" + urlencode({"task": target.task, "top_k": spec.top_k})
+            headers = {**auth, "Content-Type": "image/jpeg"}
+        try:
+            return await asyncio.wait_for(self.raw.post(path, body, headers), spec.timeout_s)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             return 0
 
     async def _grpc(self, target: Target, index: int) -> int:
@@ -228,9 +258,19 @@ async def _run(specs: list[LoadSpec]) -> list[dict[str, Any]]:
         channels = {s.grpc_target: _grpc_stub(s.grpc_target) for s in specs if s.protocol == "oip-grpc"}
         try:
             streams = [
-                _Stream(spec, client, window_end, channels.get(spec.grpc_target, (None, None))[1]) for spec in specs
+                _Stream(
+                    spec,
+                    client,
+                    window_end,
+                    channels.get(spec.grpc_target, (None, None))[1],
+                    RawHttpClient(spec.url) if spec.mode == "open" and spec.protocol != "oip-grpc" else None,
+                )
+                for spec in specs
             ]
             await asyncio.gather(*(stream.drive() for stream in streams))
+            for stream in streams:
+                if stream.raw is not None:
+                    await stream.raw.close()
         finally:
             for channel, _ in channels.values():
                 await channel.close()
