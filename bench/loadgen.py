@@ -30,6 +30,16 @@ import httpx
 
 from bench.raw_http import RawHttpClient
 
+# What a request of either HTTP client may raise short of an answer (ValueError: one the raw client cannot parse).
+TRANSPORT_ERRORS = (
+    httpx.HTTPError,
+    OSError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    TimeoutError,
+    ValueError,
+)
+
 
 @dataclass
 class Target:
@@ -155,45 +165,25 @@ class _Stream:
             status = await self._http(target, index)
         self.records.append((start, time.perf_counter(), status))
 
-    async def _http(self, target: Target, index: int) -> int:
-        spec = self.spec
+    def _request(self, target: Target, index: int) -> tuple[str, bytes, dict[str, str]]:
+        """(path with query, body, headers) of one HTTP request of this stream's protocol."""
         auth = {"Authorization": f"Bearer {target.secret}"}
-        if self.raw is not None:
-            return await self._raw_http(target, index, auth)
-        try:
-            if spec.protocol == "oip-rest":
-                body, header_length = self.rest_bodies[index]
-                resp = await self.client.post(
-                    f"/v2/models/{target.task}/infer",
-                    content=body,
-                    headers={**auth, "Inference-Header-Content-Length": header_length},
-                    timeout=spec.timeout_s,
-                )
-            else:
-                resp = await self.client.post(
-                    "/v1/classify",
-                    params={"task": target.task, "top_k": spec.top_k},
-                    content=spec.images[index],
-                    headers={**auth, "Content-Type": "image/jpeg"},
-                    timeout=spec.timeout_s,
-                )
-            return resp.status_code
-        except httpx.HTTPError:
-            return 0
-
-    async def _raw_http(self, target: Target, index: int, auth: dict[str, str]) -> int:
-        spec = self.spec
-        if spec.protocol == "oip-rest":
+        if self.spec.protocol == "oip-rest":
             body, header_length = self.rest_bodies[index]
-            path = f"/v2/models/{target.task}/infer"
-            headers = {**auth, "Inference-Header-Content-Length": header_length}
-        else:
-            body = spec.images[index]
-            path = "/v1/classify?" + urlencode({"task": target.task, "top_k": spec.top_k})
-            headers = {**auth, "Content-Type": "image/jpeg"}
+            return f"/v2/models/{target.task}/infer", body, {**auth, "Inference-Header-Content-Length": header_length}
+        query = urlencode({"task": target.task, "top_k": self.spec.top_k})
+        return f"/v1/classify?{query}", self.spec.images[index], {**auth, "Content-Type": "image/jpeg"}
+
+    async def _http(self, target: Target, index: int) -> int:
+        """The status of one HTTP request (0: a transport error or timeout), through the raw client on an
+        open-loop stream and httpx otherwise."""
+        path, body, headers = self._request(target, index)
+        timeout = self.spec.timeout_s
         try:
-            return await asyncio.wait_for(self.raw.post(path, body, headers), spec.timeout_s)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            if self.raw is not None:
+                return await asyncio.wait_for(self.raw.post(path, body, headers), timeout)
+            return (await self.client.post(path, content=body, headers=headers, timeout=timeout)).status_code
+        except TRANSPORT_ERRORS:
             return 0
 
     async def _grpc(self, target: Target, index: int) -> int:
