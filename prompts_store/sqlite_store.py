@@ -41,7 +41,6 @@ from lpt.ids import check_tenant_id
 from lpt.prompt_set import MAX_PROMPT_BYTES
 from prompts_store._common import (
     Snapshot,
-    Watcher,
     check_ids,
     check_put,
     check_quotas,
@@ -54,6 +53,7 @@ from prompts_store._common import (
     versions_to_prune,
 )
 from prompts_store.base import ChangeEvent, GcReport, Quotas, StoredBlob, StoredVersion, TaskState, TenantUsage
+from prompts_store.sqlite_watcher import SqliteWatcher
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -109,7 +109,6 @@ UNION ALL
 SELECT s.tenant, s.task, s.revision, NULL, NULL FROM seqs s
 WHERE s.revision > 0 AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.tenant = s.tenant AND t.task = s.task)
 """
-_POLL_S = 0.1
 
 
 def _row_info(tenant: str, task: str, row: tuple) -> StoredVersion:
@@ -517,10 +516,10 @@ class SqlitePromptStore:
             conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
 
     # -- notifications ------------------------------------------------------------------------------
-    def subscribe(self, callback: Callable[[ChangeEvent], None], reconcile_s: float = 2.0) -> _SqliteWatcher:
+    def subscribe(self, callback: Callable[[ChangeEvent], None], reconcile_s: float = 2.0) -> SqliteWatcher:
         """Poll for commits by any connection (this process or another) every 0.1 s and deliver the diff;
         a full snapshot diff also runs every ``reconcile_s``. Never raises for a store error: it retries."""
-        watcher = _SqliteWatcher(self, callback, reconcile_s)
+        watcher = SqliteWatcher(self.path, self._busy_ms, _read_snapshot, callback, reconcile_s)
         try:
             baseline: Snapshot | None = self.snapshot()
         except StoreUnavailable as e:
@@ -538,39 +537,3 @@ class SqlitePromptStore:
             except queue.Empty:
                 return
             self._discard(conn)
-
-
-class _SqliteWatcher(Watcher):
-    def __init__(self, store: SqlitePromptStore, callback: Callable[[ChangeEvent], None], reconcile_s: float):
-        super().__init__(callback, reconcile_s, name="lpt-store-watch-sqlite")
-        self._store = store
-        self._conn: sqlite3.Connection | None = None
-        self._data_version: int | None = None
-
-    def _wait(self, timeout: float) -> tuple[list[ChangeEvent], bool]:
-        if self._conn is None:
-            # A private connection: data_version only moves for commits by *other* connections.
-            self._conn = sqlite3.connect(self._store.path, isolation_level=None, check_same_thread=False)
-            self._conn.execute(f"PRAGMA busy_timeout={self._store._busy_ms}")
-            self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-            return [], True  # commits between the baseline and this connection are only seen by a diff
-        deadline = time.monotonic() + timeout
-        while True:
-            dv = self._conn.execute("PRAGMA data_version").fetchone()[0]
-            if dv != self._data_version:
-                self._data_version = dv
-                return [], True
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stop.wait(min(_POLL_S, left)):
-                return [], False
-
-    def _snapshot(self) -> Snapshot:
-        if self._conn is None:
-            raise StoreUnavailable("store_unavailable", "watcher connection is not open")
-        return _read_snapshot(self._conn)
-
-    def _reset(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with suppress(sqlite3.Error):
-                conn.close()
