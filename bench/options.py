@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lpt.forward import COMPUTE_DTYPES
-from lpt.options import field_default, scalar_kind, without_none
+from lpt.options import field_default, flag_name, scalar_kind, without_none
 
 T = TypeVar("T")
 Config = TypeVar("Config")  # a benchmark's config dataclass
@@ -45,7 +45,7 @@ def option(
 
 def flag_of(f: dataclasses.Field) -> str:
     """The option string of a config field: ``batch_sizes`` -> ``--batch-sizes`` unless ``option(flag=...)``."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return f.metadata.get("flag") or flag_name(f.name)
 
 
 def comma_separated(item: Callable[[str], Any], container: type = list) -> Callable[[str], Any]:

@@ -18,6 +18,11 @@ from typing import Any, Literal
 SCALARS = (int, float, str, Path)
 
 
+def flag_name(name: str) -> str:
+    """The flag of a setting or option (``batch_size`` -> ``--batch-size``)."""
+    return f"--{name.replace('_', '-')}"
+
+
 def without_none(annotation: Any) -> tuple[Any, bool]:
     """``X | None`` -> ``(X, True)``; any other annotation -> ``(it, False)``.
 

@@ -17,16 +17,12 @@ from pydantic.fields import FieldInfo
 
 import lpt
 from lpt.host_memory import retain_freed_memory
-from lpt.options import scalar_kind
+from lpt.options import flag_name, scalar_kind
 from service.http_protocol import http_protocol
 from service.images import guard_pillow_pixels
 from service.settings import ServiceConfig, ServiceSettings, env_name
 
 log = logging.getLogger("service.cli")  # not __name__: it is "__main__" under python -m
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:

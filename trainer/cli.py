@@ -27,13 +27,13 @@ import torch.distributed as dist
 from lpt import __version__
 from lpt.backbone import describe_mismatch, load_backbone
 from lpt.errors import LptError
-from lpt.options import without_none
+from lpt.options import flag_name, without_none
 from lpt.prompt_set import encode, sha256, validate
 from trainer.config import DistContext, TrainConfig
 from trainer.data import DATA_FORMATS, DataError, load_dataset, long_tailed_subset, per_class_subset
 from trainer.evaluate import INSTALL_TRAIN_EXTRA, plot_report, summary
 from trainer.loop import Trainer
-from trainer.options import FIELD_TYPES, add_field_flags, config_defaults, flag_name, load_config_file
+from trainer.options import FIELD_TYPES, add_field_flags, config_defaults, load_config_file
 
 log = logging.getLogger("lpt-train")
 REQUIRED = ("train", "val", "backbone", "backbone_weights", "out", "report")

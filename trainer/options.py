@@ -15,16 +15,11 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from lpt.options import field_default, scalar_kind, without_none
+from lpt.options import field_default, flag_name, scalar_kind, without_none
 from trainer.config import TrainConfig
 
 # Each setting's resolved annotation (config.py postpones annotations, so the fields hold strings).
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
-
-
-def flag_name(name: str) -> str:
-    """The flag of a setting or option (``batch_size`` -> ``--batch-size``)."""
-    return f"--{name.replace('_', '-')}"
 
 
 def add_field_flags(group: argparse._ArgumentGroup) -> None:
