@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from lpt.errors import InvalidVersion, QuotaExceeded, StoreCorrupt, TooLarge
+from lpt.errors import InvalidVersion, QuotaExceeded, StoreCorrupt, StoreUnavailable, TooLarge
 from lpt.ids import check_task_id, check_tenant_id
 from prompts_store.base import ChangeEvent, Quotas, StoredVersion, TaskState, TenantUsage
 
@@ -256,10 +256,15 @@ class Watcher:
         self._known: Snapshot | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self, baseline: Snapshot | None) -> None:
-        """Start the thread. ``baseline`` is the state the caller already knows (None: unknown, so the first
-        successful snapshot is delivered in full)."""
-        self._known = baseline
+    def start(self, read_baseline: Callable[[], Snapshot]) -> None:
+        """Start the thread from the store's state as ``read_baseline`` reads it now, before the subscriber
+        returns, so every later change is delivered. A store unreachable now is not an error: the first
+        snapshot the thread reads is then delivered in full."""
+        try:
+            self._known = read_baseline()
+        except StoreUnavailable as e:
+            log.warning("prompt store unreachable at subscribe; the first snapshot will be delivered in full: %s", e)
+            self._known = None
         self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:

@@ -57,7 +57,6 @@ from prompts_store._common import (
     check_version,
     decode_info,
     encode_info,
-    log,
     next_revision,
     plan_put,
     sha256_hex,
@@ -655,12 +654,7 @@ class RedisPromptStore:
         watcher listens on one node; Redis forwards every PUBLISH to all nodes.
         """
         watcher = RedisWatcher(self, callback, reconcile_s)
-        try:
-            baseline: Snapshot | None = self.snapshot()
-        except StoreUnavailable as e:
-            log.warning("prompt store unreachable at subscribe; the first snapshot will be delivered in full: %s", e)
-            baseline = None
-        watcher.start(baseline)
+        watcher.start(self.snapshot)
         return watcher
 
     def pubsub(self) -> Any:

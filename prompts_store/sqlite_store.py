@@ -45,7 +45,6 @@ from prompts_store._common import (
     check_put,
     check_quotas,
     check_version,
-    log,
     next_revision,
     plan_put,
     sha256_hex,
@@ -520,12 +519,7 @@ class SqlitePromptStore:
         """Poll for commits by any connection (this process or another) every 0.1 s and deliver the diff;
         a full snapshot diff also runs every ``reconcile_s``. Never raises for a store error: it retries."""
         watcher = SqliteWatcher(self.path, self._busy_ms, _read_snapshot, callback, reconcile_s)
-        try:
-            baseline: Snapshot | None = self.snapshot()
-        except StoreUnavailable as e:
-            log.warning("prompt store unreadable at subscribe; the first snapshot will be delivered in full: %s", e)
-            baseline = None
-        watcher.start(baseline)
+        watcher.start(self.snapshot)
         return watcher
 
     def close(self) -> None:
