@@ -626,6 +626,23 @@ def test_redis_pubsub_connection_dropped_then_changes_recovered(redis_server):
         watcher.close()
 
 
+def test_redis_down_at_subscribe_is_no_error_and_the_store_arrives_in_full_once_back(redis_server):
+    """A watcher started while Redis is down knows nothing of the store: the first snapshot it reads once Redis is
+    back is delivered whole, including a task that has not changed since."""
+    writer, watcher = (open_store(redis_server.url, timeout_s=TIMEOUT_S) for _ in range(2))
+    v = writer.put("acme", "birds", blob())
+    redis_server.stop()
+    events = Events()
+    sub = watcher.subscribe(events, reconcile_s=0.3)
+    try:
+        redis_server.restart()
+        events.wait_for(ChangeEvent("acme", "birds", v.revision, 1, v.sha256), 5.0)
+    finally:
+        sub.close()
+        writer.close()
+        watcher.close()
+
+
 def _publish(redis_server: RedisServer, message: dict) -> None:
     with redis_server.client() as c:
         c.publish("lpt:changes", json.dumps(message))
