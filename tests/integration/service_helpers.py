@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from typing import Any
 
+import anyio
 import httpx
 import torch
 from PIL import Image
@@ -67,6 +68,22 @@ async def classify(
         params["version"] = version
     headers = {"Content-Type": "image/png", **(auth(tenant) if tenant else {})}
     return await client.post("/v1/classify", params=params, content=image, headers=headers)
+
+
+async def classify_each(
+    client: httpx.AsyncClient, images: dict[str, bytes], timeout: float = 60
+) -> dict[str, httpx.Response]:
+    """Each task's image classified at once, all requests in flight together (so one batch can take them all)."""
+    responses: dict[str, httpx.Response] = {}
+
+    async def one(task: str) -> None:
+        responses[task] = await classify(client, task, images[task])
+
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tg:
+            for task in images:
+                tg.start_soon(one, task)
+    return responses
 
 
 # -- store and engine instrumentation -------------------------------------------------------------------------------

@@ -3,10 +3,9 @@ and pool sizes run as one forward, and every answer equals that task's single-ta
 
 from __future__ import annotations
 
-import anyio
 import pytest
 
-from tests.integration.service_helpers import assert_matches, classify, reference_probs, upload
+from tests.integration.service_helpers import assert_matches, classify_each, reference_probs, upload
 from tests.support.images import image_bytes
 from tests.support.prompt_sets import set_bytes
 from tests.support.service_app import make_config, metrics, serve, state_of
@@ -31,16 +30,7 @@ async def test_concurrent_requests_for_ten_tasks_share_one_forward_and_match_sin
         images = {task: image_bytes(seed=i) for i, task in enumerate(sets)}
         assert state_of(app).worker.batches == 0
 
-        responses = {}
-
-        async def one(task: str) -> None:
-            responses[task] = await classify(client, task, images[task])
-
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                for task in sets:
-                    tg.start_soon(one, task)
-
+        responses = await classify_each(client, images)
         for task, r in responses.items():
             assert r.status_code == 200, r.text
             body = r.json()
@@ -87,15 +77,7 @@ async def test_sets_of_different_geometry_in_one_batch_each_match_single_task(ba
         for task, data in datas.items():
             assert (await upload(c, task, data)).status_code == 201
         images = {task: image_bytes(seed=40 + i) for i, task in enumerate(sets)}
-        responses = {}
-
-        async def one(task: str) -> None:
-            responses[task] = await classify(c, task, images[task])
-
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                for task in sets:
-                    tg.start_soon(one, task)
+        responses = await classify_each(c, images)
         for task, r in responses.items():
             assert r.status_code == 200, r.text
             assert_matches(r.json()["predictions"], reference_probs(backbone, sets[task], images[task]))

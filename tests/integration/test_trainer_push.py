@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,8 @@ from lpt.prompt_set import sha256
 from service.app import create_app
 from service.settings import ServiceConfig
 from tests.support.ports import free_port
+from tests.support.trainer_cli import train_argv
+from tests.support.waiting import wait_until
 from trainer import cli
 from trainer.data import synthetic_long_tailed, write_image_folder
 
@@ -35,16 +36,12 @@ def service_url(tmp_path: Path):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    else:
-        pytest.fail("service did not become ready")
+    wait_until(
+        lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200,
+        60,
+        "the service's /readyz",
+        retry_on=(httpx.HTTPError,),
+    )
     yield url
     server.should_exit = True
     thread.join(30)
@@ -56,46 +53,22 @@ def test_trainer_push_uploads_the_written_file(tmp_path: Path, service_url: str)
     write_image_folder(train, tmp_path / "train")
     write_image_folder(val, tmp_path / "val")
     out = tmp_path / "ps.safetensors"
-    argv = [
-        "--train",
-        str(tmp_path / "train"),
-        "--val",
-        str(tmp_path / "val"),
-        "--backbone",
-        "test_vit",
-        "--backbone-weights",
-        "random:0",
-        "--img-size",
-        "32",
-        "--out",
-        str(out),
-        "--report",
-        str(tmp_path / "r.json"),
-        "--epochs1",
-        "1",
-        "--epochs2",
-        "1",
-        "--batch-size",
-        "8",
-        "--prompt-length",
-        "2",
-        "--pool-size",
-        "3",
-        "--top-k",
-        "1",
-        "--share-blocks",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--push",
-        service_url,
-        "--task",
-        "pushed",
-        "--api-key",
-        KEY,
-    ]
-    assert cli.main(argv) == 0
+
+    def argv(api_key: str) -> list[str]:
+        return train_argv(
+            tmp_path / "train",
+            tmp_path / "val",
+            out,
+            tmp_path / "r.json",
+            batch_size=8,
+            pool_size=3,
+            top_k=1,
+            push=service_url,
+            task="pushed",
+            api_key=api_key,
+        )
+
+    assert cli.main(argv(KEY)) == 0
     with LptClient(service_url, api_key=KEY) as client:
         shown = client.show("pushed")
         assert shown["active_version"] == 1
@@ -104,8 +77,7 @@ def test_trainer_push_uploads_the_written_file(tmp_path: Path, service_url: str)
         result = client.classify("pushed", [image])
         assert len(result[0]["predictions"]) == 3
     # A wrong key is refused by the service, and the CLI says so instead of pretending it pushed.
-    argv[-1] = "wrong-key-123"
-    assert cli.main(argv) != 0
+    assert cli.main(argv("wrong-key-123")) != 0
 
 
 def _first_image(root: Path) -> tuple[str, str]:
@@ -116,14 +88,18 @@ def _first_image(root: Path) -> tuple[str, str]:
 def _argv(tmp_path: Path, url: str, key: str, img_size: int = 32) -> list[str]:
     train = synthetic_long_tailed(num_classes=3, n_max=6, imbalance_ratio=2, img_size=32, seed=0)
     write_image_folder(train, tmp_path / "train")
-    return [
-        *("--train", str(tmp_path / "train"), "--val", str(tmp_path / "train")),
-        *("--backbone", "test_vit", "--backbone-weights", "random:0", "--img-size", str(img_size)),
-        *("--out", str(tmp_path / "ps.safetensors"), "--report", str(tmp_path / "r.json")),
-        *("--epochs1", "1", "--epochs2", "1", "--batch-size", "4", "--prompt-length", "2", "--pool-size", "2"),
-        *("--share-blocks", "2", "--device", "cpu", "--no-progress"),
-        *("--push", url, "--task", "t", "--api-key", key),
-    ]
+    return train_argv(
+        tmp_path / "train",
+        tmp_path / "train",
+        tmp_path / "ps.safetensors",
+        tmp_path / "r.json",
+        img_size=img_size,
+        batch_size=4,
+        pool_size=2,
+        push=url,
+        task="t",
+        api_key=key,
+    )
 
 
 def _refused_before_training(tmp_path: Path, argv: list[str], caplog, expected: str) -> None:

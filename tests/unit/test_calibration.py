@@ -13,6 +13,7 @@ from lpt.errors import PromptSetInvalid
 from lpt.forward import PromptBank
 from lpt.prompt_set import DEFAULT_TEMPERATURE, TEMPERATURE_RANGE, decode, encode, load_and_validate
 from tests.support.prompt_sets import make_set
+from tests.support.trainer_cli import train_argv
 from trainer import cli
 from trainer.calibration import (
     ECE_BINS,
@@ -210,13 +211,9 @@ def test_cli_writes_the_temperature_the_report_and_the_reliability_plot(tmp_path
     )
     out, report_path, plot = tmp_path / "set.safetensors", tmp_path / "report.json", tmp_path / "plot.png"
     flags = {**SMALL, "epochs2": 1}
-    argv = [
-        *("--train", str(tmp_path / "train"), "--val", str(tmp_path / "val")),
-        *("--calibration-data", str(held_out), "--backbone", "test_vit", "--backbone-weights", "random:0"),
-        *("--img-size", "32", "--device", "cpu", "--out", str(out), "--report", str(report_path)),
-        *("--plot", str(plot), "--no-progress"),
-        *(a for k, v in flags.items() if k != "progress" for a in (cli.flag_name(k), str(v))),
-    ]
+    argv = train_argv(
+        tmp_path / "train", tmp_path / "val", out, report_path, calibration_data=held_out, plot=plot, **flags
+    )
     assert cli.main(argv) == 0
     report = json.loads(report_path.read_text())
     ps = decode(out.read_bytes())

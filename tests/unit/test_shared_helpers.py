@@ -10,7 +10,10 @@ TESTS = Path(__file__).resolve().parents[1]
 SUPPORT = TESTS / "support"
 # Helpers tests/support provides; a module-level or nested function of these names (leading underscores aside) is
 # a copy of one of them.
-SHARED_NAMES = {"free_port", "wait_until", "wait_for", "make_set", "parse_metrics", "metric", "metric_value"}
+SHARED_NAMES = {
+    *("free_port", "wait_until", "wait_for", "make_set", "parse_metrics", "metric", "metric_value"),
+    *("setting_args", "train_argv", "flag_argv"),
+}
 # Modules that may define a copy, by (path under tests/, function name): none.
 ALLOWED: set[tuple[str, str]] = set()
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lpt.options import without_none
+from tests.support.trainer_cli import setting_args
 from trainer import cli, options
 from trainer.config import TrainConfig
 from trainer.evaluate import plot_report
@@ -47,12 +48,6 @@ def write_config(tmp_path: Path, values: dict, suffix: str = ".yaml") -> str:
     return str(path)
 
 
-def flag_argv(name: str, value: object) -> list[str]:
-    if isinstance(value, bool):
-        return [cli.flag_name(name) if value else cli.flag_name(f"no_{name}")]
-    return [cli.flag_name(name), str(value)]
-
-
 def other_value(f: dataclasses.Field) -> object:
     """A valid value of the field that differs from its default."""
     kind, _ = without_none(options.FIELD_TYPES[f.name])
@@ -75,7 +70,7 @@ def test_defaults_of_the_parsed_config_are_train_configs():
 @pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)
 def test_every_field_is_a_flag(f):
     value = other_value(f)
-    assert getattr(parse(*flag_argv(f.name, value)), f.name) == value
+    assert getattr(parse(*setting_args({f.name: value})), f.name) == value
 
 
 @pytest.mark.parametrize("f", FIELDS, ids=lambda f: f.name)
@@ -88,7 +83,7 @@ def test_every_field_is_a_config_key(f, tmp_path):
 
 
 def test_formerly_missing_settings_round_trip_as_flags_and_config_keys(tmp_path):
-    argv = [word for name, value in FORMERLY_MISSING.items() for word in flag_argv(name, value)]
+    argv = setting_args(FORMERLY_MISSING)
     from_flags = parse(*argv)
     from_json = parse("--config", write_config(tmp_path, FORMERLY_MISSING, ".json"))
     for cfg in (from_flags, from_json):

@@ -15,6 +15,7 @@ from lpt.backbone import Backbone, load_backbone
 from lpt.forward import PromptBank, prompted_forward
 from lpt.prompt_set import decode, validate
 from tests.support.ports import free_port
+from tests.support.trainer_cli import train_argv
 from trainer import cli
 from trainer.config import TrainConfig
 from trainer.data import synthetic_long_tailed, write_image_folder
@@ -205,35 +206,7 @@ def test_torchrun_two_cpu_processes_write_a_valid_prompt_set(tmp_path):
         str(free_port()),
         "-m",
         "trainer.cli",
-        "--train",
-        "synthetic:4:24:6",
-        "--val",
-        "synthetic:4:6:1",
-        "--backbone",
-        "test_vit",
-        "--backbone-weights",
-        "random:0",
-        "--img-size",
-        "32",
-        "--out",
-        str(out),
-        "--report",
-        str(tmp_path / "r.json"),
-        "--epochs1",
-        "1",
-        "--epochs2",
-        "1",
-        "--batch-size",
-        "16",
-        "--prompt-length",
-        "2",
-        "--pool-size",
-        "4",
-        "--share-blocks",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
+        *train_argv("synthetic:4:24:6", "synthetic:4:6:1", out, tmp_path / "r.json", batch_size=16, pool_size=4),
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
