@@ -15,7 +15,7 @@ import hashlib
 import logging
 import socket
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +53,10 @@ class BackboneInfo:
     data_config: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "fingerprint": self.fingerprint,
-            "depth": self.depth,
-            "embed_dim": self.embed_dim,
-            "num_prefix_tokens": self.num_prefix_tokens,
-            "num_patches": self.num_patches,
-            "patch_size": self.patch_size,
-            "input_size": list(self.input_size),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "weights": self.weights,
-            "random_weights": self.random_weights,
-            "num_params": self.num_params,
-        }
+        """Every field but ``data_config`` (timm's, kept for building transforms), as JSON values (tuples as
+        lists): what ``GET /v1/backbone`` and a trained set's ``backbone`` record show."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "data_config"}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
 
 
 @dataclass

@@ -78,6 +78,7 @@ async def test_health_readiness_and_every_contract_metric(backbone, tmp_path):
         assert info["name"] == "test_vit" and info["fingerprint"] == backbone.info.fingerprint
         assert info["depth"] == 6 and info["embed_dim"] == 64 and info["input_size"] == [3, 32, 32]
         assert len(info["mean"]) == len(info["std"]) == 3
+        assert set(info) == {*backbone.info.to_dict(), "prompt_set_format", "limits"}  # the schema drops nothing
 
         r = await c.get("/no/such/route")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
