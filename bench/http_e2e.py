@@ -47,7 +47,7 @@ from bench.common import (
     sync,
 )
 from bench.loadgen import PROTOCOLS, LoadProcess, LoadSpec, Target, oip_rest_body, zipf_weights
-from bench.options import BackboneOptions, ComputeOptions, option
+from bench.options import BackboneOptions, ComputeOptions, fields_from, option
 from bench.server import LptServe, ServeOptions, metric_delta, scrape
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES
@@ -379,18 +379,8 @@ def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
     backbone = load_backbone(cfg.backbone, weights, cfg.img_size).to(device)
     engine = Engine(backbone, device, COMPUTE_DTYPES[cfg.dtype])
     keys = {f"bench{i}": secrets.token_hex(16) for i in range(max(1, cfg.tenants))}
-    opts = ServeOptions(
-        backbone=cfg.backbone,
-        weights=weights,
-        img_size=cfg.img_size,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        max_batch_size=cfg.max_batch_size,
-        max_wait_ms=cfg.max_wait_ms,
-        queue_size=cfg.queue_size,
-        threads=cfg.server_threads,
-        grpc="oip-grpc" in cfg.protocols,
-    )
+    # ``threads`` of this config are the benchmark process's; the server's are ``server_threads``.
+    opts = fields_from(ServeOptions, cfg, weights=weights, threads=cfg.server_threads, grpc="oip-grpc" in cfg.protocols)
     images = cifar_jpegs(cfg.images)
     decoder = ImageDecoder(backbone.eval_transform, 10 * 1024 * 1024, 40_000_000)
     tensors = [decoder(b) for b in images]

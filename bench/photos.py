@@ -37,6 +37,7 @@ from bench import photos_agreement
 from bench.common import BenchmarkCommand, CheckFailed, default_weights, latency_summary, run_metadata
 from bench.http_e2e import Expected, HttpConfig, batch_stats, check_responses, upload_scenarios
 from bench.loadgen import LoadProcess, LoadSpec
+from bench.options import fields_from
 from bench.photos_shared import KINDS, PhotosConfig, base_images, decoders, make_kind, target_mark
 from bench.server import LptServe, ServeOptions, scrape
 from lpt.backbone import load_backbone
@@ -104,9 +105,7 @@ def run_throughput(cfg: PhotosConfig, argv: list[str], log=print) -> dict[str, A
         log(f"  {k.name}: decode {row['decode_cpu_ms']:.1f} ms CPU (full resolution {row['full_decode_cpu_ms']:.1f})")
 
     keys = {"bench0": secrets.token_hex(16)}
-    opts = ServeOptions(
-        backbone=cfg.backbone, weights=weights, device=cfg.device, dtype=cfg.dtype, threads=cfg.server_threads
-    )
+    opts = fields_from(ServeOptions, cfg, weights=weights, threads=cfg.server_threads)
     http_cfg = HttpConfig(backbone=cfg.backbone, scenarios=("1task",), classes=10)
     if cfg.baseline_repo:
         report["baseline"] = {"repo": str(cfg.baseline_repo), "kinds": {k.name: {"runs": []} for k in kinds}}

@@ -19,7 +19,7 @@ import httpx
 import torch
 
 from bench.common import BenchmarkCommand, checklist, noise_jpeg, percentile, run_metadata
-from bench.options import ServedBackbone, option
+from bench.options import ServedBackbone, fields_from, option
 from bench.server import LptServe, ServeOptions
 
 TENANTS = {"alpha": "alpha-slowclient-key-0123"}
@@ -109,7 +109,7 @@ def run_slow_clients(cfg: SlowClientsConfig, argv: list[str], log=print) -> dict
         "config": asdict(cfg),
         "machine": run_metadata(torch.device("cpu"), ["slow-clients", *argv]),
     }
-    opts = ServeOptions(backbone=cfg.backbone, weights=cfg.weights, extra_args=tuple(extra))
+    opts = fields_from(ServeOptions, cfg, extra_args=tuple(extra))
     with LptServe(opts, TENANTS) as serve:
         serve.upload_demo_set(TASK)
         host, port = "127.0.0.1", int(serve.url.rsplit(":", 1)[1])
