@@ -80,6 +80,8 @@ class StoredVersion:
 
 @dataclass(frozen=True)
 class StoredBlob:
+    """One stored version: its record and the encoded prompt-set bytes (``lpt.prompt_set`` format) as uploaded."""
+
     info: StoredVersion
     data: bytes
 

@@ -51,6 +51,9 @@ class Uploaded:
 
 @dataclass(frozen=True)
 class TaskSummary:
+    """One task of a tenant's list: its active version and the class count recorded when that version was stored
+    (None where the record lacks it: a store written by another tool)."""
+
     task: str
     active_version: int
     num_classes: int | None
@@ -157,6 +160,7 @@ class PromptSets:
         self.follow(self._store(self.store.state, tenant, task))
 
     def list(self, tenant: str) -> list[TaskSummary]:
+        """The tenant's tasks with their active versions (a task deleted while the list is read is left out)."""
         out = []
         for task in self._store(self.store.list_tasks, tenant):
             try:
