@@ -26,8 +26,8 @@ REQUIRED_ARGV = [
     *("--train", "synthetic:2:4:1", "--val", "synthetic:2:2:1", "--backbone", "test_vit"),
     *("--backbone-weights", "random:0", "--out", "ps.safetensors", "--report", "r.json"),
 ]
-# Settings the hand-written parser lacked, each set to a value other than its default.
-FORMERLY_MISSING = {
+# Loss, sampler and schedule settings, each set to a value other than its default.
+LOSS_SAMPLER_SCHEDULE = {
     "margin": 0.25,
     "ib_weight": 0.75,
     "sim_weight": 0.125,
@@ -82,12 +82,12 @@ def test_every_field_is_a_config_key(f, tmp_path):
     assert dataclasses.replace(cfg, **{f.name: f.default}) == TrainConfig()  # nothing else moved
 
 
-def test_formerly_missing_settings_round_trip_as_flags_and_config_keys(tmp_path):
-    argv = setting_args(FORMERLY_MISSING)
+def test_loss_sampler_and_schedule_settings_round_trip_as_flags_and_config_keys(tmp_path):
+    argv = setting_args(LOSS_SAMPLER_SCHEDULE)
     from_flags = parse(*argv)
-    from_json = parse("--config", write_config(tmp_path, FORMERLY_MISSING, ".json"))
+    from_json = parse("--config", write_config(tmp_path, LOSS_SAMPLER_SCHEDULE, ".json"))
     for cfg in (from_flags, from_json):
-        assert {name: getattr(cfg, name) for name in FORMERLY_MISSING} == FORMERLY_MISSING
+        assert {name: getattr(cfg, name) for name in LOSS_SAMPLER_SCHEDULE} == LOSS_SAMPLER_SCHEDULE
 
 
 def test_flag_beats_config_beats_default(tmp_path):
