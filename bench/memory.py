@@ -12,7 +12,7 @@ through ``PromptCache`` (the service's miss path). Per resident set the benchmar
 
 Then the budget check: a cache whose budget holds ``n`` sets must keep exactly ``n`` resident once more are
 loaded (LRU by bytes), and the fit table gives ``floor(budget / measured bytes per set)`` for a few budgets.
-The transient bank of a mixed batch (stacked and padded per batch) is reported too.
+The transient bank the engine builds for a mixed batch (``service.engine.batch_bank``) is reported too.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import torch
 from bench.common import BenchmarkCommand, CheckFailed, SetShape, run_metadata, set_key, sync
 from bench.options import ComputeOptions, option
 from lpt.backbone import load_backbone
-from lpt.forward import COMPUTE_DTYPES, PromptBank
+from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import encode
 from prompts_store import open_store
+from service.engine import batch_bank
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
 from service.resident import ResidentSet
@@ -93,6 +94,24 @@ def storage_bytes(entry: ResidentSet) -> int:
     return sum(seen.values())
 
 
+def mixed_banks(
+    entries: list[ResidentSet], tasks: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> list[dict[str, Any]]:
+    """Bytes of the bank the engine builds for a batch of ``k`` distinct tasks, for each ``k`` in ``tasks``.
+
+    Pools and heads are indexed in place, so the bank's own bytes are the stacked tensors: shared prompts, padded
+    group keys and the shared-prompt keys/values. Entries repeat when ``k`` exceeds them (the bytes are per slot).
+    """
+    banks = []
+    for k in tasks:
+        bank = batch_bank([entries[i % len(entries)] for i in range(k)], device, dtype)
+        stacked = {name: t for name, t in vars(bank).items() if isinstance(t, torch.Tensor)}
+        nbytes = sum(t.numel() * t.element_size() for t in stacked.values())
+        banks.append({"tasks": k, "bank_bytes": nbytes, "per_task_bytes": nbytes / k, "tensors": sorted(stacked)})
+        del bank, stacked
+    return banks
+
+
 def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
     device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     backbone = load_backbone(cfg.shape_backbone, "random:0").to(device)  # resident sets carry keys/values for it
@@ -141,6 +160,7 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
         }
         per_set["ratios"] = {k: per_set[k] / tensor_bytes for k in ("cache_accounting", "storage_bytes", "measured")}
         log(f"  per set: {per_set}")
+        report["mixed_banks"] = mixed_banks(entries, cfg.mixed_tasks, device, dtype)
         cache.close()
         del entries, cache
         gc.collect()
@@ -164,15 +184,6 @@ def run_memory(cfg: MemoryConfig, argv: list[str], log=print) -> dict[str, Any]:
         {"budget_gib": b, "sets_by_tensor_bytes": int(b * GIB // tensor_bytes), "sets_measured": int(b * GIB // worst)}
         for b in cfg.budgets_gib
     ]
-    # The transient bank of a mixed batch: PromptBank.stack pads every slot to the largest pool and head.
-    banks = []
-    for k in cfg.mixed_tasks:
-        chosen = [sets[i % len(sets)] for i in range(k)]
-        bank = PromptBank.stack(chosen, device=device, dtype=dtype)
-        nbytes = sum(t.numel() * t.element_size() for t in vars(bank).values() if isinstance(t, torch.Tensor))
-        banks.append({"tasks": k, "bank_bytes": nbytes, "per_task_bytes": nbytes / k})
-        del bank
-    report["mixed_banks"] = banks
     return report
 
 

@@ -39,11 +39,11 @@ from bench.common import (
 )
 from bench.options import BackboneOptions, ComputeOptions, option
 from lpt.backbone import Backbone, load_backbone
-from lpt.forward import COMPUTE_DTYPES, PromptBank
+from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import PromptSet
 from prompts_store import open_store
 from prompts_store.base import StoredVersion
-from service.engine import Engine
+from service.engine import Engine, batch_bank
 from service.metrics import ServiceMetrics
 from service.prompt_cache import PromptCache
 from service.resident import Lease
@@ -181,7 +181,7 @@ def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: t
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            PromptBank.stack([e.prompt_set for e in entries], device, dtype, [e.shared_kv for e in entries])
+            batch_bank(entries, device, dtype)
             sync(device)
             times.append(time.perf_counter() - start)
         return 1e3 * statistics.median(times)

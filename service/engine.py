@@ -52,12 +52,7 @@ class Engine:
     def _forward(self, images: torch.Tensor, entries: list[ResidentSet]) -> torch.Tensor:
         distinct = list({e.key: e for e in entries}.values())  # one slot per prompt set, in first-seen order
         slot_of = {e.key: i for i, e in enumerate(distinct)}
-        if len(distinct) == 1:
-            bank = distinct[0].bank  # views over the resident tensors: nothing to copy
-        else:
-            bank = PromptBank.stack(
-                [e.prompt_set for e in distinct], self.device, self.dtype, [e.shared_kv for e in distinct]
-            )
+        bank = batch_bank(distinct, self.device, self.dtype)
         slots = torch.tensor([slot_of[e.key] for e in entries], device=self.device)
         # Each set's calibrated temperature: scores are softmax(logits / T); T = 1 (no temperature) divides exactly.
         temperature = torch.tensor([e.prompt_set.score_temperature for e in distinct], device=self.device)
@@ -77,3 +72,19 @@ class Engine:
         images = torch.zeros(2, *info.input_size, device=self.device)
         with torch.inference_mode(), autocast(self.device, self.dtype):
             prompted_forward(self.backbone.model, images, bank, torch.tensor([0, 1], device=self.device))
+
+
+def batch_bank(distinct: list[ResidentSet], device: torch.device, dtype: torch.dtype) -> PromptBank:
+    """The bank of a batch's distinct resident sets, slot ``i`` for ``distinct[i]``.
+
+    One set uses its own bank (views over the resident tensors: nothing is copied); several are stacked with the
+    shared-prompt keys/values they keep resident, so no batch recomputes them.
+
+    Args:
+        distinct: the batch's resident sets, each once, in slot order.
+        device: where the forward runs.
+        dtype: the compute dtype.
+    """
+    if len(distinct) == 1:
+        return distinct[0].bank
+    return PromptBank.stack([e.prompt_set for e in distinct], device, dtype, [e.shared_kv for e in distinct])

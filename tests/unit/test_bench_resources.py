@@ -84,6 +84,9 @@ def test_memory_run_accounts_every_byte(tmp_path: Path, capsys) -> None:
     assert per_set["ratios"]["storage_bytes"] == pytest.approx(1.0, abs=0.01)
     assert report["budget_check"] == {"budget_sets": 3, "resident": 3, "evictions": 3}
     assert [b["tasks"] for b in report["mixed_banks"]] == [2, 4]
+    # the bank the engine builds carries the resident shared-prompt keys/values, so it is counted
+    assert all("shared_kv" in b["tensors"] for b in report["mixed_banks"])
+    assert report["mixed_banks"][1]["bank_bytes"] == 2 * report["mixed_banks"][0]["bank_bytes"]
 
 
 def test_storage_bytes_sees_a_view_pinning_a_larger_buffer(tiny) -> None:
