@@ -36,7 +36,7 @@ import torch
 
 from bench.common import BenchmarkCommand, CheckFailed, default_weights, machine_info
 from bench.engine_report import markdown, summarise
-from bench.options import BackboneOptions, ComputeOptions, option
+from bench.options import BackboneOptions, ComputeOptions, ProcessThreads, option
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import (
     COMPUTE_DTYPES,
@@ -64,8 +64,8 @@ KVs = dict[int, SharedKV]  # id(prompt set) -> its precomputed shared keys/value
 
 
 @dataclass
-class EngineConfig(ComputeOptions, BackboneOptions):
-    """What to run. Defaults are the issue's CPU setting (DeiT-Tiny, 224 px, float32)."""
+class EngineConfig(ProcessThreads, ComputeOptions, BackboneOptions):
+    """What to run. Defaults: the CPU setting (DeiT-Tiny, 224 px, float32)."""
 
     img_size: int | None = option(None, help="build the backbone for this input size")
     batch_sizes: tuple[int, ...] = option((1, 8, 32, 64), help="batch sizes to time")
@@ -73,7 +73,6 @@ class EngineConfig(ComputeOptions, BackboneOptions):
     warmup: int = option(1, help="untimed rounds per batch size")
     tasks: int = option(1000, help="registered tasks the mixed batches draw from")
     tasks_per_batch: int = option(64, help="distinct tasks per mixed batch")
-    threads: int | None = option(None, help="torch.set_num_threads (default: torch's choice)")
     seed: int = option(0)
     prompt_length: int = option(10, help="L, prompt tokens per block")
     pool_size: int = option(20, help="P, group prompts of the single-task set (registered sets: P/2 to P)")
@@ -353,8 +352,7 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     Raises:
         CheckFailed: when the variants disagree (before any timing).
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.set_threads()
     retained = retain_freed_memory(cfg.host_memory_retain)  # before the first large allocation
     device = torch.device(cfg.device)
     weights = cfg.weights or default_weights(cfg.backbone)

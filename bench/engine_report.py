@@ -64,7 +64,7 @@ def _allocator(machine: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """Two tables: per-variant throughput, then the issue's target ratios per batch size."""
+    """Two tables: per-variant throughput, then the target ratios per batch size."""
     cfg, machine = report["config"], report["machine"]
     lines = [
         f"{cfg['backbone']} ({cfg['weights']}), {cfg['dtype']}, {machine['device']} ({machine['cpu']}), "

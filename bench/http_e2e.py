@@ -47,7 +47,7 @@ from bench.common import (
     sync,
 )
 from bench.loadgen import PROTOCOLS, LoadProcess, LoadSpec, Target, oip_rest_body, zipf_weights
-from bench.options import BackboneOptions, ComputeOptions, fields_from, option
+from bench.options import BackboneOptions, ComputeOptions, ProbabilityCheck, ProcessThreads, fields_from, option
 from bench.server import LptServe, ServeOptions, metric_delta, scrape
 from lpt.backbone import load_backbone
 from lpt.forward import COMPUTE_DTYPES
@@ -63,8 +63,8 @@ SCENARIOS = ("1task", "zipf")
 
 
 @dataclass
-class HttpConfig(ComputeOptions, BackboneOptions):
-    """Defaults: the issue's CPU setting (DeiT-Tiny 224 px, float32) with the service's batching defaults."""
+class HttpConfig(ProbabilityCheck, ProcessThreads, ComputeOptions, BackboneOptions):
+    """Defaults: the CPU setting (DeiT-Tiny 224 px, float32) with the service's batching defaults."""
 
     img_size: int | None = option(None)
     max_batch_size: int = option(32)
@@ -82,12 +82,8 @@ class HttpConfig(ComputeOptions, BackboneOptions):
     zipf_s: float = option(1.0)
     classes: int = option(10)
     images: int = option(64, help="distinct JPEGs cycled by the load generator")
-    threads: int | None = option(None, help="torch threads of the benchmark process")
     server_threads: int | None = option(None, help="OMP_NUM_THREADS of the server")
     seed: int = option(0)
-    atol: float | None = option(
-        None, help="score tolerance (default: 1e-4 in float32, 2e-2 under bf16/fp16, where batches change rounding)"
-    )
     scenarios: tuple[str, ...] = option(SCENARIOS, help="1task, zipf or both")
     protocols: tuple[str, ...] = option(
         PROTOCOLS, help="front ends each closed-loop run is repeated with: v1, oip-rest (binary tensors), oip-grpc"
@@ -372,8 +368,7 @@ def finish_py_spy(proc: Any, path: Path, clients: int) -> dict[str, Any]:
 
 def run_http(cfg: HttpConfig, argv: list[str], log=print) -> dict[str, Any]:
     """Start the server, upload, check, sweep (alternating HTTP and engine), then the half-load run."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.set_threads()
     device = torch.device(cfg.device)
     weights = cfg.weights or default_weights(cfg.backbone)
     backbone = load_backbone(cfg.backbone, weights, cfg.img_size).to(device)

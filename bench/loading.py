@@ -39,7 +39,7 @@ from bench.common import (
     set_key,
     sync,
 )
-from bench.options import ComputeOptions, option
+from bench.options import ComputeOptions, ProcessThreads, option
 from bench.redis_server import BenchRedis
 from bench.server import LptServe, ServeOptions
 from lpt.backbone import BackboneInfo, load_backbone
@@ -59,7 +59,7 @@ STORES = ("redis", "embedded")
 
 
 @dataclass
-class LoadingConfig(ComputeOptions, SetShape):
+class LoadingConfig(ProcessThreads, ComputeOptions, SetShape):
     """Defaults: ViT-B-shaped sets (about 4.4 MB) on the CPU; part 2 serves DeiT-Tiny."""
 
     sets: int = option(16, help="distinct sets in each store")
@@ -71,7 +71,6 @@ class LoadingConfig(ComputeOptions, SetShape):
     serve_img_size: int | None = option(None)
     serve_classes: int = option(100)
     uploads: int = option(20, help="timed upload-to-first-served rounds per store")
-    threads: int | None = option(None, help="torch threads of the benchmark process")
 
     def __post_init__(self) -> None:
         unknown = set(self.stores) - set(STORES)
@@ -275,8 +274,7 @@ def upload_to_served(cfg: LoadingConfig, stores: Stores, log=print) -> dict[str,
 
 
 def run_loading(cfg: LoadingConfig, argv: list[str], log=print) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.set_threads()
     device = torch.device(cfg.device)
     info = load_backbone(cfg.shape_backbone, "random:0").info  # only the shape and fingerprint are used
     report: dict[str, Any] = {

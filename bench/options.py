@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from lpt.forward import COMPUTE_DTYPES
 from lpt.options import field_default, flag_name, scalar_kind, without_none
 
 T = TypeVar("T")
 Config = TypeVar("Config")  # a benchmark's config dataclass
+
+FLOAT32_PROBABILITY_ATOL = 1e-4
+REDUCED_PROBABILITY_ATOL = 2e-2  # bf16/fp16: a row's rounding depends on the batch it shares
 
 
 def option(
@@ -200,6 +205,33 @@ class ComputeOptions:
     )
 
     def probability_atol(self, given: float | None = None) -> float:
-        """How far a probability computed twice may differ: ``given``, else 1e-4 in float32 and 2e-2 in a reduced
-        precision (where the batch a row shares changes the rounding)."""
-        return given if given is not None else (1e-4 if self.dtype == "float32" else 2e-2)
+        """How far a probability computed twice may differ: ``given``, else the default for the dtype (larger in a
+        reduced precision, where the batch a row shares changes the rounding)."""
+        if given is not None:
+            return given
+        return FLOAT32_PROBABILITY_ATOL if self.dtype == "float32" else REDUCED_PROBABILITY_ATOL
+
+
+@dataclass
+class ProbabilityCheck:
+    """The tolerance of the check before timing that the served probabilities equal the engine's (its option,
+    shared by those benchmarks; ``ComputeOptions.probability_atol`` resolves the default)."""
+
+    atol: float | None = option(
+        None,
+        help=f"probability tolerance (default: {FLOAT32_PROBABILITY_ATOL:g} in float32, {REDUCED_PROBABILITY_ATOL:g}"
+        " under bf16/fp16, where the batch a row shares changes the rounding)",
+    )
+
+
+@dataclass
+class ProcessThreads:
+    """The torch threads of the benchmark process itself (its option, shared by the benchmarks that compute
+    in-process)."""
+
+    threads: int | None = option(None, help="torch threads of the benchmark process (default: torch's choice)")
+
+    def set_threads(self) -> None:
+        """Apply ``threads`` to this process; torch keeps its own choice when it is unset."""
+        if self.threads:
+            torch.set_num_threads(self.threads)

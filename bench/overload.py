@@ -55,7 +55,7 @@ class OverloadConfig(ServedBackbone):
     queue_size: int = option(16, help="server queue (images) before 429")
     request_timeout: float = option(10.0, help="the server's request timeout, seconds")
     phase_s: float = option(15.0, help="measured seconds per phase")
-    soak_s: float = option(60.0, help="soak length at 2x (the issue's run: 300)")
+    soak_s: float = option(60.0, help="soak length at 2x (the soak target: 300)")
     multiples: tuple[float, ...] = option((2.0, 5.0), help="open-loop rates as multiples of the capacity")
     beta_share: float = option(0.25, help="beta's rate in the fairness phase, as a share of the capacity")
     threads: int | None = option(None, help="OMP threads of the server process")

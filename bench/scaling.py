@@ -37,7 +37,7 @@ from bench.common import (
     set_key,
     sync,
 )
-from bench.options import BackboneOptions, ComputeOptions, option
+from bench.options import BackboneOptions, ComputeOptions, ProbabilityCheck, ProcessThreads, option
 from lpt.backbone import Backbone, load_backbone
 from lpt.forward import COMPUTE_DTYPES
 from lpt.prompt_set import PromptSet
@@ -53,7 +53,7 @@ PARTS = ("tasks_per_batch", "registered")
 
 
 @dataclass
-class ScalingConfig(ComputeOptions, BackboneOptions):
+class ScalingConfig(ProbabilityCheck, ProcessThreads, ComputeOptions, BackboneOptions):
     """Defaults: DeiT-Tiny on the CPU; part A batches of 256, part B up to 10,000 registered tasks."""
 
     img_size: int | None = option(None)
@@ -69,9 +69,7 @@ class ScalingConfig(ComputeOptions, BackboneOptions):
     repeats: int = option(5)
     warmup: int = option(1)
     check_tasks: int = option(16, help="tasks checked against a solo run")
-    threads: int | None = option(None, help="torch threads of the benchmark process")
     seed: int = option(0)
-    atol: float | None = option(None, help="probability tolerance (default: 1e-4 in float32, 2e-2 otherwise)")
     parts: tuple[str, ...] = option(PARTS, help="tasks_per_batch, registered or both")
 
     def __post_init__(self) -> None:
@@ -191,8 +189,7 @@ def bank_build_ms(cache: PromptCache, rows: Rows, device: torch.device, dtype: t
 
 
 def run_scaling(cfg: ScalingConfig, argv: list[str], log=print) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.set_threads()
     device, dtype = torch.device(cfg.device), COMPUTE_DTYPES[cfg.dtype]
     backbone = load_backbone(cfg.backbone, cfg.weights or default_weights(cfg.backbone), cfg.img_size).to(device)
     engine = Engine(backbone, device, dtype)
