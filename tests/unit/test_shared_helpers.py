@@ -12,7 +12,7 @@ SUPPORT = TESTS / "support"
 # a copy of one of them.
 SHARED_NAMES = {
     *("free_port", "wait_until", "wait_for", "make_set", "parse_metrics", "metric", "metric_value"),
-    *("setting_args", "train_argv", "flag_argv"),
+    *("setting_args", "train_argv"),
 }
 # Modules that may define a copy, by (path under tests/, function name): none.
 ALLOWED: set[tuple[str, str]] = set()
