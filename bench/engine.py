@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.common import BenchmarkCommand, CheckFailed, default_weights, machine_info
+from bench.common import BenchmarkCommand, CheckFailed, default_weights, run_metadata
 from bench.engine_report import markdown, summarise
 from bench.options import BackboneOptions, ComputeOptions, ProcessThreads, option
 from lpt.backbone import Backbone, load_backbone
@@ -61,6 +61,8 @@ from lpt.reference import two_pass_batched
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 KVs = dict[int, SharedKV]  # id(prompt set) -> its precomputed shared keys/values
+FLOAT32_LOGIT_ATOL = 1e-4
+AUTOCAST_LOGIT_ATOL = 0.5  # bf16/fp16: a logit's rounding depends on the batch and kernels it runs with
 
 
 @dataclass
@@ -79,7 +81,9 @@ class EngineConfig(ProcessThreads, ComputeOptions, BackboneOptions):
     share_blocks: int = option(6, help="S, blocks with the shared prompt only")
     top_k: int = option(2, help="k, group prompts averaged per image")
     atol: float | None = option(
-        None, help="logit tolerance of the correctness check (default: 1e-4 in float32, 0.5 under autocast)"
+        None,
+        help=f"logit tolerance of the correctness check (default: {FLOAT32_LOGIT_ATOL:g} in float32,"
+        f" {AUTOCAST_LOGIT_ATOL:g} under autocast)",
     )
     clock: str = option("wall", choices=sorted(CLOCKS), help="wall clock, or cpu: this process's CPU time")
     host_memory_retain: int = option(
@@ -342,7 +346,7 @@ def time_round_robin(
     return times
 
 
-def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_engine(cfg: EngineConfig, argv: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Load, build the registry, check every batch size, then time all variants. Returns the JSON report.
 
     Args:
@@ -362,7 +366,7 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     single, registry = _to_device(single, device), [_to_device(ps, device) for ps in registry]
     kvs = precompute_kvs(model, [single, *registry])
     dtype = COMPUTE_DTYPES[cfg.dtype]
-    atol = cfg.atol if cfg.atol is not None else (1e-4 if dtype == torch.float32 else 0.5)
+    atol = cfg.atol if cfg.atol is not None else (FLOAT32_LOGIT_ATOL if dtype == torch.float32 else AUTOCAST_LOGIT_ATOL)
 
     def device_autocast() -> Any:
         return autocast(device, dtype)
@@ -377,7 +381,7 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
         "benchmark": "engine",
         "config": {**asdict(cfg), "weights": backbone.info.weights},
         "backbone": backbone.info.to_dict(),
-        "machine": {**machine_info(device), "host_memory_retained": retained},
+        "machine": {**run_metadata(device, ["engine", *argv]), "host_memory_retained": retained},
         "checks": {},
         "results": [],
     }
@@ -400,6 +404,6 @@ def run_engine(cfg: EngineConfig, log: Callable[[str], None] = print) -> dict[st
     return report
 
 
-COMMAND = BenchmarkCommand("engine", EngineConfig, lambda cfg, _argv, log: run_engine(cfg, log), markdown, __doc__)
+COMMAND = BenchmarkCommand("engine", EngineConfig, lambda cfg, argv, log: run_engine(cfg, argv, log), markdown, __doc__)
 parse_args = COMMAND.parse_args
 main = COMMAND.main

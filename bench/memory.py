@@ -55,6 +55,8 @@ class MemoryConfig(ComputeOptions, SetShape):
     def __post_init__(self) -> None:
         if self.sets < 2:
             raise ValueError("--sets must be >= 2")
+        if min(self.mixed_tasks, default=2) < 2:
+            raise ValueError("--mixed-tasks must be >= 2 each (one task stacks no bank)")
 
 
 def rss_bytes() -> int:
@@ -97,10 +99,17 @@ def storage_bytes(entry: ResidentSet) -> int:
 def mixed_banks(
     entries: list[ResidentSet], tasks: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> list[dict[str, Any]]:
-    """Bytes of the bank the engine builds for a batch of ``k`` distinct tasks, for each ``k`` in ``tasks``.
+    """Bytes of the bank the engine builds for a batch with ``k`` slots (distinct tasks), for each ``k`` in ``tasks``.
 
     Pools and heads are indexed in place, so the bank's own bytes are the stacked tensors: shared prompts, padded
-    group keys and the shared-prompt keys/values. Entries repeat when ``k`` exceeds them (the bytes are per slot).
+    group keys and the shared-prompt keys/values. Where ``k`` exceeds the entries they fill several slots each:
+    a slot's bytes depend on the set's shape, not on which set it is, and all entries share one shape.
+
+    Args:
+        entries: resident entries of one shape.
+        tasks: slot counts, each >= 2 (one set runs on its own resident bank: nothing is stacked).
+        device: where the forward runs.
+        dtype: the compute dtype.
     """
     banks = []
     for k in tasks:

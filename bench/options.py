@@ -214,8 +214,8 @@ class ComputeOptions:
 
 @dataclass
 class ProbabilityCheck:
-    """The tolerance of the check before timing that the served probabilities equal the engine's (its option,
-    shared by those benchmarks; ``ComputeOptions.probability_atol`` resolves the default)."""
+    """The probability tolerance of a benchmark's checks before timing (served answers against the engine, mixed
+    rows against each task alone); ``ComputeOptions.probability_atol`` resolves the default."""
 
     atol: float | None = option(
         None,

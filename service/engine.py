@@ -81,7 +81,7 @@ def batch_bank(distinct: list[ResidentSet], device: torch.device, dtype: torch.d
     shared-prompt keys/values they keep resident, so no batch recomputes them.
 
     Args:
-        distinct: the batch's resident sets, each once, in slot order.
+        distinct: the resident set of each slot, in slot order (the engine passes each of a batch's sets once).
         device: where the forward runs.
         dtype: the compute dtype.
     """

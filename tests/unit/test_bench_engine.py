@@ -122,6 +122,9 @@ def test_tiny_run_through_the_cli_writes_table_and_json(tmp_path: Path, capsys) 
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["results"]] == [1, 4]
     assert report["machine"]["torch"] == torch.__version__
+    # like every benchmark's report: the command, the commit and the load average it ran under
+    assert report["machine"]["command"] == "python -m bench " + " ".join([*args, "--json", str(out)])
+    assert {"commit", "uncommitted", "loadavg_start", "loadavg_end"} <= set(report["machine"])
     assert set(report["checks"]) == {"1", "4"}
     for res in report["results"]:
         assert set(res["variants"]) == {

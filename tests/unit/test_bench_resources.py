@@ -89,6 +89,11 @@ def test_memory_run_accounts_every_byte(tmp_path: Path, capsys) -> None:
     assert report["mixed_banks"][1]["bank_bytes"] == 2 * report["mixed_banks"][0]["bank_bytes"]
 
 
+def test_memory_refuses_a_mixed_batch_of_one_task() -> None:
+    with pytest.raises(ValueError, match="--mixed-tasks"):
+        memory.MemoryConfig(mixed_tasks=(1, 8))
+
+
 def test_storage_bytes_sees_a_view_pinning_a_larger_buffer(tiny) -> None:
     ps = make_set(tiny.info, 4, pool_size=3, seed=1)
     exact = resident("t", "a", 1, ps, "cpu", torch.float32)
