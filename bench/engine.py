@@ -351,6 +351,7 @@ def run_engine(cfg: EngineConfig, argv: Sequence[str] = (), log: Callable[[str],
 
     Args:
         cfg: what to run.
+        argv: the command line it came from, recorded in the report.
         log: progress sink (stderr in the CLI).
 
     Raises:
